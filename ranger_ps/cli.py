@@ -1,0 +1,333 @@
+"""The ``ranger-ps`` command line: server, worker, local, evaluate, status.
+
+User errors (bad flags, unreachable servers, mismatched models) print one line and exit with
+code 2; a cluster that fails while training exits with 1; Ctrl-C exits with 130. Logging
+handlers are configured here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ranger_ps import __version__
+from ranger_ps.config import TrainConfig
+from ranger_ps.errors import ClusterError, UserError
+from ranger_ps.rpc import parse_servers
+
+log = logging.getLogger("ranger_ps")
+
+EXIT_USER_ERROR = 2
+EXIT_CLUSTER_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors as ``ranger-ps: error: ...`` with exit code 2 (its default)."""
+
+
+def _servers(text: str) -> list[str]:
+    try:
+        return parse_servers(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging verbosity"
+    )
+    parser.add_argument(
+        "--uvloop",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run event loops on uvloop (default: on)",
+    )
+
+
+_TRAIN_DEFAULTS = TrainConfig()
+
+
+def _add_train(parser: argparse.ArgumentParser, *, with_num_workers: bool = True) -> None:
+    d = _TRAIN_DEFAULTS
+    g = parser.add_argument_group("training")
+    g.add_argument("--model", default=d.model, help=f"model name (default: {d.model})")
+    g.add_argument("--dataset", default=d.dataset, help=f"dataset name (default: {d.dataset})")
+    g.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the data (default: {d.epochs})")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"examples per step (default: {d.batch_size})")
+    g.add_argument("--lr", type=float, default=d.lr, help=f"learning rate (default: {d.lr})")
+    g.add_argument("--momentum", type=float, default=d.momentum, help=f"momentum (default: {d.momentum})")
+    g.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
+    g.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N (default: cpu)")
+    g.add_argument(
+        "--block-size", type=int, default=d.block_size, help=f"elements per parameter block (default: {d.block_size})"
+    )
+    if with_num_workers:
+        g.add_argument(
+            "--num-workers",
+            type=int,
+            default=d.num_workers,
+            help="how many workers share the training set; each trains on every n-th example (default: 1)",
+        )
+    g.add_argument(
+        "--overlap",
+        action=argparse.BooleanOptionalAction,
+        default=d.overlap,
+        help="pull the next weights while the next step computes (default: on)",
+    )
+    g.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=d.connect_timeout,
+        help=f"seconds to keep retrying servers that are not up yet (default: {d.connect_timeout:g})",
+    )
+
+
+def train_config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
+    """Build a :class:`TrainConfig` from parsed flags (fields missing from ``args`` keep defaults)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def train_config_to_argv(config: TrainConfig, *, skip: Sequence[str] = ()) -> list[str]:
+    """The flags that make a worker use ``config`` (the inverse of :func:`train_config_from_args`)."""
+    argv: list[str] = []
+    for f in dataclasses.fields(config):
+        if f.name in skip:
+            continue
+        value = getattr(config, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + f.name.replace("_", "-"))
+        else:
+            argv += [flag, repr(value) if isinstance(value, float) else str(value)]
+    return argv
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``ranger-ps`` argument parser."""
+    parser = _Parser(
+        prog="ranger-ps",
+        description="A sharded parameter server for PyTorch training.",
+    )
+    parser.add_argument("--version", action="version", version=f"ranger-ps {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("server", help="run one parameter-server shard")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 in containers)")
+    p.add_argument("--port", type=int, default=50051, help="port to listen on; 0 picks a free one (default: 50051)")
+    p.add_argument("--shard-id", type=int, default=0, help="this shard's index (default: 0)")
+    p.add_argument("--num-shards", type=int, default=1, help="number of shards (default: 1)")
+    p.add_argument("--ready-file", type=Path, help="write {host, port, pid} as JSON here once serving")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on shutdown (default: 10)")
+    _add_common(p)
+
+    p = sub.add_parser("worker", help="train against running servers")
+    p.add_argument("--servers", type=_servers, required=True, help="HOST:PORT of every shard, in shard order")
+    p.add_argument("--worker-id", type=int, help="this worker's id (default: assigned by the servers)")
+    p.add_argument("--report", type=Path, help="write a JSON report here at the end")
+    _add_train(p)
+    _add_common(p)
+
+    p = sub.add_parser("local", help="run a whole cluster (shards and workers) on this machine and train")
+    p.add_argument("--workers", type=int, default=2, help="worker processes (default: 2)")
+    p.add_argument("--shards", type=int, default=2, help="server shards (default: 2)")
+    p.add_argument("--report", type=Path, help="write a JSON report here at the end")
+    p.add_argument("--run-dir", type=Path, help="keep the processes' logs here (default: a temporary folder)")
+    p.add_argument(
+        "--startup-timeout", type=float, default=60.0, help="seconds for the servers to come up (default: 60)"
+    )
+    _add_train(p, with_num_workers=False)
+    _add_common(p)
+
+    p = sub.add_parser("evaluate", help="evaluate the model currently held by running servers")
+    p.add_argument("--servers", type=_servers, required=True, help="HOST:PORT of every shard, in shard order")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_train(p, with_num_workers=False)
+    _add_common(p)
+
+    p = sub.add_parser("status", help="show what running servers hold")
+    p.add_argument("--servers", type=_servers, required=True, help="HOST:PORT of every shard")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each server (default: 5)")
+    _add_common(p)
+    return parser
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def _cmd_server(args: argparse.Namespace) -> int:
+    from ranger_ps.server.main import ServerOptions
+    from ranger_ps.server.main import main as server_main
+
+    options = ServerOptions(
+        shard_id=args.shard_id,
+        num_shards=args.num_shards,
+        host=args.host,
+        port=args.port,
+        ready_file=args.ready_file,
+        grace_seconds=args.grace,
+    )
+    return server_main(options, use_uvloop=args.uvloop)
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from ranger_ps.progress import Progress
+    from ranger_ps.report import write_report
+    from ranger_ps.worker.train import result_report, train
+
+    config = train_config_from_args(args)
+    bar: Progress | None = None
+
+    def progress(done: int, total: int, loss: float) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = Progress(total, "worker")
+        bar.update(done, loss=f"{loss:.3f}")
+
+    try:
+        result = train(config, args.servers, worker_id=args.worker_id, progress=progress, use_uvloop=args.uvloop)
+    finally:
+        if bar is not None:
+            bar.close()
+    report = result_report(result, config, args.servers)
+    if args.report:
+        write_report(args.report, report)
+    print(
+        f"worker {result.worker_id}: test accuracy {result.evaluation.test_accuracy:.4f}, "
+        f"{result.steps} steps, pushed {_mb(result.bytes_pushed)}, pulled {_mb(result.bytes_pulled)}, "
+        f"{result.wall_seconds:.1f}s"
+    )
+    return 0
+
+
+def _cmd_local(args: argparse.Namespace) -> int:
+    from ranger_ps.cli_local import LocalOptions, run_local
+
+    config = train_config_from_args(args, num_workers=args.workers)
+    options = LocalOptions(
+        workers=args.workers,
+        shards=args.shards,
+        run_dir=args.run_dir,
+        startup_timeout=args.startup_timeout,
+        use_uvloop=args.uvloop,
+        log_level=args.log_level,
+    )
+    report = run_local(config, options)
+    if args.report:
+        from ranger_ps.report import write_report
+
+        write_report(args.report, report)
+    print(
+        f"test accuracy {report['test_accuracy']:.4f} | {report['steps']} steps | "
+        f"pushed {_mb(report['bytes_pushed'])} (dense {_mb(report['bytes_pushed_dense'])}) | "
+        f"pulled {_mb(report['bytes_pulled'])} | {report['wall_seconds']:.1f}s | "
+        f"{report['workers']} workers, {report['shards']} shards"
+    )
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from ranger_ps.worker.train import evaluate_cluster
+
+    config = train_config_from_args(args)
+    evaluation, _ = evaluate_cluster(config, args.servers, use_uvloop=args.uvloop)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(evaluation)))
+    else:
+        print(f"test accuracy {evaluation.test_accuracy:.4f}, test loss {evaluation.test_loss:.4f}")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    from ranger_ps.client import fetch_stats
+
+    replies = fetch_stats(args.servers, timeout=args.timeout, use_uvloop=args.uvloop)
+    if args.json:
+        out = [
+            {"address": a, "ok": not isinstance(r, str)}
+            | (
+                {"error": r}
+                if isinstance(r, str)
+                else MessageToDict(r, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+            )
+            for a, r in zip(args.servers, replies, strict=True)
+        ]
+        print(json.dumps(out, indent=2))
+    else:
+        print(format_status_table(args.servers, replies))
+    return 0 if all(not isinstance(r, str) for r in replies) else EXIT_CLUSTER_ERROR
+
+
+def format_status_table(servers: Sequence[str], replies: Sequence[Any]) -> str:
+    """A human-readable table of shard stats (one row per server)."""
+    head = ("address", "shard", "state", "blocks", "MB", "versions", "pushes", "pulls", "workers", "uptime")
+    rows = [head]
+    for address, r in zip(servers, replies, strict=True):
+        if isinstance(r, str):
+            rows.append((address, "-", "DOWN: " + r, "", "", "", "", "", "", ""))
+            continue
+        trainers = [w for w in r.workers if not w.observer]
+        rows.append(
+            (
+                address,
+                f"{r.shard_id}/{r.num_shards}",
+                "ready" if r.initialized else "waiting for a worker",
+                str(r.num_blocks),
+                f"{r.nbytes / 1e6:.2f}",
+                str(r.version_sum),
+                str(r.pushes_applied),
+                str(r.pulls_served),
+                str(len(trainers)),
+                f"{r.uptime_seconds:.0f}s",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+COMMANDS = {
+    "server": _cmd_server,
+    "worker": _cmd_worker,
+    "local": _cmd_local,
+    "evaluate": _cmd_evaluate,
+    "status": _cmd_status,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ranger-ps`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.log_level)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"ranger-ps {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except ClusterError as exc:
+        print(f"ranger-ps {args.command}: failed: {exc}", file=sys.stderr)
+        return EXIT_CLUSTER_ERROR
+    except KeyboardInterrupt:
+        print(f"ranger-ps {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -1,0 +1,158 @@
+"""Process orchestration for ``ranger-ps local``: shards and workers as real subprocesses.
+
+Shards listen on port 0 and announce the port they got through a ready file, so there is no
+race for free ports. Every child runs in its own session (a Ctrl-C reaches only this process,
+which then stops the children in order) and, on Linux, dies with its parent. Any child that fails
+stops the whole cluster with a message naming it and the end of its log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from ranger_ps.errors import ClusterError
+
+log = logging.getLogger(__name__)
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class Child:
+    """A subprocess of the cluster with its log file."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    _log_file: IO[bytes] = field(repr=False)
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.rstrip().splitlines()[-lines:])
+
+    def close_log(self) -> None:
+        with contextlib.suppress(OSError):
+            self._log_file.close()
+
+
+class Cluster:
+    """Starts, watches and stops a set of child processes (use as a context manager)."""
+
+    def __init__(self, run_dir: Path, *, env: dict[str, str] | None = None) -> None:
+        self.run_dir = run_dir
+        self.env = {**os.environ, **(env or {})}
+        self.children: list[Child] = []
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+
+    def spawn(self, name: str, argv: Sequence[str]) -> Child:
+        """Start ``python -m ranger_ps ARGV`` with output to ``RUN_DIR/NAME.log``."""
+        log_path = self.run_dir / f"{name}.log"
+        log_file = open(log_path, "wb")  # noqa: SIM115 - closed in stop_all
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ranger_ps", *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - the child calls only prctl
+        )
+        child = Child(name, process, log_path, log_file)
+        self.children.append(child)
+        log.debug("started %s (pid %d): %s", name, process.pid, " ".join(argv))
+        return child
+
+    def check(self, children: Sequence[Child] | None = None) -> None:
+        """Raise :class:`ClusterError` if any child exited with a failure (or at all, for servers)."""
+        for child in children if children is not None else self.children:
+            code = child.process.poll()
+            if code not in (None, 0):
+                raise self.failure(child, f"exited with code {code}")
+
+    def failure(self, child: Child, what: str) -> ClusterError:
+        tail = child.log_tail()
+        detail = f"\n--- last lines of {child.log_path} ---\n{tail}" if tail else ""
+        return ClusterError(f"{child.name} {what}{detail}")
+
+    def wait_ready(self, child: Child, ready_file: Path, timeout: float) -> tuple[str, int]:
+        """Wait until a server wrote its ready file; returns its host and port."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if ready_file.exists():
+                info = json.loads(ready_file.read_text())
+                return str(info["host"]), int(info["port"])
+            code = child.process.poll()
+            if code is not None:
+                raise self.failure(child, f"exited with code {code} before it was ready")
+            time.sleep(0.05)
+        raise self.failure(child, f"was not ready within {timeout:g}s")
+
+    def stop(self, child: Child, timeout: float = 15.0) -> int | None:
+        """SIGTERM a child, SIGKILL it if it has not exited after ``timeout``; returns its exit code."""
+        if child.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                child.process.send_signal(signal.SIGTERM)
+            try:
+                child.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %gs; killing it", child.name, timeout)
+                with contextlib.suppress(ProcessLookupError):
+                    child.process.kill()
+                child.process.wait()
+        child.close_log()
+        return child.process.returncode
+
+    def stop_all(self) -> None:
+        """Stop every child still running, newest first (workers before servers)."""
+        for child in reversed(self.children):
+            self.stop(child)
+
+
+def wait_all(
+    cluster: Cluster,
+    workers: Sequence[Child],
+    servers: Sequence[Child],
+    *,
+    poll: Callable[[], None] | None = None,
+    interval: float = 0.25,
+) -> None:
+    """Wait for every worker to exit 0, calling ``poll`` between checks.
+
+    Raises:
+        ClusterError: a worker failed, or a server exited while workers were running.
+    """
+    while True:
+        cluster.check(workers)
+        for server in servers:
+            if server.process.poll() is not None:
+                raise cluster.failure(server, f"exited with code {server.process.returncode} during training")
+        if all(w.process.poll() == 0 for w in workers):
+            return
+        if poll is not None:
+            poll()
+        time.sleep(interval)

@@ -1,0 +1,27 @@
+"""Request failures, each tied to the gRPC status the servicer answers with."""
+
+from __future__ import annotations
+
+
+class RequestError(Exception):
+    """A request the shard refuses; ``status`` names a ``grpc.StatusCode`` member."""
+
+    status = "INTERNAL"
+
+
+class InvalidRequest(RequestError):
+    """Malformed or inconsistent request content."""
+
+    status = "INVALID_ARGUMENT"
+
+
+class PreconditionFailed(RequestError):
+    """A well-formed request the shard cannot accept in its current state."""
+
+    status = "FAILED_PRECONDITION"
+
+
+class NotReady(RequestError):
+    """The shard cannot serve this yet (e.g. it is still being initialized); retry later."""
+
+    status = "UNAVAILABLE"

@@ -1,0 +1,179 @@
+"""The gRPC face of a shard: parse bytes, call :class:`~ranger_ps.server.shard.Shard`, answer.
+
+Only translation lives here. Methods receive raw bytes (identity serializers) and parse them
+explicitly, so malformed input is answered with INVALID_ARGUMENT and a message instead of a
+decode traceback; every refusal the shard raises maps to its own status code.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from ranger_ps._proto import ranger_ps_pb2 as pb
+from ranger_ps.errors import WireFormatError
+from ranger_ps.frames import WireBlock, chunk_frames, decode_frame, split_blocks
+from ranger_ps.layout import Layout
+from ranger_ps.rpc import SERVICE_NAME
+from ranger_ps.rules import RuleConfig
+from ranger_ps.server.errors import InvalidRequest, RequestError
+from ranger_ps.server.shard import Shard, ShardStats
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=Message)
+
+
+def _parse(message_type: type[M], data: bytes) -> M:
+    try:
+        return message_type.FromString(data)
+    except DecodeError as exc:
+        raise InvalidRequest(f"request does not parse as {message_type.DESCRIPTOR.full_name}: {exc}") from None
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    if isinstance(exc, RequestError):
+        await context.abort(grpc.StatusCode[exc.status], str(exc))
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+
+def _translating(
+    handler: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[bytes]],
+) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[bytes]]:
+    """Turn the shard's refusals and wire errors into gRPC statuses for a unary-reply method."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> bytes:
+        try:
+            return await handler(self, request, context)
+        except (RequestError, WireFormatError, ValueError) as exc:
+            await _abort(context, exc)
+            raise AssertionError("unreachable") from exc
+
+    return wrapper
+
+
+async def _read_frames(
+    requests: AsyncIterator[bytes], shard: Shard, header_field: str
+) -> tuple[Message, list[WireBlock]]:
+    """Read a client stream of frames; the first must carry the ``header_field`` header."""
+    first: Message | None = None
+    blocks: list[WireBlock] = []
+    async for message in requests:
+        shard.bytes_received += len(message)
+        header, payload = decode_frame(message)
+        if first is None:
+            if not header.HasField(header_field):
+                raise InvalidRequest(f"the first frame of the stream must carry a {header_field} header")
+            first = getattr(header, header_field)
+        blocks.extend(split_blocks(header, payload))
+    if first is None:
+        raise InvalidRequest("empty stream: expected at least one frame")
+    return first, blocks
+
+
+class ParameterServerServicer:
+    """Routes the ``ranger_ps.v1.ParameterServer`` methods to a shard."""
+
+    def __init__(self, shard: Shard) -> None:
+        self.shard = shard
+
+    @_translating
+    async def Register(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        req = _parse(pb.RegisterRequest, request)
+        try:
+            layout = Layout.from_proto(req.layout)
+        except ValueError as exc:
+            raise InvalidRequest(f"bad layout: {exc}") from None
+        rule = RuleConfig.from_msgpack(req.rule.msgpack)
+        result = await self.shard.register(
+            req.worker_id, layout, rule, req.expected_shard_id, req.expected_num_shards, observer=req.observer
+        )
+        reply = pb.RegisterReply(
+            worker_id=result.worker_id,
+            shard_id=self.shard.shard_id,
+            num_shards=self.shard.num_shards,
+            must_initialize=result.must_initialize,
+            block_ids=result.block_ids,
+        )
+        return reply.SerializeToString()
+
+    @_translating
+    async def Init(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+        header, blocks = await _read_frames(requests, self.shard, "init")
+        assert isinstance(header, pb.InitHeader)
+        count = await self.shard.initialize(header.worker_id, blocks)
+        return pb.InitReply(blocks_initialized=count).SerializeToString()
+
+    @_translating
+    async def Push(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+        header, blocks = await _read_frames(requests, self.shard, "push")
+        assert isinstance(header, pb.PushHeader)
+        applied, version_sum = await self.shard.push(header.worker_id, header.clock, blocks)
+        return pb.PushReply(blocks_applied=applied, version_sum=version_sum).SerializeToString()
+
+    async def Pull(self, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        try:
+            req = _parse(pb.PullRequest, request)
+            blocks = self.shard.pull(req.worker_id, list(req.known_versions))
+            frames = chunk_frames(blocks, always_one=True)
+            for frame in frames:
+                self.shard.bytes_sent += len(frame)
+                yield frame
+        except (RequestError, WireFormatError, ValueError) as exc:
+            await _abort(context, exc)
+
+    @_translating
+    async def Stats(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        _parse(pb.StatsRequest, request)
+        return stats_to_proto(self.shard.stats()).SerializeToString()
+
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        """The handler to add to a ``grpc.aio`` server (identity serializers throughout)."""
+        return grpc.method_handlers_generic_handler(
+            SERVICE_NAME,
+            {
+                "Register": grpc.unary_unary_rpc_method_handler(self.Register),
+                "Init": grpc.stream_unary_rpc_method_handler(self.Init),
+                "Push": grpc.stream_unary_rpc_method_handler(self.Push),
+                "Pull": grpc.unary_stream_rpc_method_handler(self.Pull),
+                "Stats": grpc.unary_unary_rpc_method_handler(self.Stats),
+            },
+        )
+
+
+def stats_to_proto(stats: ShardStats) -> pb.StatsReply:
+    """Translate a shard's stats snapshot to the wire message."""
+    return pb.StatsReply(
+        shard_id=stats.shard_id,
+        num_shards=stats.num_shards,
+        initialized=stats.initialized,
+        layout_fingerprint=stats.layout_fingerprint,
+        rule=stats.rule,
+        num_blocks=stats.num_blocks,
+        num_elements=stats.num_elements,
+        nbytes=stats.nbytes,
+        version_sum=stats.version_sum,
+        pushes_applied=stats.pushes_applied,
+        blocks_applied=stats.blocks_applied,
+        pulls_served=stats.pulls_served,
+        bytes_received=stats.bytes_received,
+        bytes_sent=stats.bytes_sent,
+        uptime_seconds=stats.uptime_seconds,
+        workers=[
+            pb.WorkerStats(
+                worker_id=w.worker_id,
+                clock=w.clock,
+                pushes=w.pushes,
+                seconds_since_seen=w.seconds_since_seen,
+                observer=w.observer,
+            )
+            for w in stats.workers
+        ],
+        version=stats.version,
+    )

@@ -1,0 +1,133 @@
+"""A shard's blocks: values, versions and rule state, and the one place updates are applied.
+
+Pure logic: no asyncio, no gRPC. Every method runs to completion without yielding, so callers on
+an event loop see each push applied all at once and a block is never seen half-updated. A pull
+reads each block's version when it reaches the block and its bytes when the frame is encoded; a
+push applied between the two (while an earlier frame is on the wire) can only make the bytes newer
+than the version says, so the worker fetches that block again next time and never misses an update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ranger_ps.codec import bytes_to_tensor, codec_for_name, tensor_bytes
+from ranger_ps.frames import WireBlock
+from ranger_ps.layout import Block, Layout
+from ranger_ps.rules import BlockState, RuleConfig, apply_rule
+from ranger_ps.server.errors import InvalidRequest, NotReady
+
+
+@dataclass
+class _Slot:
+    block: Block
+    value: torch.Tensor
+    version: int
+    state: BlockState
+
+
+class ShardStore:
+    """The blocks one shard owns, once a worker has initialized them."""
+
+    def __init__(self, layout: Layout, block_ids: Sequence[int], rule: RuleConfig) -> None:
+        self.layout = layout
+        self.rule = rule
+        self.block_ids: tuple[int, ...] = tuple(sorted(block_ids))
+        self._index = {block_id: i for i, block_id in enumerate(self.block_ids)}
+        self._slots: list[_Slot] | None = None
+        self.blocks_applied = 0
+
+    @property
+    def initialized(self) -> bool:
+        return self._slots is not None
+
+    @property
+    def num_elements(self) -> int:
+        return sum(self.layout.blocks[b].numel for b in self.block_ids)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.layout.blocks[b].nbytes for b in self.block_ids)
+
+    @property
+    def version_sum(self) -> int:
+        return sum(s.version for s in self._slots) if self._slots is not None else 0
+
+    def _decode(self, blocks: Sequence[WireBlock], what: str) -> list[tuple[int, torch.Tensor]]:
+        """Check every block (ownership, dtype, size, duplicates, finiteness) before any is used."""
+        seen: set[int] = set()
+        out = []
+        for wire in blocks:
+            position = self._index.get(wire.block_id)
+            if position is None:
+                raise InvalidRequest(f"{what}: block {wire.block_id} is not held by this shard")
+            if wire.block_id in seen:
+                raise InvalidRequest(f"{what}: block {wire.block_id} appears twice")
+            seen.add(wire.block_id)
+            block = self.layout.blocks[wire.block_id]
+            codec = codec_for_name(block.dtype)
+            if wire.dtype != codec.wire:
+                raise InvalidRequest(f"{what}: block {wire.block_id} has wire dtype {wire.dtype}, expected {block.dtype}")
+            if wire.data.nbytes != block.nbytes:
+                raise InvalidRequest(
+                    f"{what}: block {wire.block_id} has {wire.data.nbytes} bytes, expected {block.nbytes}"
+                )
+            tensor = bytes_to_tensor(wire.data, codec.torch_dtype)
+            if not bool(torch.isfinite(tensor).all()):
+                raise InvalidRequest(f"{what}: block {wire.block_id} contains NaN or Inf")
+            out.append((position, tensor))
+        return out
+
+    def initialize(self, blocks: Sequence[WireBlock]) -> int:
+        """Install the initial values of every block; all-or-nothing."""
+        decoded = self._decode(blocks, "init")
+        if len(decoded) != len(self.block_ids):
+            missing = sorted(set(self.block_ids) - {self.block_ids[p] for p, _ in decoded})
+            raise InvalidRequest(f"init: {len(missing)} blocks missing, e.g. {missing[:5]}")
+        slots: list[_Slot | None] = [None] * len(self.block_ids)
+        for position, tensor in decoded:
+            block = self.layout.blocks[self.block_ids[position]]
+            slots[position] = _Slot(block, tensor.clone(), 1, BlockState())
+        self._slots = [s for s in slots if s is not None]
+        return len(self._slots)
+
+    def apply(self, blocks: Sequence[WireBlock]) -> tuple[int, int]:
+        """Apply one push's gradients with the rule; all-or-nothing.
+
+        Returns:
+            (blocks applied, sum of their new versions).
+        """
+        slots = self._require_slots()
+        decoded = self._decode(blocks, "push")
+        if not decoded:
+            return 0, 0
+        touched = [slots[position] for position, _ in decoded]
+        apply_rule(self.rule, [s.value for s in touched], [g for _, g in decoded], [s.state for s in touched])
+        for slot in touched:
+            slot.version += 1
+        self.blocks_applied += len(touched)
+        return len(touched), sum(s.version for s in touched)
+
+    def newer_than(self, known_versions: Sequence[int]) -> Iterator[WireBlock]:
+        """Blocks whose version is above what the caller holds (all of them when it holds none).
+
+        Each yielded block's bytes are a view of the live value: encode them before yielding
+        control to anything that could apply a push.
+        """
+        slots = self._require_slots()
+        if known_versions and len(known_versions) != len(slots):
+            raise InvalidRequest(
+                f"pull: {len(known_versions)} known versions for a shard of {len(slots)} blocks"
+            )
+        for i, slot in enumerate(slots):
+            if not known_versions or slot.version > known_versions[i]:
+                codec = codec_for_name(slot.block.dtype)
+                yield WireBlock(slot.block.block_id, slot.version, codec.wire, tensor_bytes(slot.value))
+
+    def _require_slots(self) -> list[_Slot]:
+        if self._slots is None:
+            raise NotReady("this shard has not been initialized by a worker yet")
+        return self._slots

@@ -1,0 +1,1 @@
+"""The training process (installed as ``ranger_ps.worker``)."""
