@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from google.protobuf.message import Message
+
 from ranger_ps import __version__
 from ranger_ps.config import TrainConfig
 from ranger_ps.errors import ClusterError, UserError
@@ -121,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("server", help="run one parameter-server shard")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 in containers)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 in containers)"
+    )
     p.add_argument("--port", type=int, default=50051, help="port to listen on; 0 picks a free one (default: 50051)")
     p.add_argument("--shard-id", type=int, default=0, help="this shard's index (default: 0)")
     p.add_argument("--num-shards", type=int, default=1, help="number of shards (default: 1)")
@@ -254,25 +258,30 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from google.protobuf.json_format import MessageToDict
-
     from ranger_ps.client import fetch_stats
 
     replies = fetch_stats(args.servers, timeout=args.timeout, use_uvloop=args.uvloop)
     if args.json:
         out = [
-            {"address": a, "ok": not isinstance(r, str)}
-            | (
-                {"error": r}
-                if isinstance(r, str)
-                else MessageToDict(r, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-            )
+            {"address": a, "ok": not isinstance(r, str)} | ({"error": r} if isinstance(r, str) else message_to_plain(r))
             for a, r in zip(args.servers, replies, strict=True)
         ]
         print(json.dumps(out, indent=2))
     else:
         print(format_status_table(args.servers, replies))
     return 0 if all(not isinstance(r, str) for r in replies) else EXIT_CLUSTER_ERROR
+
+
+def message_to_plain(message: Message) -> dict[str, Any]:
+    """A protobuf message as plain JSON-ready values (64-bit integers stay numbers)."""
+    out: dict[str, Any] = {}
+    for field in message.DESCRIPTOR.fields:
+        value = getattr(message, field.name)
+        if field.message_type is not None:
+            out[field.name] = [message_to_plain(v) for v in value] if field.is_repeated else message_to_plain(value)
+        else:
+            out[field.name] = list(value) if field.is_repeated else value
+    return out
 
 
 def format_status_table(servers: Sequence[str], replies: Sequence[Any]) -> str:

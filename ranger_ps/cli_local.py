@@ -57,9 +57,7 @@ def _planned_steps(config: TrainConfig, workers: int) -> int:
     from ranger_ps.worker.data import load_dataset, shard_indices
 
     n = len(load_dataset(config.dataset).y_train)
-    return sum(
-        math.ceil(len(shard_indices(n, w, workers)) / config.batch_size) * config.epochs for w in range(workers)
-    )
+    return sum(math.ceil(len(shard_indices(n, w, workers)) / config.batch_size) * config.epochs for w in range(workers))
 
 
 def _terminate_on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -91,8 +89,18 @@ def run_local(config: TrainConfig, options: LocalOptions) -> dict[str, Any]:
                     cluster.spawn(
                         f"shard-{shard}",
                         [
-                            "server", "--host", options.host, "--port", "0", "--shard-id", str(shard),
-                            "--num-shards", str(options.shards), "--ready-file", str(ready), *common,
+                            "server",
+                            "--host",
+                            options.host,
+                            "--port",
+                            "0",
+                            "--shard-id",
+                            str(shard),
+                            "--num-shards",
+                            str(options.shards),
+                            "--ready-file",
+                            str(ready),
+                            *common,
                         ],
                     )
                 )
@@ -107,9 +115,17 @@ def run_local(config: TrainConfig, options: LocalOptions) -> dict[str, Any]:
                 cluster.spawn(
                     f"worker-{w}",
                     [
-                        "worker", "--servers", ",".join(addresses), "--worker-id", str(w),
-                        "--num-workers", str(options.workers), "--report", str(run_dir / f"worker-{w}.json"),
-                        *worker_argv, *common,
+                        "worker",
+                        "--servers",
+                        ",".join(addresses),
+                        "--worker-id",
+                        str(w),
+                        "--num-workers",
+                        str(options.workers),
+                        "--report",
+                        str(run_dir / f"worker-{w}.json"),
+                        *worker_argv,
+                        *common,
                     ],
                 )
                 for w in range(options.workers)

@@ -23,8 +23,21 @@ import torch
 
 from ranger_ps._proto import ranger_ps_pb2 as pb
 from ranger_ps.codec import bytes_to_tensor, codec_for_name, tensor_bytes
-from ranger_ps.errors import ClusterError, LayoutMismatchError, ServerUnavailableError, UserError, WireFormatError
-from ranger_ps.frames import DEFAULT_CHUNK_BYTES, WireBlock, chunk_frames, decode_frame, split_blocks
+from ranger_ps.errors import (
+    ClusterError,
+    LayoutMismatchError,
+    ServerUnavailableError,
+    UserError,
+    WireFormatError,
+)
+from ranger_ps.frames import (
+    DEFAULT_CHUNK_BYTES,
+    WireBlock,
+    chunk_frames,
+    chunked_size,
+    decode_frame,
+    split_blocks,
+)
 from ranger_ps.layout import Layout
 from ranger_ps.placement import Placement
 from ranger_ps.rpc import CHANNEL_OPTIONS, method_path
@@ -177,9 +190,7 @@ class ShardedClient:
         deadline = time.monotonic() + self.connect_timeout
         first = await self._register_one(self._shards[0], request, worker_id, deadline)
         worker_id = first.worker_id
-        rest = await asyncio.gather(
-            *(self._register_one(s, request, worker_id, deadline) for s in self._shards[1:])
-        )
+        rest = await asyncio.gather(*(self._register_one(s, request, worker_id, deadline) for s in self._shards[1:]))
         await asyncio.gather(
             *(
                 self._initialize(shard, reply, flats)
@@ -217,7 +228,11 @@ class ShardedClient:
                     ) from None
                 log.warning(
                     "server %s (shard %d) not ready (attempt %d: %s); retrying in %.1fs",
-                    shard.address, shard.index, attempt, exc.code().name, min(delay, remaining),
+                    shard.address,
+                    shard.index,
+                    attempt,
+                    exc.code().name,
+                    min(delay, remaining),
                 )
                 await asyncio.sleep(min(delay, remaining))
                 delay = min(delay * 2, 2.0) * (0.8 + 0.4 * random.random())
@@ -247,7 +262,9 @@ class ShardedClient:
         try:
             await shard.init(iter(frames), timeout=self.call_timeout)
         except grpc.aio.AioRpcError as exc:
-            raise ClusterError(f"initializing shard {shard.index} at {shard.address} failed: {_describe(exc)}") from None
+            raise ClusterError(
+                f"initializing shard {shard.index} at {shard.address} failed: {_describe(exc)}"
+            ) from None
         log.info("initialized shard %d (%d blocks)", shard.index, len(shard.block_ids))
 
     def _wire_blocks(self, block_ids: Iterable[int], flats: Sequence[torch.Tensor], version: int) -> list[WireBlock]:
@@ -261,6 +278,20 @@ class ShardedClient:
 
     # -- training traffic -----------------------------------------------------------------------
 
+    def _push_plan(self, block_ids: Iterable[int] | None) -> list[list[int]]:
+        """Chosen block ids grouped by shard, ascending."""
+        layout, placement, _ = self._require_registered()
+        chosen: list[list[int]] = [[] for _ in self._shards]
+        for block_id in range(layout.num_blocks) if block_ids is None else block_ids:
+            if not 0 <= block_id < layout.num_blocks:
+                raise ValueError(f"block id {block_id} is outside [0, {layout.num_blocks})")
+            chosen[placement.shard_of[block_id]].append(block_id)
+        return [sorted(ids) for ids in chosen]
+
+    def _push_header(self, clock: int) -> pb.FrameHeader:
+        _, _, worker_id = self._require_registered()
+        return pb.FrameHeader(push=pb.PushHeader(worker_id=worker_id, clock=clock))
+
     def encode_push(
         self, grads: Sequence[torch.Tensor], block_ids: Iterable[int] | None, clock: int
     ) -> list[list[bytes]]:
@@ -269,25 +300,38 @@ class ShardedClient:
         Every shard gets at least one frame (an empty push when none of its blocks was chosen), so
         each shard sees every clock tick of every worker.
         """
-        layout, placement, worker_id = self._require_registered()
+        layout, _, _ = self._require_registered()
         flats = layout.flat_views([g.detach().to("cpu").contiguous() for g in grads])
-        chosen: list[list[int]] = [[] for _ in self._shards]
-        for block_id in range(layout.num_blocks) if block_ids is None else block_ids:
-            if not 0 <= block_id < layout.num_blocks:
-                raise ValueError(f"block id {block_id} is outside [0, {layout.num_blocks})")
-            chosen[placement.shard_of[block_id]].append(block_id)
-        header = pb.FrameHeader(push=pb.PushHeader(worker_id=worker_id, clock=clock))
+        header = self._push_header(clock)
         return [
             list(
                 chunk_frames(
-                    self._wire_blocks(sorted(ids_here), flats, version=0),
+                    self._wire_blocks(ids, flats, version=0),
                     chunk_bytes=self.chunk_bytes,
                     first_header=header,
                     always_one=True,
                 )
             )
-            for ids_here in chosen
+            for ids in self._push_plan(block_ids)
         ]
+
+    def push_wire_bytes(self, block_ids: Iterable[int] | None, clock: int) -> int:
+        """Exactly what :meth:`push` would send for these blocks at this clock, headers included.
+
+        Nothing is copied, so this is cheap enough to call every step (it gives the report's
+        ``bytes_pushed_dense`` with ``block_ids=None``).
+        """
+        layout, _, _ = self._require_registered()
+        zeros = memoryview(bytes(max((b.nbytes for b in layout.blocks), default=0)))
+        header = self._push_header(clock)
+        total = 0
+        for ids in self._push_plan(block_ids):
+            blocks = [
+                WireBlock(i, 0, codec_for_name(layout.blocks[i].dtype).wire, zeros[: layout.blocks[i].nbytes])
+                for i in ids
+            ]
+            total += chunked_size(blocks, chunk_bytes=self.chunk_bytes, first_header=header, always_one=True)
+        return total
 
     def push(self, grads: Sequence[torch.Tensor], block_ids: Iterable[int] | None, clock: int) -> Future[PushResult]:
         """Send the gradients of ``block_ids`` (all blocks when None) to their shards.
@@ -350,8 +394,9 @@ class ShardedClient:
             raise ClusterError(f"pull from shard {shard.index} at {shard.address} failed: {_describe(exc)}") from None
         except WireFormatError as exc:
             raise ClusterError(f"pull from shard {shard.index} at {shard.address}: {exc}") from None
-        for block in out:
-            shard.known[position[block.block_id]] = max(shard.known[position[block.block_id]], block.version)
+        for pulled in out:
+            i = position[pulled.block_id]
+            shard.known[i] = max(shard.known[i], pulled.version)
         return out
 
     def apply_pulled(self, blocks: Iterable[PulledBlock], block_views: Sequence[torch.Tensor]) -> int:
@@ -372,7 +417,9 @@ class ShardedClient:
             try:
                 raw = await shard.stats(pb.StatsRequest().SerializeToString(), timeout=self.call_timeout)
             except grpc.aio.AioRpcError as exc:
-                raise ClusterError(f"stats from shard {shard.index} at {shard.address} failed: {_describe(exc)}") from None
+                raise ClusterError(
+                    f"stats from shard {shard.index} at {shard.address} failed: {_describe(exc)}"
+                ) from None
             return pb.StatsReply.FromString(raw)
 
         return list(await asyncio.gather(*(one(s) for s in self._shards)))

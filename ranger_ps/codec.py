@@ -25,7 +25,7 @@ if sys.byteorder != "little":  # pragma: no cover - every platform torch ships w
 class DTypeCodec:
     """How one wire dtype maps to torch."""
 
-    wire: int
+    wire: pb.DType
     torch_dtype: torch.dtype
     itemsize: int
     name: str
@@ -84,7 +84,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     if flat.numel() == 0:
         return memoryview(b"")
     # uint8 reinterpretation works for every dtype, bfloat16 included (numpy has no bfloat16).
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return flat.view(torch.uint8).numpy().data
 
 
 def bytes_to_tensor(data: bytes | bytearray | memoryview, dtype: torch.dtype) -> torch.Tensor:

@@ -57,9 +57,7 @@ def encode_frame(header: pb.FrameHeader, parts: Sequence[bytes | memoryview]) ->
     """Serialize a ``Frame`` whose payload is ``parts`` concatenated (one copy in all)."""
     head = header.SerializeToString()
     payload_len = sum(memoryview(p).nbytes for p in parts)
-    prefix = b"".join(
-        (bytes((_HEADER_TAG,)), _varint(len(head)), head, bytes((_PAYLOAD_TAG,)), _varint(payload_len))
-    )
+    prefix = b"".join((bytes((_HEADER_TAG,)), _varint(len(head)), head, bytes((_PAYLOAD_TAG,)), _varint(payload_len)))
     return b"".join((prefix, *parts))
 
 
@@ -87,7 +85,7 @@ def decode_frame(message: bytes | memoryview) -> tuple[pb.FrameHeader, memoryvie
             pos = end
             if field == 1:
                 try:
-                    header.MergeFromString(value)
+                    header.MergeFromString(bytes(value))  # headers are small
                 except DecodeError as exc:
                     raise WireFormatError(f"frame header does not parse: {exc}") from None
             elif field == 2:
@@ -109,7 +107,7 @@ class WireBlock:
 
     block_id: int
     version: int
-    dtype: int
+    dtype: pb.DType
     data: memoryview
 
 
@@ -134,19 +132,16 @@ def split_blocks(header: pb.FrameHeader, payload: memoryview) -> list[WireBlock]
     return out
 
 
-def chunk_frames(
-    blocks: Iterable[WireBlock],
-    *,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    first_header: pb.FrameHeader | None = None,
-    always_one: bool = False,
-) -> Iterator[bytes]:
-    """Pack blocks into frames of about ``chunk_bytes`` payload each.
+def frame_size(header: pb.FrameHeader, parts: Sequence[bytes | memoryview]) -> int:
+    """The exact length :func:`encode_frame` would produce, without copying any payload."""
+    head = header.ByteSize()
+    payload_len = sum(memoryview(p).nbytes for p in parts)
+    return 1 + len(_varint(head)) + head + 1 + len(_varint(payload_len)) + payload_len
 
-    ``first_header`` (e.g. a push or init header) is merged into the first frame. With
-    ``always_one`` a frame is produced even when there are no blocks, so the receiver still gets
-    the first header.
-    """
+
+def _chunks(
+    blocks: Iterable[WireBlock], chunk_bytes: int, first_header: pb.FrameHeader | None, always_one: bool
+) -> Iterator[tuple[pb.FrameHeader, list[memoryview]]]:
     header = pb.FrameHeader()
     if first_header is not None:
         header.CopyFrom(first_header)
@@ -155,15 +150,41 @@ def chunk_frames(
     emitted = False
     for block in blocks:
         if parts and size + block.data.nbytes > chunk_bytes:
-            yield encode_frame(header, parts)
+            yield header, parts
             emitted = True
             header = pb.FrameHeader()
             parts = []
             size = 0
-        header.blocks.add(
-            block_id=block.block_id, version=block.version, dtype=block.dtype, nbytes=block.data.nbytes
-        )
+        header.blocks.add(block_id=block.block_id, version=block.version, dtype=block.dtype, nbytes=block.data.nbytes)
         parts.append(block.data)
         size += block.data.nbytes
     if parts or (always_one and not emitted):
+        yield header, parts
+
+
+def chunk_frames(
+    blocks: Iterable[WireBlock],
+    *,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    first_header: pb.FrameHeader | None = None,
+    always_one: bool = False,
+) -> Iterator[bytes]:
+    """Pack blocks into encoded frames of about ``chunk_bytes`` payload each.
+
+    ``first_header`` (e.g. a push or init header) is merged into the first frame. With
+    ``always_one`` a frame is produced even when there are no blocks, so the receiver still gets
+    the first header. A frame exceeds ``chunk_bytes`` only when one block alone is larger.
+    """
+    for header, parts in _chunks(blocks, chunk_bytes, first_header, always_one):
         yield encode_frame(header, parts)
+
+
+def chunked_size(
+    blocks: Iterable[WireBlock],
+    *,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    first_header: pb.FrameHeader | None = None,
+    always_one: bool = False,
+) -> int:
+    """Total bytes :func:`chunk_frames` would produce for the same arguments, copying nothing."""
+    return sum(frame_size(h, p) for h, p in _chunks(blocks, chunk_bytes, first_header, always_one))

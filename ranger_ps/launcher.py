@@ -72,7 +72,7 @@ class Cluster:
     def spawn(self, name: str, argv: Sequence[str]) -> Child:
         """Start ``python -m ranger_ps ARGV`` with output to ``RUN_DIR/NAME.log``."""
         log_path = self.run_dir / f"{name}.log"
-        log_file = open(log_path, "wb")  # noqa: SIM115 - closed in stop_all
+        log_file = open(log_path, "wb")
         process = subprocess.Popen(
             [sys.executable, "-m", "ranger_ps", *argv],
             stdin=subprocess.DEVNULL,
@@ -80,12 +80,20 @@ class Cluster:
             stderr=subprocess.STDOUT,
             env=self.env,
             start_new_session=True,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - the child calls only prctl
+            preexec_fn=_die_with_parent,
         )
         child = Child(name, process, log_path, log_file)
         self.children.append(child)
+        self._write_process_table()
         log.debug("started %s (pid %d): %s", name, process.pid, " ".join(argv))
         return child
+
+    def _write_process_table(self) -> None:
+        """Record ``name -> pid`` in ``RUN_DIR/processes.json`` (for operators and fault tests)."""
+        table = {c.name: c.process.pid for c in self.children}
+        tmp = self.run_dir / "processes.json.tmp"
+        tmp.write_text(json.dumps(table, indent=1))
+        os.replace(tmp, self.run_dir / "processes.json")
 
     def check(self, children: Sequence[Child] | None = None) -> None:
         """Raise :class:`ClusterError` if any child exited with a failure (or at all, for servers)."""

@@ -123,8 +123,7 @@ class Layout:
     def to_proto(self) -> pb.LayoutSpec:
         return pb.LayoutSpec(
             params=[
-                pb.ParamSpec(name=p.name, shape=list(p.shape), dtype=codec_for_name(p.dtype).wire)
-                for p in self.params
+                pb.ParamSpec(name=p.name, shape=list(p.shape), dtype=codec_for_name(p.dtype).wire) for p in self.params
             ],
             block_size=self.block_size,
             fingerprint=self.fingerprint,
@@ -138,10 +137,7 @@ class Layout:
             ValueError: the spec is malformed or its fingerprint does not match its content.
         """
         layout = cls(
-            tuple(
-                ParamInfo(p.name, tuple(int(d) for d in p.shape), codec_for_wire(p.dtype).name)
-                for p in spec.params
-            ),
+            tuple(ParamInfo(p.name, tuple(int(d) for d in p.shape), codec_for_wire(p.dtype).name) for p in spec.params),
             int(spec.block_size),
         )
         if spec.fingerprint and spec.fingerprint != layout.fingerprint:

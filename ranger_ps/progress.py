@@ -47,7 +47,9 @@ class Progress:
             if now - self._last_log >= self.log_every or (done == self.total and self._done != done):
                 self._last_log = now
                 extra = " ".join(f"{k}={v}" for k, v in postfix.items())
-                log.info("%s: %d/%d steps (%.0f%%) %s", self.description, done, self.total, 100 * done / self.total, extra)
+                log.info(
+                    "%s: %d/%d steps (%.0f%%) %s", self.description, done, self.total, 100 * done / self.total, extra
+                )
         self._done = done
 
     def close(self) -> None:

@@ -70,9 +70,7 @@ async def serve(options: ServerOptions, stop: asyncio.Event | None = None) -> No
     server.add_generic_rpc_handlers((ParameterServerServicer(shard).generic_handler(),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{options.host}:{options.port}"
     try:
         port = server.add_insecure_port(address)

@@ -117,7 +117,10 @@ class Shard:
                 self.store = ShardStore(layout, placement.blocks_by_shard[self.shard_id], rule)
                 log.info(
                     "shard %d adopted layout %s (%d blocks here, rule %s)",
-                    self.shard_id, layout.fingerprint, len(self.store.block_ids), rule.name,
+                    self.shard_id,
+                    layout.fingerprint,
+                    len(self.store.block_ids),
+                    rule.name,
                 )
                 return self._grant_claim(worker_id, observer)
             self._check_match(layout, rule)
@@ -157,7 +160,9 @@ class Shard:
             )
         diffs = self.store.rule.differences(rule)
         if diffs:
-            raise PreconditionFailed(f"update rule mismatch on shard {self.shard_id} (shard != worker): {'; '.join(diffs)}")
+            raise PreconditionFailed(
+                f"update rule mismatch on shard {self.shard_id} (shard != worker): {'; '.join(diffs)}"
+            )
 
     async def initialize(self, worker_id: int, blocks: Sequence[WireBlock]) -> int:
         """Install the initial block values sent by the worker holding the claim."""

@@ -70,7 +70,9 @@ class ShardStore:
             block = self.layout.blocks[wire.block_id]
             codec = codec_for_name(block.dtype)
             if wire.dtype != codec.wire:
-                raise InvalidRequest(f"{what}: block {wire.block_id} has wire dtype {wire.dtype}, expected {block.dtype}")
+                raise InvalidRequest(
+                    f"{what}: block {wire.block_id} has wire dtype {wire.dtype}, expected {block.dtype}"
+                )
             if wire.data.nbytes != block.nbytes:
                 raise InvalidRequest(
                     f"{what}: block {wire.block_id} has {wire.data.nbytes} bytes, expected {block.nbytes}"
@@ -119,9 +121,7 @@ class ShardStore:
         """
         slots = self._require_slots()
         if known_versions and len(known_versions) != len(slots):
-            raise InvalidRequest(
-                f"pull: {len(known_versions)} known versions for a shard of {len(slots)} blocks"
-            )
+            raise InvalidRequest(f"pull: {len(known_versions)} known versions for a shard of {len(slots)} blocks")
         for i, slot in enumerate(slots):
             if not known_versions or slot.version > known_versions[i]:
                 codec = codec_for_name(slot.block.dtype)

@@ -38,9 +38,7 @@ def _digits() -> Dataset:
     bunch = load_digits()
     x = torch.tensor(bunch.data, dtype=torch.float32) / 16.0
     y = torch.tensor(bunch.target, dtype=torch.int64)
-    idx_train, idx_test = train_test_split(
-        list(range(len(y))), test_size=0.2, random_state=0, stratify=bunch.target
-    )
+    idx_train, idx_test = train_test_split(list(range(len(y))), test_size=0.2, random_state=0, stratify=bunch.target)
     return Dataset("digits", x[idx_train], y[idx_train], x[idx_test], y[idx_test], 10)
 
 

@@ -102,13 +102,6 @@ def _grads(model: nn.Module) -> list[torch.Tensor]:
     return [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
 
 
-def dense_push_bytes(client: ShardedClient, model: nn.Module) -> int:
-    """What one push of every block would put on the wire, headers included (measured by encoding it)."""
-    zeros = [torch.zeros_like(p, device="cpu") for p in model.parameters()]
-    frames = client.encode_push(zeros, None, clock=0)
-    return sum(len(f) for shard_frames in frames for f in shard_frames)
-
-
 def train(
     config: TrainConfig,
     servers: list[str],
@@ -126,7 +119,7 @@ def train(
         log.info("worker %d registered with %d shards (layout %s)", worker_id, len(servers), layout.fingerprint)
         views = _block_views(model, layout)
         client.apply_pulled(client.pull().result(), views)
-        dense_per_step = dense_push_bytes(client, model)
+        bytes_dense = 0
 
         mine = shard_indices(len(data.y_train), worker_id, config.num_workers)
         steps_per_epoch = max(1, math.ceil(len(mine) / config.batch_size))
@@ -147,9 +140,10 @@ def train(
                 y = data.y_train[batch].to(device, non_blocking=True)
                 model.zero_grad(set_to_none=False)
                 loss = nn.functional.cross_entropy(model(x), y)
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
                 loss_value = float(loss)
                 handle = client.push(_grads(model), None, clock=step + 1)
+                bytes_dense += client.push_wire_bytes(None, clock=step + 1)
                 pending = client.pull(after=handle)
                 if not config.overlap:
                     handle.result()
@@ -171,7 +165,7 @@ def train(
             steps=step,
             wall_seconds=wall,
             bytes_pushed=client.bytes_pushed,
-            bytes_pushed_dense=dense_per_step * step,
+            bytes_pushed_dense=bytes_dense,
             bytes_pulled=client.bytes_pulled,
             evaluation=evaluation,
         )

@@ -1,0 +1,159 @@
+"""The ``ranger-ps`` command line as a user runs it: real subprocesses, real reports, real signals."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from ranger_ps.cli import build_parser, train_config_from_args, train_config_to_argv
+from ranger_ps.config import TrainConfig
+from ranger_ps.report import REQUIRED_KEYS
+from tests.conftest import ServerFactory, pid_alive, ranger_ps_cmd, stop_process, wait_for_file
+
+pytestmark = pytest.mark.integration
+
+
+def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(ranger_ps_cmd(*args), capture_output=True, text=True, timeout=timeout)
+
+
+def _one_line_error(result: subprocess.CompletedProcess[str], code: int = 2) -> str:
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("ranger-ps")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_train_flags_round_trip() -> None:
+    config = TrainConfig(epochs=3, lr=0.125, overlap=False, block_size=1000, num_workers=3, connect_timeout=2.5)
+    args = build_parser().parse_args(["worker", "--servers", "h:1", *train_config_to_argv(config)])
+    assert train_config_from_args(args) == config
+
+
+@pytest.mark.timeout(180)
+def test_local_trains_digits_and_writes_the_report(tmp_path: Path) -> None:
+    report_path = tmp_path / "report.json"
+    result = _run("local", "--report", str(report_path), timeout=170)
+    assert result.returncode == 0, result.stderr
+    summary = result.stdout.strip().splitlines()[-1]
+    assert "test accuracy" in summary and "steps" in summary and "pushed" in summary
+    report = json.loads(report_path.read_text())
+    assert set(REQUIRED_KEYS) <= set(report)
+    assert report["test_accuracy"] >= 0.95
+    assert 0 <= report["test_loss"] < 0.5
+    assert report["workers"] == 2 and report["shards"] == 2
+    assert report["steps"] == sum(w["steps"] for w in report["per_worker"]) > 0
+    assert report["bytes_pushed"] == report["bytes_pushed_dense"] > 0  # every block, every step
+    assert report["bytes_pulled"] > 0
+    assert report["config"]["model"] == "mlp" and report["config"]["dataset"] == "digits"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("local", "--model", "nope"), "unknown model 'nope'"),
+        (("local", "--dataset", "nope"), "unknown dataset 'nope'"),
+        (("local", "--epochs", "0"), "--epochs must be >= 1"),
+        (("local", "--device", "cuda:7"), "cuda"),
+        (("worker", "--servers", "no-port-here"), "is not HOST:PORT"),
+        (("worker", "--servers", "localhost:99999"), "invalid port"),
+        (("status", "--servers", ""), "at least one"),
+        (("server", "--shard-id", "2", "--num-shards", "2"), "--shard-id must be in [0, 1]"),
+    ],
+)
+def test_bad_input_gives_one_line_and_exit_code_2(args: tuple[str, ...], needle: str) -> None:
+    line = _one_line_error(_run(*args))
+    assert needle in line
+
+
+@pytest.mark.timeout(60)
+def test_worker_fails_clearly_when_no_server_comes_up() -> None:
+    result = _run("worker", "--servers", "127.0.0.1:9", "--connect-timeout", "1.5")
+    line = _one_line_error(result)
+    assert "could not reach parameter server 127.0.0.1:9" in line
+    assert "retrying" in result.stderr  # the bounded retry is logged
+
+
+@pytest.mark.timeout(60)
+def test_port_in_use_is_a_clear_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = _one_line_error(_run("server", "--port", str(port)))
+    assert f"cannot listen on 127.0.0.1:{port}" in line
+
+
+@pytest.mark.timeout(120)
+def test_worker_against_running_servers_and_status(start_servers: ServerFactory, tmp_path: Path) -> None:
+    servers = ",".join(start_servers(2))
+    status = _run("status", "--servers", servers)
+    assert status.returncode == 0, status.stderr
+    assert "waiting for a worker" in status.stdout
+    report_path = tmp_path / "worker.json"
+    result = _run("worker", "--servers", servers, "--epochs", "2", "--report", str(report_path))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(report_path.read_text())
+    assert set(REQUIRED_KEYS) <= set(report)
+    assert report["worker_id"] == 0 and report["shards"] == 2 and report["steps"] > 0
+    status = _run("status", "--servers", servers, "--json")
+    assert status.returncode == 0, status.stderr
+    shards = json.loads(status.stdout)
+    assert [s["shard_id"] for s in shards] == [0, 1]
+    assert all(s["initialized"] and s["pushes_applied"] == report["steps"] for s in shards)
+    mismatch = _run("worker", "--servers", servers, "--block-size", "100", "--connect-timeout", "5")
+    assert "layout mismatch" in _one_line_error(mismatch)
+
+
+def _start_local(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        ranger_ps_cmd("local", "--run-dir", str(run_dir), "--epochs", "200", *extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    # processes.json is rewritten as each child starts; wait until the workers are in it
+    deadline = time.monotonic() + 90
+    while True:
+        wait_for_file(run_dir / "processes.json", process, timeout=90)
+        table: dict[str, int] = json.loads((run_dir / "processes.json").read_text())
+        if "worker-1" in table and (run_dir / "worker-1.log").stat().st_size > 0:
+            return process, table
+        assert time.monotonic() < deadline, "workers did not start"
+        time.sleep(0.1)
+
+
+@pytest.mark.timeout(150)
+def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
+    process, table = _start_local(tmp_path)
+    try:
+        process.send_signal(signal.SIGINT)
+        out, _ = process.communicate(timeout=60)
+    finally:
+        stop_process(process)
+    assert process.returncode == 130, out
+    assert b"interrupted" in out
+    assert not [name for name, pid in table.items() if pid_alive(pid)]
+
+
+@pytest.mark.timeout(150)
+def test_a_failing_worker_stops_the_cluster_with_a_clear_message(tmp_path: Path) -> None:
+    process, table = _start_local(tmp_path)
+    try:
+        import os
+
+        os.kill(table["worker-1"], signal.SIGKILL)
+        out, _ = process.communicate(timeout=60)
+    finally:
+        stop_process(process)
+    assert process.returncode == 1, out
+    assert b"worker-1 exited with code -9" in out
+    assert not [name for name, pid in table.items() if pid_alive(pid)]
