@@ -19,7 +19,7 @@ from ranger_ps.frames import (
     split_blocks,
 )
 
-_HYPOTHESIS = settings(max_examples=200, deadline=None, derandomize=True, database=None)
+_HYPOTHESIS = settings(max_examples=100, deadline=None, derandomize=True, database=None)
 
 
 def _varint(value: int) -> bytes:
@@ -281,7 +281,7 @@ def test_wire_format_error_is_a_value_error() -> None:
     assert issubclass(WireFormatError, ValueError)
 
 
-@_HYPOTHESIS
+@settings(_HYPOTHESIS, max_examples=300)
 @given(data=st.binary(max_size=200))
 def test_random_bytes_only_raise_wire_format_error(data: bytes) -> None:
     try:

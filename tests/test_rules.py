@@ -35,6 +35,12 @@ MOMENTUM_SETTINGS = [s for s in SETTINGS if s["momentum"] > 0]
 MOMENTUM_IDS = [i for i, s in zip(IDS, SETTINGS, strict=True) if s["momentum"] > 0]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _warm_torch_optim() -> None:
+    """Pay torch.optim's one-time lazy imports (about 2 s, torch._dynamo) outside any single test."""
+    torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+
+
 def _data(seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     init = torch.randn(SHAPE, generator=gen)
