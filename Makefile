@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check $(CODE)
 
 typecheck: $(STAMP)
-	$(BIN)/mypy -p ranger_ps tests
+	$(BIN)/mypy ranger_ps tests
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -8,4 +8,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+from ranger_ps.optim import Ranger
+
+__all__ = ["Ranger", "__version__"]

@@ -53,42 +53,73 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _betas(text: str) -> tuple[float, float]:
+    try:
+        first, second = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two numbers B1,B2, got {text!r}") from None
+    return first, second
+
+
+# (field, type, help) for every training flag; the flag is the field with dashes. Booleans become
+# --x/--no-x. Defaults come from TrainConfig, so the help and the code cannot disagree.
+_TRAIN_FLAGS: tuple[tuple[str, Any, str], ...] = (
+    ("model", str, "model name"),
+    ("dataset", str, "dataset name"),
+    ("epochs", int, "passes over the training set"),
+    ("batch_size", int, "examples per step and worker"),
+    ("rule", str, "server-side update rule: sgd, adamw or ranger (RAdam + Lookahead)"),
+    ("lr", float, "learning rate (default per rule: sgd 0.05, adamw 0.003, ranger 0.01)"),
+    ("momentum", float, "sgd momentum (default 0.9 for sgd; adamw and ranger take --betas)"),
+    ("nesterov", bool, "sgd Nesterov momentum"),
+    ("dampening", float, "sgd momentum dampening"),
+    ("weight_decay", float, "L2 (sgd) or decoupled (adamw, ranger) weight decay"),
+    ("betas", _betas, "B1,B2 moment decay rates of adamw/ranger (default 0.9,0.999 / 0.95,0.999)"),
+    ("eps", float, "adamw/ranger denominator term (default 1e-8 / 1e-5)"),
+    ("alpha", float, "ranger Lookahead step towards the slow weights"),
+    ("k", int, "ranger Lookahead period, in updates"),
+    ("n_sma_threshold", float, "ranger: RAdam rectifies once the SMA length exceeds this"),
+    ("use_gc", bool, "gradient centralization on the worker (default: on for ranger only)"),
+    ("push_fraction", float, "fraction of blocks pushed per step (1.0 = dense)"),
+    ("error_feedback", bool, "keep the gradient of unpushed blocks for later steps"),
+    ("subsample", float, "fraction of each minibatch the gradient is computed on"),
+    ("warmup_steps", int, "steps over which the push density decays to --push-fraction"),
+    ("warmup_start", float, "push density at the first warm-up step"),
+    ("truncate_below", float, "server side: zero gradient entries with |g| below this (0 = off)"),
+    ("truncation_residual", bool, "server side: keep what truncation removed and apply it later"),
+    ("clip_value", float, "server side: clamp gradient entries to this magnitude"),
+    ("clip_norm", float, "server side: cap each block's gradient L2 norm"),
+    ("seed", int, "seeds model initialization, data order and block choice"),
+    ("device", str, "cpu, cuda or cuda:N"),
+    ("block_size", int, "elements per parameter block"),
+    ("num_workers", int, "how many workers share the training set; each trains on every n-th example"),
+    ("overlap", bool, "pull the next weights while the next step computes"),
+    ("connect_timeout", float, "seconds to keep retrying servers that are not up yet"),
+)
 _TRAIN_DEFAULTS = TrainConfig()
 
 
 def _add_train(parser: argparse.ArgumentParser, *, with_num_workers: bool = True) -> None:
-    d = _TRAIN_DEFAULTS
-    g = parser.add_argument_group("training")
-    g.add_argument("--model", default=d.model, help=f"model name (default: {d.model})")
-    g.add_argument("--dataset", default=d.dataset, help=f"dataset name (default: {d.dataset})")
-    g.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the data (default: {d.epochs})")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"examples per step (default: {d.batch_size})")
-    g.add_argument("--lr", type=float, default=d.lr, help=f"learning rate (default: {d.lr})")
-    g.add_argument("--momentum", type=float, default=d.momentum, help=f"momentum (default: {d.momentum})")
-    g.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
-    g.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N (default: cpu)")
-    g.add_argument(
-        "--block-size", type=int, default=d.block_size, help=f"elements per parameter block (default: {d.block_size})"
-    )
-    if with_num_workers:
-        g.add_argument(
-            "--num-workers",
-            type=int,
-            default=d.num_workers,
-            help="how many workers share the training set; each trains on every n-th example (default: 1)",
+    group = parser.add_argument_group("training")
+    for name, kind, text in _TRAIN_FLAGS:
+        if name == "num_workers" and not with_num_workers:
+            continue
+        flag = "--" + name.replace("_", "-")
+        field = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+        default = field.default
+        shown = (
+            "rule default"
+            if default is None
+            else ",".join(map(str, default))
+            if isinstance(default, tuple)
+            else default
         )
-    g.add_argument(
-        "--overlap",
-        action=argparse.BooleanOptionalAction,
-        default=d.overlap,
-        help="pull the next weights while the next step computes (default: on)",
-    )
-    g.add_argument(
-        "--connect-timeout",
-        type=float,
-        default=d.connect_timeout,
-        help=f"seconds to keep retrying servers that are not up yet (default: {d.connect_timeout:g})",
-    )
+        if kind is bool:
+            group.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=default, help=f"{text} (default: {shown})"
+            )
+        else:
+            group.add_argument(flag, type=kind, default=default, help=f"{text} (default: {shown})")
 
 
 def train_config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
@@ -102,12 +133,14 @@ def train_config_to_argv(config: TrainConfig, *, skip: Sequence[str] = ()) -> li
     """The flags that make a worker use ``config`` (the inverse of :func:`train_config_from_args`)."""
     argv: list[str] = []
     for f in dataclasses.fields(config):
-        if f.name in skip:
-            continue
         value = getattr(config, f.name)
+        if f.name in skip or value is None:
+            continue
         flag = "--" + f.name.replace("_", "-")
         if isinstance(value, bool):
             argv.append(flag if value else "--no-" + f.name.replace("_", "-"))
+        elif isinstance(value, tuple):
+            argv += [flag, ",".join(repr(v) for v in value)]
         else:
             argv += [flag, repr(value) if isinstance(value, float) else str(value)]
     return argv

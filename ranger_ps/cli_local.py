@@ -8,7 +8,6 @@ weights in this process (importing the worker package lazily, as the CLI may).
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import signal
 import tempfile
@@ -54,10 +53,11 @@ class LocalOptions:
 
 
 def _planned_steps(config: TrainConfig, workers: int) -> int:
-    from ranger_ps.worker.data import load_dataset, shard_indices
+    from ranger_ps.worker.data import load_dataset
+    from ranger_ps.worker.train import planned_steps
 
     n = len(load_dataset(config.dataset).y_train)
-    return sum(math.ceil(len(shard_indices(n, w, workers)) / config.batch_size) * config.epochs for w in range(workers))
+    return sum(planned_steps(config, n, w) for w in range(workers))
 
 
 def _terminate_on_sigterm(signum: int, frame: FrameType | None) -> None:

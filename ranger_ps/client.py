@@ -301,7 +301,9 @@ class ShardedClient:
         each shard sees every clock tick of every worker.
         """
         layout, _, _ = self._require_registered()
-        flats = layout.flat_views([g.detach().to("cpu").contiguous() for g in grads])
+        flats = layout.flat_views(
+            [g.detach().to("cpu", p.torch_dtype).contiguous() for g, p in zip(grads, layout.params, strict=True)]
+        )
         header = self._push_header(clock)
         return [
             list(
@@ -336,7 +338,8 @@ class ShardedClient:
     def push(self, grads: Sequence[torch.Tensor], block_ids: Iterable[int] | None, clock: int) -> Future[PushResult]:
         """Send the gradients of ``block_ids`` (all blocks when None) to their shards.
 
-        ``grads`` holds one tensor per layout parameter. The bytes are copied into frames before
+        ``grads`` holds one tensor per layout parameter (its shape or flat; converted to the
+        parameter's dtype). The bytes are copied into frames before
         this returns, so the caller may reuse its gradient buffers at once; the returned future
         resolves when every shard has applied its part.
         """

@@ -49,7 +49,7 @@ def _read_varint(data: memoryview, pos: int) -> tuple[int, int]:
         if not byte & 0x80:
             return result, pos
         shift += 7
-        if shift > 63:
+        if shift > 63 or result >> 64:
             raise WireFormatError("varint longer than 64 bits in frame")
 
 
@@ -74,8 +74,8 @@ def decode_frame(message: bytes | memoryview) -> tuple[pb.FrameHeader, memoryvie
     while pos < len(data):
         key, pos = _read_varint(data, pos)
         field, wire_type = key >> 3, key & 7
-        if field == 0:
-            raise WireFormatError("frame field number 0")
+        if not 0 < field < 1 << 29:
+            raise WireFormatError(f"frame field number {field} is out of range")
         if wire_type == 2:
             length, pos = _read_varint(data, pos)
             end = pos + length
@@ -97,6 +97,8 @@ def decode_frame(message: bytes | memoryview) -> tuple[pb.FrameHeader, memoryvie
             if pos > len(data):
                 raise WireFormatError("truncated fixed-width field in frame")
         else:
+            # Groups (wire types 3 and 4) are deprecated and never written for Frame; refusing them
+            # is stricter than protobuf, which would skip them.
             raise WireFormatError(f"unsupported wire type {wire_type} in frame")
     return header, payload
 

@@ -147,14 +147,21 @@ class Layout:
         return layout
 
     def flat_views(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Flatten tensors aligned with ``params`` (they must be contiguous), checking shapes."""
+        """Flat views of tensors aligned with ``params`` (each of the parameter's shape, or already flat).
+
+        Raises:
+            ValueError: a count or shape differs, or a tensor is not contiguous (a flat copy would
+                silently lose writes made through it).
+        """
         if len(tensors) != len(self.params):
             raise ValueError(f"expected {len(self.params)} tensors, got {len(tensors)}")
         views = []
         for param, tensor in zip(self.params, tensors, strict=True):
-            if tuple(tensor.shape) != param.shape:
+            if tuple(tensor.shape) != param.shape and tuple(tensor.shape) != (param.numel,):
                 raise ValueError(f"{param.name}: shape {tuple(tensor.shape)} != layout {param.shape}")
-            views.append(tensor.reshape(-1))
+            if not tensor.is_contiguous():
+                raise ValueError(f"{param.name}: tensor is not contiguous")
+            views.append(tensor.view(-1))
         return views
 
     def block_views(self, flats: Sequence[torch.Tensor]) -> list[torch.Tensor]:

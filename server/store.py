@@ -17,7 +17,7 @@ import torch
 from ranger_ps.codec import bytes_to_tensor, codec_for_name, tensor_bytes
 from ranger_ps.frames import WireBlock
 from ranger_ps.layout import Block, Layout
-from ranger_ps.rules import BlockState, RuleConfig, apply_rule
+from ranger_ps.rules import BlockState, RuleConfig, apply_update, new_block_state
 from ranger_ps.server.errors import InvalidRequest, NotReady
 
 
@@ -92,7 +92,8 @@ class ShardStore:
         slots: list[_Slot | None] = [None] * len(self.block_ids)
         for position, tensor in decoded:
             block = self.layout.blocks[self.block_ids[position]]
-            slots[position] = _Slot(block, tensor.clone(), 1, BlockState())
+            state = new_block_state(self.rule, block.numel, codec_for_name(block.dtype).torch_dtype)
+            slots[position] = _Slot(block, tensor.clone(), 1, state)
         self._slots = [s for s in slots if s is not None]
         return len(self._slots)
 
@@ -107,7 +108,7 @@ class ShardStore:
         if not decoded:
             return 0, 0
         touched = [slots[position] for position, _ in decoded]
-        apply_rule(self.rule, [s.value for s in touched], [g for _, g in decoded], [s.state for s in touched])
+        apply_update(self.rule, [s.value for s in touched], [g for _, g in decoded], [s.state for s in touched])
         for slot in touched:
             slot.version += 1
         self.blocks_applied += len(touched)

@@ -59,7 +59,10 @@ def test_pushes_then_pull_equal_torch_sgd_exactly(start_servers: ServerFactory) 
         pulled = [torch.zeros_like(t) for t in initial]
         assert _pull_into(client, pulled) == layout.num_blocks
     for got, want in zip(pulled, reference, strict=True):
-        torch.testing.assert_close(got, want.detach(), atol=1e-6 if got.dtype == torch.float32 else 1e-3, rtol=0)
+        if got.dtype == torch.float32:
+            torch.testing.assert_close(got, want.detach(), atol=1e-6, rtol=0)
+        else:  # the server keeps float32 state for float16 blocks; torch keeps float16: a few ulps apart
+            torch.testing.assert_close(got, want.detach(), atol=4e-3, rtol=2e-3)
 
 
 def test_partial_push_moves_only_chosen_blocks_and_pull_sends_only_newer(start_servers: ServerFactory) -> None:

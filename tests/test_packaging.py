@@ -19,9 +19,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 def test_wheel_installs_in_a_fresh_venv_and_runs_a_cluster(tmp_path: Path) -> None:
     # Build from a copy of the tracked tree, so the checkout stays clean and nothing untracked leaks in.
-    tracked = subprocess.run(
-        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
-    ).stdout.decode().split("\0")
+    tracked = (
+        subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.decode().split("\0")
+    )
     src = tmp_path / "src"
     for name in filter(None, tracked):
         target = src / name

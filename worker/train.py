@@ -1,4 +1,9 @@
-"""The training loop: compute a gradient, push it, swap in pulled weights, evaluate at the end."""
+"""The training loop: a plain PyTorch loop whose optimizer is :class:`ranger_ps.Ranger` on servers.
+
+Each step computes the gradient on a random subsample of the minibatch; ``Ranger.step()`` then
+selects blocks (error feedback), pushes them, and swaps in pulled weights (in the background with
+``overlap``). At the end the worker pulls the final weights and evaluates them on the test set.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +11,16 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ranger_ps.client import PulledBlock, PushResult, ShardedClient
 from ranger_ps.config import TrainConfig
 from ranger_ps.errors import UserError
-from ranger_ps.layout import Layout
+from ranger_ps.optim import Ranger
+from ranger_ps.selection import subsample_indices
 from ranger_ps.worker.data import Dataset, load_dataset, shard_indices
 from ranger_ps.worker.models import build_model
 
@@ -72,9 +76,10 @@ def build(config: TrainConfig) -> tuple[Dataset, nn.Module, torch.device]:
     return data, model, device
 
 
-def model_layout(model: nn.Module, block_size: int) -> Layout:
-    """The layout of a model's parameters."""
-    return Layout.from_named_tensors(model.named_parameters(), block_size)
+def planned_steps(config: TrainConfig, num_examples: int, worker_index: int) -> int:
+    """Steps one worker takes over all epochs."""
+    mine = len(shard_indices(num_examples, worker_index, config.num_workers))
+    return math.ceil(mine / config.batch_size) * config.epochs
 
 
 @torch.no_grad()
@@ -94,14 +99,6 @@ def evaluate(model: nn.Module, data: Dataset, device: torch.device, batch_size: 
     return Evaluation(correct / n, loss_sum / n)
 
 
-def _block_views(model: nn.Module, layout: Layout) -> list[torch.Tensor]:
-    return layout.block_views([p.data.view(-1) for p in model.parameters()])
-
-
-def _grads(model: nn.Module) -> list[torch.Tensor]:
-    return [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
-
-
 def train(
     config: TrainConfig,
     servers: list[str],
@@ -112,77 +109,74 @@ def train(
 ) -> TrainResult:
     """Train against a cluster, then evaluate the final weights pulled from it."""
     data, model, device = build(config)
-    layout = model_layout(model, config.block_size)
     started = time.monotonic()
-    with ShardedClient(servers, connect_timeout=config.connect_timeout, use_uvloop=use_uvloop) as client:
-        worker_id = client.register(layout, config.rule(), list(model.parameters()), worker_id)
-        log.info("worker %d registered with %d shards (layout %s)", worker_id, len(servers), layout.fingerprint)
-        views = _block_views(model, layout)
-        client.apply_pulled(client.pull().result(), views)
-        bytes_dense = 0
-
+    optimizer = Ranger(
+        model.parameters(),
+        servers=servers,
+        worker_id=worker_id,
+        overlap=config.overlap,
+        connect_timeout=config.connect_timeout,
+        use_uvloop=use_uvloop,
+        **config.optimizer_kwargs(),
+    )
+    with optimizer:
+        assert optimizer.client is not None
+        worker_id = optimizer.worker_id
+        log.info(
+            "worker %d registered with %d shards (layout %s, %d blocks)",
+            worker_id, len(servers), optimizer.layout.fingerprint, optimizer.layout.num_blocks,
+        )  # fmt: skip
         mine = shard_indices(len(data.y_train), worker_id, config.num_workers)
-        steps_per_epoch = max(1, math.ceil(len(mine) / config.batch_size))
-        total = steps_per_epoch * config.epochs
+        total = planned_steps(config, len(data.y_train), worker_id)
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + worker_id)
-        pending: Future[list[PulledBlock]] | None = None
-        handle: Future[PushResult] | None = None
         step = 0
-        loss_value = math.nan
         for _epoch in range(config.epochs):
             order = mine[torch.randperm(len(mine), generator=generator)]
             for start in range(0, len(order), config.batch_size):
-                if pending is not None:
-                    client.apply_pulled(pending.result(), views)
-                    pending = None
                 batch = order[start : start + config.batch_size]
+                keep = subsample_indices(
+                    len(batch), config.subsample, seed=config.seed, worker_id=worker_id, step=step + 1
+                )
+                batch = batch[keep]
                 x = data.x_train[batch].to(device, non_blocking=True)
                 y = data.y_train[batch].to(device, non_blocking=True)
-                model.zero_grad(set_to_none=False)
+                optimizer.zero_grad(set_to_none=False)
                 loss = nn.functional.cross_entropy(model(x), y)
                 loss.backward()  # type: ignore[no-untyped-call]
-                loss_value = float(loss)
-                handle = client.push(_grads(model), None, clock=step + 1)
-                bytes_dense += client.push_wire_bytes(None, clock=step + 1)
-                pending = client.pull(after=handle)
-                if not config.overlap:
-                    handle.result()
-                    client.apply_pulled(pending.result(), views)
-                    pending = None
+                optimizer.step()
                 step += 1
                 if progress is not None:
-                    progress(step, total, loss_value)
-            if handle is not None:
-                handle.result()  # surface a failed push before the next epoch
-        if pending is not None:
-            client.apply_pulled(pending.result(), views)
-        # The final weights: everything every worker pushed so far.
-        client.apply_pulled(client.pull().result(), views)
+                    progress(step, total, float(loss))
+        optimizer.refresh()  # the final weights: everything every worker pushed so far
         evaluation = evaluate(model, data, device)
-        wall = time.monotonic() - started
         return TrainResult(
             worker_id=worker_id,
             steps=step,
-            wall_seconds=wall,
-            bytes_pushed=client.bytes_pushed,
-            bytes_pushed_dense=bytes_dense,
-            bytes_pulled=client.bytes_pulled,
+            wall_seconds=time.monotonic() - started,
+            bytes_pushed=optimizer.client.bytes_pushed,
+            bytes_pushed_dense=optimizer.bytes_pushed_dense,
+            bytes_pulled=optimizer.client.bytes_pulled,
             evaluation=evaluation,
         )
 
 
 def evaluate_cluster(config: TrainConfig, servers: list[str], *, use_uvloop: bool = True) -> tuple[Evaluation, int]:
-    """Pull the current weights from a cluster (without registering as a trainer) and evaluate them.
+    """Pull the current weights from a cluster as an observer (never a trainer) and evaluate them.
 
     Returns:
         The evaluation and the bytes pulled.
     """
     data, model, device = build(config)
-    layout = model_layout(model, config.block_size)
-    with ShardedClient(servers, connect_timeout=config.connect_timeout, use_uvloop=use_uvloop) as client:
-        client.register(layout, config.rule(), list(model.parameters()), observer=True)
-        client.apply_pulled(client.pull().result(), _block_views(model, layout))
-        return evaluate(model, data, device), client.bytes_pulled
+    with Ranger(
+        model.parameters(),
+        servers=servers,
+        observer=True,
+        connect_timeout=config.connect_timeout,
+        use_uvloop=use_uvloop,
+        **config.optimizer_kwargs(),
+    ) as optimizer:
+        assert optimizer.client is not None
+        return evaluate(model, data, device), optimizer.client.bytes_pulled
 
 
 def result_report(result: TrainResult, config: TrainConfig, servers: list[str]) -> dict[str, Any]:
