@@ -41,6 +41,23 @@ def _servers(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected a comma-separated list")
+    return names
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in _names(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not all(0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"push fractions must be in (0, 1], got {text!r}")
+    return values
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging verbosity"
@@ -190,6 +207,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(p, with_num_workers=False)
     _add_common(p)
 
+    p = sub.add_parser("bench", help="benchmarks (see docs/)")
+    bench = p.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    b = bench.add_parser(
+        "convergence",
+        help="accuracy and bytes pushed across push fractions, error feedback and rules",
+        description="Train each combination in-process (one worker) and tabulate test accuracy and bytes pushed.",
+    )
+    b.add_argument("--datasets", type=_names, default=["digits", "synthetic"], help="comma-separated datasets")
+    b.add_argument("--rules", type=_names, default=["sgd", "ranger"], help="comma-separated rules")
+    b.add_argument(
+        "--fractions", type=_fractions, default=[1.0, 0.25, 0.05, 0.01], help="comma-separated push fractions"
+    )
+    b.add_argument("--shards", type=int, default=2, help="shards the byte counts assume (default: 2)")
+    b.add_argument("--json", action="store_true", help="print JSON rows instead of a Markdown table")
+    b.add_argument("--out", type=Path, help="also write the Markdown table to this file")
+    _add_train(b, with_num_workers=False)
+    b.set_defaults(block_size=256)
+    _add_common(b)
+
     p = sub.add_parser("status", help="show what running servers hold")
     p.add_argument("--servers", type=_servers, required=True, help="HOST:PORT of every shard")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -290,6 +326,47 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from ranger_ps.progress import Progress
+    from ranger_ps.worker.convergence import CaseResult, markdown_table, results_json, run_grid
+    from ranger_ps.worker.data import DATASETS
+
+    for name in args.datasets:
+        if name not in DATASETS:
+            raise UserError(f"unknown dataset {name!r}; choose from {', '.join(sorted(DATASETS))}")
+    base = train_config_from_args(args)
+    cases = len(args.datasets) * len(args.rules) * sum(1 if f >= 1 else 2 for f in args.fractions)
+    bar = Progress(cases, "convergence")
+    done = 0
+
+    def on_case(result: CaseResult) -> None:
+        nonlocal done
+        done += 1
+        bar.update(done, last=f"{result.dataset}/{result.rule}/{result.push_fraction:g}")
+        log.info(
+            "%s %s push_fraction=%g error_feedback=%s: accuracy %.4f, %.2f MB pushed (%.1f%% of dense), %.1fs",
+            result.dataset, result.rule, result.push_fraction, result.error_feedback, result.test_accuracy,
+            result.bytes_pushed / 1e6, 100 * result.push_ratio, result.seconds,
+        )  # fmt: skip
+
+    try:
+        results = run_grid(
+            base,
+            datasets=args.datasets,
+            rules=args.rules,
+            fractions=args.fractions,
+            shards=args.shards,
+            on_case=on_case,
+        )
+    finally:
+        bar.close()
+    table = markdown_table(results)
+    if args.out:
+        args.out.write_text(table + "\n")
+    print(json.dumps(results_json(results), indent=2) if args.json else table)
+    return 0
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from ranger_ps.client import fetch_stats
 
@@ -354,6 +431,7 @@ COMMANDS = {
     "local": _cmd_local,
     "evaluate": _cmd_evaluate,
     "status": _cmd_status,
+    "bench": _cmd_bench,
 }
 
 

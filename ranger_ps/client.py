@@ -34,12 +34,12 @@ from ranger_ps.frames import (
     DEFAULT_CHUNK_BYTES,
     WireBlock,
     chunk_frames,
-    chunked_size,
     decode_frame,
     split_blocks,
 )
 from ranger_ps.layout import Layout
 from ranger_ps.placement import Placement
+from ranger_ps.pushes import group_by_shard, push_header, push_wire_bytes
 from ranger_ps.rpc import CHANNEL_OPTIONS, method_path
 from ranger_ps.rules import RuleConfig
 from ranger_ps.runtime import LoopThread, run_async
@@ -278,20 +278,6 @@ class ShardedClient:
 
     # -- training traffic -----------------------------------------------------------------------
 
-    def _push_plan(self, block_ids: Iterable[int] | None) -> list[list[int]]:
-        """Chosen block ids grouped by shard, ascending."""
-        layout, placement, _ = self._require_registered()
-        chosen: list[list[int]] = [[] for _ in self._shards]
-        for block_id in range(layout.num_blocks) if block_ids is None else block_ids:
-            if not 0 <= block_id < layout.num_blocks:
-                raise ValueError(f"block id {block_id} is outside [0, {layout.num_blocks})")
-            chosen[placement.shard_of[block_id]].append(block_id)
-        return [sorted(ids) for ids in chosen]
-
-    def _push_header(self, clock: int) -> pb.FrameHeader:
-        _, _, worker_id = self._require_registered()
-        return pb.FrameHeader(push=pb.PushHeader(worker_id=worker_id, clock=clock))
-
     def encode_push(
         self, grads: Sequence[torch.Tensor], block_ids: Iterable[int] | None, clock: int
     ) -> list[list[bytes]]:
@@ -300,11 +286,11 @@ class ShardedClient:
         Every shard gets at least one frame (an empty push when none of its blocks was chosen), so
         each shard sees every clock tick of every worker.
         """
-        layout, _, _ = self._require_registered()
+        layout, placement, worker_id = self._require_registered()
         flats = layout.flat_views(
             [g.detach().to("cpu", p.torch_dtype).contiguous() for g, p in zip(grads, layout.params, strict=True)]
         )
-        header = self._push_header(clock)
+        header = push_header(worker_id, clock)
         return [
             list(
                 chunk_frames(
@@ -314,7 +300,7 @@ class ShardedClient:
                     always_one=True,
                 )
             )
-            for ids in self._push_plan(block_ids)
+            for ids in group_by_shard(layout, placement, block_ids)
         ]
 
     def push_wire_bytes(self, block_ids: Iterable[int] | None, clock: int) -> int:
@@ -323,17 +309,10 @@ class ShardedClient:
         Nothing is copied, so this is cheap enough to call every step (it gives the report's
         ``bytes_pushed_dense`` with ``block_ids=None``).
         """
-        layout, _, _ = self._require_registered()
-        zeros = memoryview(bytes(max((b.nbytes for b in layout.blocks), default=0)))
-        header = self._push_header(clock)
-        total = 0
-        for ids in self._push_plan(block_ids):
-            blocks = [
-                WireBlock(i, 0, codec_for_name(layout.blocks[i].dtype).wire, zeros[: layout.blocks[i].nbytes])
-                for i in ids
-            ]
-            total += chunked_size(blocks, chunk_bytes=self.chunk_bytes, first_header=header, always_one=True)
-        return total
+        layout, placement, worker_id = self._require_registered()
+        return push_wire_bytes(
+            layout, placement, block_ids, worker_id=worker_id, clock=clock, chunk_bytes=self.chunk_bytes
+        )
 
     def push(self, grads: Sequence[torch.Tensor], block_ids: Iterable[int] | None, clock: int) -> Future[PushResult]:
         """Send the gradients of ``block_ids`` (all blocks when None) to their shards.

@@ -164,26 +164,55 @@ class Ranger(torch.optim.Optimizer):
             warmup_start=warmup_start,
             seed=seed,
         )
-        self._params: list[torch.Tensor] = [p for g in self.param_groups for p in g["params"]]
-        for p in self._params:
-            if not p.is_contiguous():
-                raise ValueError("Ranger needs contiguous parameters")
-        self.layout = Layout.from_named_tensors(
-            ((f"{gi}.{pi}", p) for gi, g in enumerate(self.param_groups) for pi, p in enumerate(g["params"])),
-            block_size,
-        )
-        self._group_of = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
+        self._block_size = block_size
+        self._index_params()
         self.worker_id = 0
         self.client: ShardedClient | None = None
         self.overlap = overlap
         self.observer = observer
         self.bytes_pushed_dense = 0
+        self.last_chosen: list[int] = []  # block ids updated by the last step
         self._pending: Future[list[PulledBlock]] | None = None
         self._cluster_rule: RuleConfig | None = None
         if servers is not None:
             self._connect(list(servers), worker_id, connect_timeout, use_uvloop)
         elif observer:
             raise ValueError("observer=True needs servers")
+
+    def _index_params(self) -> None:
+        """(Re)derive the flat parameter list, the layout and each parameter's group."""
+        self._params: list[torch.Tensor] = [p for g in self.param_groups for p in g["params"]]
+        for p in self._params:
+            if not p.is_contiguous():
+                raise ValueError("Ranger needs contiguous parameters")
+        self.layout = Layout.from_named_tensors(
+            ((f"{gi}.{pi}", p) for gi, g in enumerate(self.param_groups) for pi, p in enumerate(g["params"])),
+            self._block_size,
+        )
+        self._group_of = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group, as torch does; refused with servers (the layout is fixed at registration)."""
+        constructed = hasattr(self, "layout")
+        if constructed and getattr(self, "client", None) is not None:
+            raise RuntimeError("with servers, the parameters are fixed at registration: add_param_group is refused")
+        super().add_param_group(param_group)
+        if constructed:
+            self._index_params()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load state as torch does, but keep each state tensor's own dtype.
+
+        torch casts every state tensor except ``step`` to its parameter's dtype; here the per-block
+        counters are int64 and low-precision parameters keep float32 state, so the saved tensors are
+        restored as they were saved.
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for saved_id, p in zip(saved_ids, self._params, strict=True):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if isinstance(value, torch.Tensor):
+                    self.state[p][key] = value.detach().to(p.device, copy=True)
 
     # -- cluster ----------------------------------------------------------------------------------
 
@@ -310,6 +339,7 @@ class Ranger(torch.optim.Optimizer):
             )
             if has_grad[self.layout.blocks[b].param_index]
         ]
+        self.last_chosen = chosen
         feedback = ErrorFeedback(self.layout, [s["ef_residual"] for s in states], enabled=self.selection.error_feedback)
         if self.client is None:
             self._step_local(feedback, grads, chosen, states)

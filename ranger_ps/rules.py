@@ -60,7 +60,7 @@ class RuleConfig:
 
     Attributes:
         name: ``"sgd"``, ``"adamw"`` or ``"ranger"``.
-        lr: learning rate (> 0).
+        lr: learning rate (>= 0).
         momentum: ``sgd`` only: momentum factor (the buffer starts as the first gradient, then
             ``buf = momentum * buf + (1 - dampening) * grad``).
         dampening: ``sgd`` only.
@@ -104,9 +104,7 @@ class RuleConfig:
             object.__setattr__(self, "betas", (float(self.betas[0]), float(self.betas[1])))
         if self.eps is None:
             object.__setattr__(self, "eps", _DEFAULT_EPS[self.name])
-        _finite("lr", self.lr)
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        _finite("lr", self.lr, low=0.0)  # 0 is allowed, as in torch: schedules may pass through it
         _finite("momentum", self.momentum, low=0.0)
         if not self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")

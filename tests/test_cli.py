@@ -157,3 +157,43 @@ def test_a_failing_worker_stops_the_cluster_with_a_clear_message(tmp_path: Path)
     assert process.returncode == 1, out
     assert b"worker-1 exited with code -9" in out
     assert not [name for name, pid in table.items() if pid_alive(pid)]
+
+
+@pytest.mark.timeout(180)
+def test_local_with_sparse_pushes_records_every_knob(tmp_path: Path) -> None:
+    report_path = tmp_path / "report.json"
+    result = _run(
+        "local", "--rule", "ranger", "--push-fraction", "0.5", "--block-size", "1024", "--epochs", "2",
+        "--no-error-feedback", "--truncate-below", "1e-7", "--clip-norm", "10", "--subsample", "0.75",
+        "--report", str(report_path), "--log-level", "WARNING", timeout=170,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(report_path.read_text())
+    config = report["config"]
+    expected = {
+        "rule": "ranger", "push_fraction": 0.5, "block_size": 1024, "error_feedback": False, "truncate_below": 1e-7,
+        "clip_norm": 10.0, "subsample": 0.75, "use_gc": True, "betas": [0.95, 0.999], "eps": 1e-5, "lr": 0.01,
+    }  # fmt: skip
+    assert {k: config[k] for k in expected} == expected
+    for knob in ("warmup_steps", "warmup_start", "truncation_residual", "clip_value", "alpha", "k", "n_sma_threshold"):
+        assert knob in config
+    assert 0.45 < report["bytes_pushed"] / report["bytes_pushed_dense"] < 0.65
+
+
+@pytest.mark.timeout(120)
+def test_bench_convergence_smoke() -> None:
+    result = _run(
+        "bench", "convergence", "--datasets", "digits", "--rules", "sgd,ranger", "--fractions", "1,0.5",
+        "--epochs", "1", "--json", "--log-level", "WARNING",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [(r["rule"], r["push_fraction"], r["error_feedback"]) for r in rows] == [
+        ("sgd", 1.0, True), ("sgd", 0.5, True), ("sgd", 0.5, False),
+        ("ranger", 1.0, True), ("ranger", 0.5, True), ("ranger", 0.5, False),
+    ]  # fmt: skip
+    for row in rows:
+        assert 0 <= row["test_accuracy"] <= 1 and row["steps"] > 0
+        assert row["bytes_pushed"] <= row["bytes_pushed_dense"]
+    assert rows[1]["push_ratio"] < 0.7
+    assert "unknown dataset 'nope'" in _one_line_error(_run("bench", "convergence", "--datasets", "nope"))

@@ -732,7 +732,6 @@ def test_from_msgpack_rejects_wrong_types(key: str, value: object) -> None:
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"lr": 0.0},
         {"lr": -0.1},
         {"lr": math.nan},
         {"lr": math.inf},

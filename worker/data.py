@@ -42,7 +42,22 @@ def _digits() -> Dataset:
     return Dataset("digits", x[idx_train], y[idx_train], x[idx_test], y[idx_test], 10)
 
 
-DATASETS: dict[str, Callable[[], Dataset]] = {"digits": _digits}
+def _synthetic() -> Dataset:
+    """A teacher network's labels on Gaussian inputs: 8 features, 5 classes, 10,000 + 2,000 examples.
+
+    Harder than digits for the same MLP (dense SGD reaches about 0.86 in 10 epochs, against 0.97 on
+    digits), so it separates settings that digits cannot. The teacher is one tanh layer of 16 units
+    with a random linear read-out; labels are its argmax. Fully determined by a fixed seed, so every
+    worker and run sees the same data; nothing is downloaded.
+    """
+    generator = torch.Generator().manual_seed(20_251_124)
+    x = torch.randn(12_000, 8, generator=generator)
+    hidden = torch.tanh(2.0 * (x @ (torch.randn(8, 16, generator=generator) * 0.5)))
+    y = (hidden @ torch.randn(16, 5, generator=generator)).argmax(dim=1)
+    return Dataset("synthetic", x[:10_000], y[:10_000], x[10_000:], y[10_000:], 5)
+
+
+DATASETS: dict[str, Callable[[], Dataset]] = {"digits": _digits, "synthetic": _synthetic}
 
 
 def load_dataset(name: str) -> Dataset:

@@ -1,0 +1,184 @@
+"""Integration: "distributed equals local" for ``ranger_ps.Ranger`` against real shard processes.
+
+One worker, the same seed and settings: training against two real shards gives the same weights as
+the in-process optimizer (to 1e-6) at every one of 50 steps, for every rule, for partial pushes with
+and without error feedback, with server-side truncation and clipping, and with ``overlap=True``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ranger_ps.errors import LayoutMismatchError
+from ranger_ps.optim import Ranger
+from ranger_ps.selection import choose_blocks
+from tests.conftest import ServerFactory
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+STEPS = 50
+BATCH = 32
+BLOCK_SIZE = 200
+NUM_BLOCKS = 21  # 64*48 + 48 + 48*10 + 10 elements -> 16 + 1 + 3 + 1 blocks of at most 200, over 2 shards
+SEED = 7
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Single-threaded torch: intra-op threads on a small, busy machine make tiny steps 30x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@functools.cache
+def _batches() -> tuple[Batch, ...]:
+    """A fixed sequence of ``STEPS`` minibatches from scikit-learn's digits (pixels / 16)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(digits.target, dtype=torch.int64)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    assert len(order) >= STEPS * BATCH
+    return tuple((x[idx], y[idx]) for idx in (order[t * BATCH : (t + 1) * BATCH] for t in range(STEPS)))
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
+
+
+def _assert_same(local: nn.Module, remote: nn.Module, when: str) -> None:
+    for (name, want), (_, got) in zip(local.named_parameters(), remote.named_parameters(), strict=True):
+        try:
+            torch.testing.assert_close(got.detach(), want.detach(), atol=1e-6, rtol=0)
+        except AssertionError as exc:
+            raise AssertionError(f"{name} {when}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class RemoteRun:
+    """What the remote side of a run reports at the end."""
+
+    worker_id: int
+    shard_of: tuple[int, ...]  # block id -> shard index (the client's placement)
+    blocks_applied: tuple[int, ...]  # per shard, from the shards' stats
+    pushes_applied: tuple[int, ...]  # per shard
+
+
+def _run_and_compare(servers: list[str], settings: dict[str, Any], *, overlap: bool = False) -> RemoteRun:
+    """Train a local and a remote copy in lockstep, comparing the weights at every step.
+
+    The weights are compared right after each ``step()`` (without overlap), right before each
+    forward pass (which is what matters with ``overlap=True``, where the new weights land at
+    ``zero_grad()``), and after the remote optimizer is synchronized and closed.
+
+    Each side runs the standard loop (``zero_grad``; loss; ``backward``; ``step``), interleaved.
+
+    Returns:
+        The remote optimizer's worker id, placement and its shards' stats after the run.
+    """
+    local_model, remote_model = _model(), _model()
+    _assert_same(local_model, remote_model, "at initialization")
+    local = Ranger(local_model.parameters(), block_size=BLOCK_SIZE, seed=SEED, **settings)
+    with Ranger(
+        remote_model.parameters(), block_size=BLOCK_SIZE, seed=SEED, servers=servers, overlap=overlap, **settings
+    ) as remote:
+        assert remote.worker_id == 0  # the same worker id as in-process, so the same blocks are chosen
+        assert remote.layout.num_blocks == NUM_BLOCKS
+        for t, batch in enumerate(_batches(), start=1):
+            # Before the forward pass: zero_grad has swapped in any pull in flight.
+            local.zero_grad()
+            remote.zero_grad()
+            _assert_same(local_model, remote_model, f"before the forward pass of step {t}")
+            before = [p.detach().clone() for p in remote_model.parameters()]
+            x, y = batch
+            for model, optimizer in ((local_model, local), (remote_model, remote)):
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()  # type: ignore[no-untyped-call]
+                optimizer.step()
+            if not overlap:
+                _assert_same(local_model, remote_model, f"after step {t}")
+            else:  # the new weights are still in flight: step() left the parameters alone
+                assert all(torch.equal(b, p) for b, p in zip(before, remote_model.parameters(), strict=True))
+        remote.synchronize()
+        _assert_same(local_model, remote_model, f"after step {STEPS} (synchronized)")
+        client = remote.client
+        assert client is not None and client.placement is not None
+        stats = client.stats()
+        run = RemoteRun(
+            worker_id=remote.worker_id,
+            shard_of=tuple(client.placement.shard_of),
+            blocks_applied=tuple(s.blocks_applied for s in stats),
+            pushes_applied=tuple(s.pushes_applied for s in stats),
+        )
+    _assert_same(local_model, remote_model, "after close")
+    return run
+
+
+def _assert_blocks_applied_equal_blocks_chosen(run: RemoteRun, push_fraction: float) -> None:
+    """The shards applied exactly the blocks ``choose_blocks`` picks at steps 1..50, shard by shard."""
+    expected = [0] * len(run.blocks_applied)
+    for t in range(1, STEPS + 1):
+        chosen = choose_blocks(NUM_BLOCKS, push_fraction, seed=SEED, worker_id=run.worker_id, step=t)
+        assert len(chosen) == (NUM_BLOCKS if push_fraction >= 1 else math.ceil(push_fraction * NUM_BLOCKS))
+        for block_id in chosen:
+            expected[run.shard_of[block_id]] += 1
+    assert all(e > 0 for e in expected)  # both shards hold chosen blocks, so the check is not vacuous
+    assert list(run.blocks_applied) == expected
+    assert sum(run.blocks_applied) == sum(expected)
+    assert list(run.pushes_applied) == [STEPS] * len(expected)  # every shard sees every step's push
+
+
+SGD = dict(rule="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)
+ADAMW = dict(rule="adamw", lr=0.01, weight_decay=0.01)
+RANGER_GC = dict(rule="ranger", lr=0.01, use_gc=True)
+RANGER_NO_GC = dict(rule="ranger", lr=0.01, use_gc=False)
+
+CASES = [
+    *(
+        pytest.param({**rule, "push_fraction": fraction, "error_feedback": True}, id=f"{name}-push{fraction}")
+        for name, rule in (("sgd", SGD), ("adamw", ADAMW), ("ranger-gc", RANGER_GC), ("ranger-nogc", RANGER_NO_GC))
+        for fraction in (1.0, 0.3)
+    ),
+    pytest.param({**SGD, "push_fraction": 0.3, "error_feedback": False}, id="sgd-push0.3-no-error-feedback"),
+    pytest.param(
+        {**SGD, "truncate_below": 1e-3, "truncation_residual": True, "clip_norm": 1.0},
+        id="sgd-truncation-residual-clip-norm",
+    ),
+]
+
+
+@pytest.mark.parametrize("settings", CASES)
+def test_distributed_equals_local_and_shards_apply_exactly_the_chosen_blocks(
+    start_servers: ServerFactory, settings: dict[str, Any]
+) -> None:
+    # One run per case proves both properties: starting servers is most of a case's cost.
+    run = _run_and_compare(start_servers(2), settings)
+    _assert_blocks_applied_equal_blocks_chosen(run, settings.get("push_fraction", 1.0))
+
+
+def test_overlap_equals_local(start_servers: ServerFactory) -> None:
+    settings = {**SGD, "push_fraction": 0.3}
+    run = _run_and_compare(start_servers(2), settings, overlap=True)
+    _assert_blocks_applied_equal_blocks_chosen(run, 0.3)
+
+
+def test_second_optimizer_with_another_lr_is_refused(start_servers: ServerFactory) -> None:
+    servers = start_servers(2)
+    with Ranger(_model().parameters(), lr=0.01, block_size=BLOCK_SIZE, servers=servers):
+        with pytest.raises(LayoutMismatchError, match=r"lr: 0\.01 != 0\.02"):
+            Ranger(_model().parameters(), lr=0.02, block_size=BLOCK_SIZE, servers=servers)
