@@ -50,7 +50,7 @@ def test_rule_and_selection_configs_carry_every_knob() -> None:
         ({"rule": "adamw", "momentum": 0.9}, "momentum applies to the sgd rule"),
         ({"push_fraction": 0.0}, "--push-fraction"),
         ({"subsample": 1.5}, "--subsample"),
-        ({"lr": -1.0}, "lr must be > 0"),
+        ({"lr": -1.0}, "--lr must be >= 0"),
         ({"clip_norm": 0.0}, "--clip-norm"),
         ({"epochs": 0}, "--epochs must be >= 1"),
         ({"betas": (0.9, 1.0)}, "--betas"),
