@@ -11,8 +11,9 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -226,6 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(block_size=256)
     _add_common(b)
 
+    p = sub.add_parser(
+        "health",
+        help="check a server with the standard gRPC health service (exit 0 when SERVING)",
+        description="For container health checks: asks grpc.health.v1.Health/Check and exits 0 only when SERVING.",
+    )
+    p.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT to check (default: 127.0.0.1:50051)")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default: 3)")
+    _add_common(p)
+
     p = sub.add_parser("status", help="show what running servers hold")
     p.add_argument("--servers", type=_servers, required=True, help="HOST:PORT of every shard")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -367,6 +377,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_health(args: argparse.Namespace) -> int:
+    from ranger_ps.client import check_health
+
+    try:
+        parse_servers(args.server)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    status = check_health(args.server, timeout=args.timeout)
+    print(f"{args.server}: {status}")
+    return 0 if status == "SERVING" else EXIT_CLUSTER_ERROR
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from ranger_ps.client import fetch_stats
 
@@ -431,13 +453,73 @@ COMMANDS = {
     "local": _cmd_local,
     "evaluate": _cmd_evaluate,
     "status": _cmd_status,
+    "health": _cmd_health,
     "bench": _cmd_bench,
 }
+
+
+ENV_PREFIX = "RANGER_PS_"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def env_var(flag: str) -> str:
+    """The environment variable that sets a flag: ``--push-fraction`` -> ``RANGER_PS_PUSH_FRACTION``."""
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _selected_parsers(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[argparse.ArgumentParser]:
+    """The parser and the (nested) subcommand parsers that ``argv`` selects."""
+    chain = [parser]
+    tokens = list(argv)
+    while True:
+        actions = [a for a in chain[-1]._actions if isinstance(a, argparse._SubParsersAction)]
+        if not actions:
+            return chain
+        choice = next((t for t in tokens if t in actions[0].choices), None)
+        if choice is None:
+            return chain
+        tokens = tokens[tokens.index(choice) + 1 :]
+        chain.append(actions[0].choices[choice])
+
+
+def apply_environment(parser: argparse.ArgumentParser, environ: Mapping[str, str], argv: Sequence[str]) -> None:
+    """Let ``RANGER_PS_<FLAG>`` variables set the flags of the command ``argv`` runs.
+
+    Containers set environment, not argv: every flag has a variable (``--push-fraction`` is
+    ``RANGER_PS_PUSH_FRACTION``; booleans take 1/0, true/false, yes/no, on/off). Flags given on
+    the command line still win. A value that does not parse is a usage error naming the variable
+    (exit code 2).
+    """
+    for sub in _selected_parsers(parser, argv):
+        for action in sub._actions:
+            long = [o for o in action.option_strings if o.startswith("--") and not o.startswith("--no-")]
+            if not long or action.dest in ("help", "version"):
+                continue
+            name = env_var(long[0])
+            if name not in environ:
+                continue
+            raw = environ[name]
+            if isinstance(action, argparse.BooleanOptionalAction) or action.const is True:
+                if raw.strip().lower() not in _TRUE | _FALSE:
+                    sub.error(f"{name}={raw!r}: expected one of {', '.join(sorted(_TRUE | _FALSE))}")
+                value: Any = raw.strip().lower() in _TRUE
+            else:
+                try:
+                    value = action.type(raw) if callable(action.type) else raw
+                except (argparse.ArgumentTypeError, ValueError) as exc:
+                    sub.error(f"{name}={raw!r}: {exc}")
+                if action.choices is not None and value not in action.choices:
+                    sub.error(f"{name}={raw!r}: choose from {', '.join(map(str, action.choices))}")
+            action.default = value
+            action.required = False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ranger-ps`` console script; returns the exit code."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    apply_environment(parser, os.environ, argv)  # the one place the environment is read
     args = parser.parse_args(argv)
     _configure_logging(args.log_level)
     try:

@@ -428,3 +428,20 @@ def fetch_stats(servers: Sequence[str], *, timeout: float = 5.0, use_uvloop: boo
         return list(await asyncio.gather(*(one(a) for a in servers)))
 
     return run_async(gather(), use_uvloop=use_uvloop)
+
+
+def check_health(address: str, *, timeout: float = 3.0, use_uvloop: bool = True) -> str:
+    """The standard gRPC health status of a server (``SERVING``, ``NOT_SERVING``...) or the error code."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async def check() -> str:
+        async with grpc.aio.insecure_channel(address) as channel:
+            try:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=timeout
+                )
+            except grpc.aio.AioRpcError as exc:
+                return str(exc.code().name)
+            return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+    return run_async(check(), use_uvloop=use_uvloop)

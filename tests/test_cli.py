@@ -8,10 +8,18 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from ranger_ps.cli import build_parser, train_config_from_args, train_config_to_argv
+from ranger_ps.cli import (
+    _TRAIN_FLAGS,
+    apply_environment,
+    build_parser,
+    env_var,
+    train_config_from_args,
+    train_config_to_argv,
+)
 from ranger_ps.config import TrainConfig
 from ranger_ps.report import REQUIRED_KEYS
 from tests.conftest import ServerFactory, pid_alive, ranger_ps_cmd, stop_process, wait_for_file
@@ -95,6 +103,10 @@ def test_port_in_use_is_a_clear_error() -> None:
 @pytest.mark.timeout(120)
 def test_worker_against_running_servers_and_status(start_servers: ServerFactory, tmp_path: Path) -> None:
     servers = ",".join(start_servers(2))
+    health = _run("health", "--server", servers.split(",")[1])
+    assert health.returncode == 0 and "SERVING" in health.stdout, health.stderr
+    down = _run("health", "--server", "127.0.0.1:9", "--timeout", "1")
+    assert down.returncode == 1 and "UNAVAILABLE" in down.stdout
     status = _run("status", "--servers", servers)
     assert status.returncode == 0, status.stderr
     assert "waiting for a worker" in status.stdout
@@ -197,3 +209,50 @@ def test_bench_convergence_smoke() -> None:
         assert row["bytes_pushed"] <= row["bytes_pushed_dense"]
     assert rows[1]["push_ratio"] < 0.7
     assert "unknown dataset 'nope'" in _one_line_error(_run("bench", "convergence", "--datasets", "nope"))
+
+
+def _parse_with_env(argv: list[str], environ: dict[str, str]) -> Any:
+    parser = build_parser()
+    apply_environment(parser, environ, argv)
+    return parser.parse_args(argv)
+
+
+def test_every_flag_can_come_from_the_environment_and_argv_wins() -> None:
+    env = {
+        "RANGER_PS_SERVERS": "ps-0:50051,ps-1:50051",
+        "RANGER_PS_PUSH_FRACTION": "0.05",
+        "RANGER_PS_ERROR_FEEDBACK": "off",
+        "RANGER_PS_BETAS": "0.9,0.99",
+        "RANGER_PS_WORKER_ID": "3",
+        "RANGER_PS_LOG_LEVEL": "WARNING",
+        "RANGER_PS_LR": "0.5",
+    }
+    args = _parse_with_env(["worker", "--lr", "0.25"], env)
+    assert args.servers == ["ps-0:50051", "ps-1:50051"]
+    assert (args.push_fraction, args.error_feedback, args.betas, args.worker_id) == (0.05, False, (0.9, 0.99), 3)
+    assert args.log_level == "WARNING" and args.lr == 0.25
+    server = _parse_with_env(
+        ["server"], {"RANGER_PS_HOST": "0.0.0.0", "RANGER_PS_SHARD_ID": "1", "RANGER_PS_UVLOOP": "0"}
+    )
+    assert (server.host, server.shard_id, server.uvloop) == ("0.0.0.0", 1, False)
+    # every training flag has its variable
+    for name, _, _ in _TRAIN_FLAGS:
+        flag = "--" + name.replace("_", "-")
+        assert env_var(flag) == "RANGER_PS_" + name.upper()
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"RANGER_PS_EPOCHS": "abc"}, "RANGER_PS_EPOCHS='abc'"),
+        ({"RANGER_PS_OVERLAP": "maybe"}, "RANGER_PS_OVERLAP='maybe'"),
+        ({"RANGER_PS_LOG_LEVEL": "LOUD"}, "RANGER_PS_LOG_LEVEL='LOUD'"),
+    ],
+)
+def test_a_bad_environment_value_is_a_usage_error_naming_the_variable(
+    env: dict[str, str], needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        _parse_with_env(["local"], env)
+    assert info.value.code == 2
+    assert needle in capsys.readouterr().err
