@@ -59,6 +59,28 @@ def _fractions(text: str) -> list[float]:
     return values
 
 
+def _add_cluster(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("consistency and membership")
+    group.add_argument(
+        "--consistency",
+        default="async",
+        help="async (apply every push at once), ssp:K (a worker waits while more than K clocks ahead of the "
+        "slowest live worker) or bsp (one combined update per clock) (default: async)",
+    )
+    group.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=5.0,
+        help="a worker not heard from for this long leaves the ssp/bsp barriers (default: 5)",
+    )
+    group.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=120.0,
+        help="the longest a pull waits at an ssp/bsp barrier before failing (default: 120)",
+    )
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging verbosity"
@@ -182,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-shards", type=int, default=1, help="number of shards (default: 1)")
     p.add_argument("--ready-file", type=Path, help="write {host, port, pid} as JSON here once serving")
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on shutdown (default: 10)")
+    _add_cluster(p)
     _add_common(p)
 
     p = sub.add_parser("worker", help="train against running servers")
@@ -199,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--startup-timeout", type=float, default=60.0, help="seconds for the servers to come up (default: 60)"
     )
+    _add_cluster(p)
     _add_train(p, with_num_workers=False)
     _add_common(p)
 
@@ -264,6 +288,9 @@ def _cmd_server(args: argparse.Namespace) -> int:
         port=args.port,
         ready_file=args.ready_file,
         grace_seconds=args.grace,
+        consistency=args.consistency,
+        lease_seconds=args.lease_seconds,
+        wait_seconds=args.wait_timeout,
     )
     return server_main(options, use_uvloop=args.uvloop)
 
@@ -309,6 +336,9 @@ def _cmd_local(args: argparse.Namespace) -> int:
         startup_timeout=args.startup_timeout,
         use_uvloop=args.uvloop,
         log_level=args.log_level,
+        consistency=args.consistency,
+        lease_seconds=args.lease_seconds,
+        wait_seconds=args.wait_timeout,
     )
     report = run_local(config, options)
     if args.report:

@@ -17,7 +17,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from ranger_ps.client import fetch_stats
 from ranger_ps.config import TrainConfig
+from ranger_ps.consistency import staleness_summary
 from ranger_ps.errors import ClusterError
 from ranger_ps.launcher import Child, Cluster, wait_all
 from ranger_ps.progress import Progress
@@ -40,6 +42,9 @@ class LocalOptions:
         use_uvloop: pass ``--uvloop``/``--no-uvloop`` to the children.
         log_level: the children's log level.
         progress: show progress.
+        consistency: the servers' consistency model (``async``, ``ssp:K``, ``bsp``).
+        lease_seconds: the servers' worker lease.
+        wait_seconds: the longest a pull waits at a barrier.
     """
 
     workers: int = 2
@@ -50,6 +55,9 @@ class LocalOptions:
     use_uvloop: bool = True
     log_level: str = "INFO"
     progress: bool = True
+    consistency: str = "async"
+    lease_seconds: float = 5.0
+    wait_seconds: float = 120.0
 
 
 def _planned_steps(config: TrainConfig, workers: int) -> int:
@@ -100,6 +108,12 @@ def run_local(config: TrainConfig, options: LocalOptions) -> dict[str, Any]:
                             str(options.shards),
                             "--ready-file",
                             str(ready),
+                            "--consistency",
+                            options.consistency,
+                            "--lease-seconds",
+                            repr(options.lease_seconds),
+                            "--wait-timeout",
+                            repr(options.wait_seconds),
                             *common,
                         ],
                     )
@@ -141,6 +155,10 @@ def run_local(config: TrainConfig, options: LocalOptions) -> dict[str, Any]:
             from ranger_ps.worker.train import evaluate_cluster
 
             evaluation, _ = evaluate_cluster(config, addresses, use_uvloop=options.use_uvloop)
+            stats = [r for r in fetch_stats(addresses, use_uvloop=options.use_uvloop) if not isinstance(r, str)]
+            staleness = staleness_summary(
+                [dict(s.staleness_counts) for s in stats], [dict(s.version_lag_counts) for s in stats]
+            )
             for child in servers:
                 code = cluster.stop(child)
                 if code not in (0, None):
@@ -164,7 +182,16 @@ def run_local(config: TrainConfig, options: LocalOptions) -> dict[str, Any]:
         "bytes_pulled": sum(int(r["bytes_pulled"]) for r in per_worker),
         "workers": options.workers,
         "shards": options.shards,
-        "config": {**config.to_dict(), "workers": options.workers, "shards": options.shards},
+        "consistency": options.consistency,
+        **staleness,
+        "config": {
+            **config.to_dict(),
+            "workers": options.workers,
+            "shards": options.shards,
+            "consistency": options.consistency,
+            "lease_seconds": options.lease_seconds,
+            "wait_timeout": options.wait_seconds,
+        },
         "per_worker": [
             {k: r[k] for k in ("worker_id", "steps", "test_accuracy", "bytes_pushed", "bytes_pulled", "wall_seconds")}
             for r in per_worker

@@ -83,6 +83,8 @@ class _Shard:
         self.push = self.channel.stream_unary(method_path("Push"))
         self.pull = self.channel.unary_stream(method_path("Pull"))
         self.stats = self.channel.unary_unary(method_path("Stats"))
+        self.heartbeat = self.channel.unary_unary(method_path("Heartbeat"))
+        self.leave = self.channel.unary_unary(method_path("Leave"))
         self.block_ids: tuple[int, ...] = ()
         self.known: list[int] = []
 
@@ -118,8 +120,13 @@ class ShardedClient:
         self.layout: Layout | None = None
         self.placement: Placement | None = None
         self.worker_id: int | None = None
+        self.observer = False
+        self.start_clock = 0
+        self.lease_seconds = 0.0
+        self.consistency = ""
         self.bytes_pushed = 0
         self.bytes_pulled = 0
+        self._heartbeats: asyncio.Task[None] | None = None
 
     async def _open(self) -> list[_Shard]:
         return [_Shard(i, address) for i, address in enumerate(self.servers)]
@@ -127,11 +134,21 @@ class ShardedClient:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close every channel and stop the I/O thread."""
+        """Leave the cluster (a training worker stops counting for barriers at once), close the channels."""
         if self._io.loop.is_closed():
             return
 
         async def _close() -> None:
+            if self._heartbeats is not None:
+                self._heartbeats.cancel()
+            if self.worker_id is not None and not self.observer:
+                leave = pb.LeaveRequest(worker_id=self.worker_id).SerializeToString()
+                results = await asyncio.gather(
+                    *(s.leave(leave, timeout=5) for s in self._shards), return_exceptions=True
+                )
+                for shard, result in zip(self._shards, results, strict=True):
+                    if isinstance(result, Exception):
+                        log.warning("leaving shard %d at %s failed: %s", shard.index, shard.address, result)
             await asyncio.gather(*(s.channel.close() for s in self._shards), return_exceptions=True)
 
         try:
@@ -155,13 +172,17 @@ class ShardedClient:
         worker_id: int | None = None,
         *,
         observer: bool = False,
+        consistency: str = "",
     ) -> int:
         """Register with every shard and initialize the shards that ask for it.
 
         Shard 0 assigns the worker id when ``worker_id`` is None; the other shards are then told
         that id. ``initial_values`` (one tensor per layout parameter) are sent only to shards that
         have not been initialized yet. An ``observer`` (an evaluator, a monitor) may pull but does
-        not count as a training worker.
+        not count as a training worker. ``consistency`` (e.g. ``"bsp"``) is checked against what
+        the shards run; empty accepts theirs. Afterwards :attr:`start_clock` is the clock this
+        worker starts from (its next push carries ``start_clock + 1``), and a background task renews
+        the worker's lease with heartbeats.
 
         Returns:
             The worker id.
@@ -173,16 +194,24 @@ class ShardedClient:
         flats = layout.flat_views([t.detach().to("cpu").contiguous() for t in initial_values])
         self.layout = layout
         self.placement = Placement.compute(layout, len(self._shards))
+        self.observer = observer
         self.worker_id = self._io.run(
-            self._register_all(layout, rule, flats, -1 if worker_id is None else worker_id, observer)
+            self._register_all(layout, rule, flats, -1 if worker_id is None else worker_id, observer, consistency)
         )
         return self.worker_id
 
     async def _register_all(
-        self, layout: Layout, rule: RuleConfig, flats: list[torch.Tensor], worker_id: int, observer: bool
+        self,
+        layout: Layout,
+        rule: RuleConfig,
+        flats: list[torch.Tensor],
+        worker_id: int,
+        observer: bool,
+        consistency: str,
     ) -> int:
         request = pb.RegisterRequest(
             observer=observer,
+            consistency=consistency,
             layout=layout.to_proto(),
             rule=pb.RuleSpec(msgpack=rule.to_msgpack()),
             expected_num_shards=len(self._shards),
@@ -198,7 +227,25 @@ class ShardedClient:
                 if reply.must_initialize
             )
         )
+        replies = [first, *rest]
+        # Shards may disagree by a clock while pushes are in flight: start after the latest.
+        self.start_clock = max(r.clock for r in replies)
+        self.lease_seconds = min(r.lease_seconds for r in replies)
+        self.consistency = first.consistency
+        if self._heartbeats is None and self.lease_seconds > 0:
+            self._heartbeats = asyncio.create_task(self._heartbeat_loop(worker_id, self.lease_seconds / 3))
         return worker_id
+
+    async def _heartbeat_loop(self, worker_id: int, every: float) -> None:
+        """Renew the lease while the caller computes (pushes and pulls renew it too)."""
+        request = pb.HeartbeatRequest(worker_id=worker_id).SerializeToString()
+        while True:
+            await asyncio.sleep(every)
+            for shard in self._shards:
+                try:
+                    await shard.heartbeat(request, timeout=max(1.0, every))
+                except grpc.aio.AioRpcError as exc:
+                    log.warning("heartbeat to shard %d at %s failed: %s", shard.index, shard.address, _describe(exc))
 
     async def _register_one(
         self, shard: _Shard, template: pb.RegisterRequest, worker_id: int, deadline: float

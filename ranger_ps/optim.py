@@ -102,6 +102,9 @@ class Ranger(torch.optim.Optimizer):
         observer: with servers, only pull (an evaluator); ``step()`` is refused.
         connect_timeout: with servers, seconds to keep retrying servers that are not up yet.
         use_uvloop: with servers, run the client's I/O loop on uvloop.
+        consistency: with servers, the consistency model this worker expects (``"async"``,
+            ``"ssp:K"``, ``"bsp"``); registration fails if the servers run another. None accepts
+            whatever they run (the servers' ``--consistency`` decides).
     """
 
     def __init__(
@@ -136,6 +139,7 @@ class Ranger(torch.optim.Optimizer):
         observer: bool = False,
         connect_timeout: float = 30.0,
         use_uvloop: bool = True,
+        consistency: str | None = None,
     ) -> None:
         defaults: dict[str, Any] = dict(
             rule=rule,
@@ -175,7 +179,7 @@ class Ranger(torch.optim.Optimizer):
         self._pending: Future[list[PulledBlock]] | None = None
         self._cluster_rule: RuleConfig | None = None
         if servers is not None:
-            self._connect(list(servers), worker_id, connect_timeout, use_uvloop)
+            self._connect(list(servers), worker_id, connect_timeout, use_uvloop, consistency or "")
         elif observer:
             raise ValueError("observer=True needs servers")
 
@@ -216,7 +220,9 @@ class Ranger(torch.optim.Optimizer):
 
     # -- cluster ----------------------------------------------------------------------------------
 
-    def _connect(self, servers: list[str], worker_id: int | None, connect_timeout: float, use_uvloop: bool) -> None:
+    def _connect(
+        self, servers: list[str], worker_id: int | None, connect_timeout: float, use_uvloop: bool, consistency: str
+    ) -> None:
         from ranger_ps.client import ShardedClient
 
         configs = {rule_config_from_group(g) for g in self.param_groups}
@@ -226,7 +232,12 @@ class Ranger(torch.optim.Optimizer):
         self.client = ShardedClient(servers, connect_timeout=connect_timeout, use_uvloop=use_uvloop)
         try:
             self.worker_id = self.client.register(
-                self.layout, self._cluster_rule, self._params, worker_id, observer=self.observer
+                self.layout,
+                self._cluster_rule,
+                self._params,
+                worker_id,
+                observer=self.observer,
+                consistency=consistency,
             )
             self._apply_pulled(self.client.pull().result())
         except BaseException:
@@ -374,8 +385,9 @@ class Ranger(torch.optim.Optimizer):
             )
         self.synchronize()  # overlap: the previous step's pull lands before this push
         pushed = feedback.select_flat(grads, chosen)
-        handle = self.client.push(pushed, chosen, clock=step)
-        self.bytes_pushed_dense += self.client.push_wire_bytes(None, clock=step)
+        clock = self.client.start_clock + step  # the cluster's clock: a joining worker starts where it is
+        handle = self.client.push(pushed, chosen, clock=clock)
+        self.bytes_pushed_dense += self.client.push_wire_bytes(None, clock=clock)
         pending = self.client.pull(after=handle)
         if self.overlap:
             self._pending = pending

@@ -1,9 +1,10 @@
-"""Which workers a shard knows: ids, clocks and when each was last heard from."""
+"""Which workers a shard knows: ids, clocks, leases, and who counts for the barriers."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -15,6 +16,15 @@ class WorkerRecord:
     pushes: int = 0
     last_seen: float = 0.0
     observer: bool = False
+    live: bool = True
+    # The clock the worker (re)joined at; under bsp it takes part in the barriers of later clocks.
+    join_clock: int = 0
+    pushed_since_join: bool = False
+    # Pulls of this worker waiting at a barrier right now: a waiting worker is alive.
+    waiting: int = 0
+    # The view the worker last pulled: the slowest live clock then, and each block's version.
+    view_clock: int = 0
+    view_versions: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -26,53 +36,86 @@ class WorkerSnapshot:
     pushes: int
     seconds_since_seen: float
     observer: bool
+    live: bool
 
 
 class Membership:
-    """Registered workers, with id assignment for workers that do not bring one."""
+    """Registered workers with leases; id assignment for workers that do not bring one.
 
-    def __init__(self) -> None:
+    A worker is live while it has been heard from (any call, or a heartbeat) within
+    ``lease_seconds``; :meth:`expire` drops the others from the barriers. Observers never count.
+    """
+
+    def __init__(self, lease_seconds: float = 5.0, clock: Callable[[], float] | None = None) -> None:
+        self.lease_seconds = lease_seconds
+        self._now = clock or time.monotonic
         self._workers: dict[int, WorkerRecord] = {}
         self._next_id = 0
 
     def register(self, requested_id: int, *, observer: bool = False) -> WorkerRecord:
-        """Register (or re-register) a worker; ``requested_id < 0`` assigns the next free id.
+        """Register (or re-register, reviving) a worker; ``requested_id < 0`` assigns the next free id.
 
         Observers get ids from a separate range (counting down from -2) so they never take an id
         a training worker might ask for.
         """
-        if observer and requested_id < 0:
-            requested_id = -2 - sum(1 for r in self._workers.values() if r.observer)
-            while requested_id in self._workers:
-                requested_id -= 1
         if requested_id < 0:
-            while self._next_id in self._workers:
-                self._next_id += 1
-            requested_id = self._next_id
+            if observer:
+                requested_id = -2 - sum(1 for r in self._workers.values() if r.observer)
+                while requested_id in self._workers:
+                    requested_id -= 1
+            else:
+                while self._next_id in self._workers:
+                    self._next_id += 1
+                requested_id = self._next_id
         record = self._workers.get(requested_id)
         if record is None:
             record = WorkerRecord(requested_id, observer=observer)
             self._workers[requested_id] = record
-        record.last_seen = time.monotonic()
+        record.live = True
+        record.last_seen = self._now()
         return record
 
     def get(self, worker_id: int) -> WorkerRecord | None:
         return self._workers.get(worker_id)
 
-    def seen(self, worker_id: int, clock: int | None = None) -> None:
-        """Note that a worker was heard from, at ``clock`` when given."""
+    def seen(self, worker_id: int) -> None:
+        """Renew a worker's lease."""
         record = self._workers.get(worker_id)
-        if record is None:
-            return
-        record.last_seen = time.monotonic()
-        if clock is not None:
-            record.clock = max(record.clock, clock)
-            record.pushes += 1
+        if record is not None and record.live:
+            record.last_seen = self._now()
+
+    def leave(self, worker_id: int) -> bool:
+        """Drop a worker from the barriers now; returns whether it was live."""
+        record = self._workers.get(worker_id)
+        if record is None or not record.live:
+            return False
+        record.live = False
+        return True
+
+    def expire(self) -> list[int]:
+        """Mark workers whose lease lapsed as gone; returns their ids."""
+        now = self._now()
+        deadline = now - self.lease_seconds
+        for record in self._workers.values():
+            if record.waiting:
+                record.last_seen = now
+        gone = [r.worker_id for r in self._workers.values() if r.live and r.last_seen < deadline]
+        for worker_id in gone:
+            self._workers[worker_id].live = False
+        return gone
+
+    def trainers(self) -> list[WorkerRecord]:
+        """Live training workers (not observers), by id."""
+        return [r for _, r in sorted(self._workers.items()) if r.live and not r.observer]
+
+    def slowest_clock(self) -> int | None:
+        """The smallest clock among live training workers (None when there are none)."""
+        return min((r.clock for r in self.trainers()), default=None)
 
     def snapshot(self) -> tuple[WorkerSnapshot, ...]:
         """Every known worker, by id, with how long ago it was last heard from."""
-        now = time.monotonic()
+        now = self._now()
         return tuple(
-            WorkerSnapshot(r.worker_id, r.clock, r.pushes, now - r.last_seen, r.observer)
+            WorkerSnapshot(r.worker_id, r.clock, r.pushes, now - r.last_seen, r.observer, r.live)
             for r in (self._workers[k] for k in sorted(self._workers))
         )

@@ -92,7 +92,13 @@ class ParameterServerServicer:
             raise InvalidRequest(f"bad layout: {exc}") from None
         rule = RuleConfig.from_msgpack(req.rule.msgpack)
         result = await self.shard.register(
-            req.worker_id, layout, rule, req.expected_shard_id, req.expected_num_shards, observer=req.observer
+            req.worker_id,
+            layout,
+            rule,
+            req.expected_shard_id,
+            req.expected_num_shards,
+            observer=req.observer,
+            consistency=req.consistency,
         )
         reply = pb.RegisterReply(
             worker_id=result.worker_id,
@@ -100,6 +106,9 @@ class ParameterServerServicer:
             num_shards=self.shard.num_shards,
             must_initialize=result.must_initialize,
             block_ids=result.block_ids,
+            clock=result.clock,
+            lease_seconds=self.shard.membership.lease_seconds,
+            consistency=str(self.shard.mode),
         )
         return reply.SerializeToString()
 
@@ -120,13 +129,25 @@ class ParameterServerServicer:
     async def Pull(self, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         try:
             req = _parse(pb.PullRequest, request)
-            blocks = self.shard.pull(req.worker_id, list(req.known_versions))
+            blocks = await self.shard.pull(req.worker_id, list(req.known_versions))
             frames = chunk_frames(blocks, always_one=True)
             for frame in frames:
                 self.shard.bytes_sent += len(frame)
                 yield frame
         except (RequestError, WireFormatError, ValueError) as exc:
             await _abort(context, exc)
+
+    @_translating
+    async def Heartbeat(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        req = _parse(pb.HeartbeatRequest, request)
+        lease = await self.shard.heartbeat(req.worker_id)
+        return pb.HeartbeatReply(lease_seconds=lease).SerializeToString()
+
+    @_translating
+    async def Leave(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        req = _parse(pb.LeaveRequest, request)
+        await self.shard.leave(req.worker_id)
+        return pb.LeaveReply().SerializeToString()
 
     @_translating
     async def Stats(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -143,6 +164,8 @@ class ParameterServerServicer:
                 "Push": grpc.stream_unary_rpc_method_handler(self.Push),
                 "Pull": grpc.unary_stream_rpc_method_handler(self.Pull),
                 "Stats": grpc.unary_unary_rpc_method_handler(self.Stats),
+                "Heartbeat": grpc.unary_unary_rpc_method_handler(self.Heartbeat),
+                "Leave": grpc.unary_unary_rpc_method_handler(self.Leave),
             },
         )
 
@@ -172,8 +195,13 @@ def stats_to_proto(stats: ShardStats) -> pb.StatsReply:
                 pushes=w.pushes,
                 seconds_since_seen=w.seconds_since_seen,
                 observer=w.observer,
+                live=w.live,
             )
             for w in stats.workers
         ],
         version=stats.version,
+        consistency=stats.consistency,
+        applied_clock=stats.applied_clock,
+        staleness_counts=stats.staleness_counts,
+        version_lag_counts=stats.version_lag_counts,
     )

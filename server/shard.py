@@ -1,8 +1,10 @@
-"""One shard's behaviour: registration handshake, initialization, push and pull.
+"""One shard's behaviour: registration handshake, initialization, push, pull and the barriers.
 
 This is the logic behind the RPCs, free of gRPC: the servicer parses messages and calls these
-methods with plain values. It is asyncio-aware only where a caller must wait (a worker that
-registers while another worker is still initializing the shard).
+methods with plain values. It is asyncio-aware where a caller must wait: a worker that registers
+while another is initializing the shard, a pull that waits for the slowest worker (ssp) or for a
+clock's combined update (bsp). Everything else runs without yielding, so a push is applied all at
+once and a block is never seen half-updated.
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import torch
+
 from ranger_ps import __version__
+from ranger_ps.consistency import ConsistencyMode, Histogram, parse_consistency
 from ranger_ps.frames import WireBlock
 from ranger_ps.layout import Layout
 from ranger_ps.placement import Placement
 from ranger_ps.rules import RuleConfig
-from ranger_ps.server.errors import NotReady, PreconditionFailed
-from ranger_ps.server.membership import Membership, WorkerSnapshot
+from ranger_ps.server.errors import InvalidRequest, NotReady, PreconditionFailed
+from ranger_ps.server.membership import Membership, WorkerRecord, WorkerSnapshot
 from ranger_ps.server.store import ShardStore
 
 log = logging.getLogger(__name__)
@@ -32,6 +37,7 @@ class Registration:
     worker_id: int
     must_initialize: bool
     block_ids: tuple[int, ...]
+    clock: int
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,10 @@ class ShardStats:
     uptime_seconds: float
     workers: tuple[WorkerSnapshot, ...]
     version: str
+    consistency: str
+    applied_clock: int
+    staleness_counts: dict[int, int]
+    version_lag_counts: dict[int, int]
 
 
 class Shard:
@@ -63,6 +73,9 @@ class Shard:
     Args:
         shard_id: this shard's index, ``0 <= shard_id < num_shards``.
         num_shards: how many shards the model is spread over.
+        consistency: ``async``, ``ssp:K`` or ``bsp`` (see :mod:`ranger_ps.consistency`).
+        lease_seconds: a worker not heard from for this long leaves the barriers.
+        wait_seconds: the longest a pull waits at a barrier before it fails with UNAVAILABLE.
         init_claim_seconds: how long the worker asked to initialize the shard has to do it
             before another worker may take over.
         register_wait_seconds: how long a registration waits for an initialization under way.
@@ -73,6 +86,9 @@ class Shard:
         shard_id: int,
         num_shards: int,
         *,
+        consistency: str = "async",
+        lease_seconds: float = 5.0,
+        wait_seconds: float = 120.0,
         init_claim_seconds: float = 30.0,
         register_wait_seconds: float = 60.0,
     ) -> None:
@@ -80,13 +96,21 @@ class Shard:
             raise ValueError(f"shard id {shard_id} is outside [0, {num_shards})")
         self.shard_id = shard_id
         self.num_shards = num_shards
+        self.mode: ConsistencyMode = parse_consistency(consistency)
+        self.wait_seconds = wait_seconds
         self.init_claim_seconds = init_claim_seconds
         self.register_wait_seconds = register_wait_seconds
         self.store: ShardStore | None = None
-        self.membership = Membership()
+        self.membership = Membership(lease_seconds)
         self._claim: tuple[int, float] | None = None  # (worker id, deadline)
         self._initialized = asyncio.Event()
+        self._changed = asyncio.Condition()
         self._started = time.monotonic()
+        # bsp: the last clock whose combined update is applied, and the pushes waiting per clock.
+        self.applied_clock = 0
+        self._pending: dict[int, dict[int, list[tuple[int, torch.Tensor]]]] = {}
+        self.staleness = Histogram()
+        self.version_lag = Histogram()
         self.pushes_applied = 0
         self.pulls_served = 0
         self.bytes_received = 0
@@ -103,6 +127,7 @@ class Shard:
         expected_num_shards: int,
         *,
         observer: bool = False,
+        consistency: str = "",
     ) -> Registration:
         """Handshake: adopt or check the layout and rule; maybe ask this worker to initialize."""
         if (expected_shard_id, expected_num_shards) != (self.shard_id, self.num_shards):
@@ -110,30 +135,35 @@ class Shard:
                 f"this server is shard {self.shard_id} of {self.num_shards}, but the worker lists it as "
                 f"shard {expected_shard_id} of {expected_num_shards}: check the order and count of --servers"
             )
+        if consistency:
+            try:
+                wanted = parse_consistency(consistency)
+            except ValueError as exc:
+                raise InvalidRequest(str(exc)) from None
+            if wanted != self.mode:
+                raise PreconditionFailed(
+                    f"consistency mismatch: shard {self.shard_id} runs {self.mode}, the worker expects {wanted}"
+                )
         deadline = time.monotonic() + self.register_wait_seconds
         while True:
             if self.store is None:
                 placement = Placement.compute(layout, self.num_shards)
                 self.store = ShardStore(layout, placement.blocks_by_shard[self.shard_id], rule)
                 log.info(
-                    "shard %d adopted layout %s (%d blocks here, rule %s)",
-                    self.shard_id,
-                    layout.fingerprint,
-                    len(self.store.block_ids),
-                    rule.name,
-                )
-                return self._grant_claim(worker_id, observer)
+                    "shard %d adopted layout %s (%d blocks here, rule %s, %s)",
+                    self.shard_id, layout.fingerprint, len(self.store.block_ids), rule.name, self.mode,
+                )  # fmt: skip
+                return await self._grant_claim(worker_id, observer)
             self._check_match(layout, rule)
             if self.store.initialized:
-                record = self.membership.register(worker_id, observer=observer)
-                return Registration(record.worker_id, False, self.store.block_ids)
+                return await self._admit(worker_id, observer, must_initialize=False)
             now = time.monotonic()
             assert self._claim is not None
             holder, claim_deadline = self._claim
             if holder == worker_id or now >= claim_deadline:
                 if holder != worker_id:
                     log.warning("worker %d did not initialize shard %d in time; handing over", holder, self.shard_id)
-                return self._grant_claim(worker_id, observer)
+                return await self._grant_claim(worker_id, observer)
             wait = min(claim_deadline, deadline) - now
             if wait <= 0:
                 raise NotReady(f"shard {self.shard_id} is still waiting for worker {holder} to initialize it")
@@ -142,11 +172,25 @@ class Shard:
             except TimeoutError:
                 pass
 
-    def _grant_claim(self, worker_id: int, observer: bool) -> Registration:
+    async def _grant_claim(self, worker_id: int, observer: bool) -> Registration:
+        registration = await self._admit(worker_id, observer, must_initialize=True)
+        self._claim = (registration.worker_id, time.monotonic() + self.init_claim_seconds)
+        return registration
+
+    async def _admit(self, worker_id: int, observer: bool, *, must_initialize: bool) -> Registration:
+        """(Re)admit a worker and set its clock so it neither holds the others back nor runs ahead."""
         assert self.store is not None
+        others = [r.clock for r in self.membership.trainers() if r.worker_id != worker_id]
         record = self.membership.register(worker_id, observer=observer)
-        self._claim = (record.worker_id, time.monotonic() + self.init_claim_seconds)
-        return Registration(record.worker_id, True, self.store.block_ids)
+        if self.mode.kind == "bsp":
+            record.clock = self.applied_clock
+        elif others:
+            record.clock = min(others)  # at the slowest: holds nobody back, runs ahead of nobody
+        record.join_clock = record.clock
+        record.pushed_since_join = False
+        await self._barrier_changed()
+        log.info("worker %d joined shard %d at clock %d", record.worker_id, self.shard_id, record.clock)
+        return Registration(record.worker_id, must_initialize, self.store.block_ids, record.clock)
 
     def _check_match(self, layout: Layout, rule: RuleConfig) -> None:
         assert self.store is not None
@@ -179,24 +223,132 @@ class Shard:
         log.info("shard %d initialized by worker %d (%d blocks)", self.shard_id, worker_id, count)
         return count
 
+    # -- membership ----------------------------------------------------------------------------
+
+    async def heartbeat(self, worker_id: int) -> float:
+        """Renew a worker's lease; returns the lease length."""
+        self._require_live(worker_id)
+        self.membership.seen(worker_id)
+        return self.membership.lease_seconds
+
+    async def leave(self, worker_id: int) -> None:
+        """A worker is done: drop it from the barriers now."""
+        if self.membership.leave(worker_id):
+            log.info("worker %d left shard %d", worker_id, self.shard_id)
+            await self._barrier_changed()
+
+    async def expire_leases(self) -> list[int]:
+        """Drop workers whose lease lapsed (called periodically); returns their ids."""
+        gone = self.membership.expire()
+        if gone:
+            log.warning("shard %d: lease lapsed for workers %s; the others go on without them", self.shard_id, gone)
+            await self._barrier_changed()
+        return gone
+
     # -- training traffic --------------------------------------------------------------------
 
     async def push(self, worker_id: int, clock: int, blocks: Sequence[WireBlock]) -> tuple[int, int]:
-        """Apply a worker's gradients; returns (blocks applied, sum of their versions)."""
+        """Take a worker's gradients for ``clock``; returns (blocks applied or queued, version sum)."""
         store = self._require_store()
-        self._require_worker(worker_id)
-        applied, version_sum = store.apply(blocks)
+        record = self._require_live(worker_id)
+        if clock <= record.clock:
+            raise InvalidRequest(f"push clock {clock} of worker {worker_id} is not after its clock {record.clock}")
+        if self.mode.kind == "bsp" and clock <= self.applied_clock:
+            raise PreconditionFailed(
+                f"bsp: worker {worker_id} pushed clock {clock}, which shard {self.shard_id} already applied"
+            )
+        decoded = store.decode(blocks)
+        if record.pushed_since_join:
+            self._record_staleness(record, clock, decoded)
+        else:
+            # A worker's first push after joining may skip clocks (another shard told it a later
+            # start): it takes part in the barriers from this clock on. Its staleness is not
+            # counted: its view predates the join.
+            record.pushed_since_join = True
+            record.join_clock = max(record.join_clock, clock - 1)
+        record.clock = clock
+        record.pushes += 1
+        self.membership.seen(worker_id)
         self.pushes_applied += 1
-        self.membership.seen(worker_id, clock)
+        if self.mode.kind == "bsp":
+            self._pending.setdefault(clock, {})[worker_id] = decoded
+            await self._barrier_changed()
+            return len(decoded), 0
+        applied, version_sum = store.apply(decoded)
+        await self._notify()
         return applied, version_sum
 
-    def pull(self, worker_id: int, known_versions: Sequence[int]) -> Iterator[WireBlock]:
-        """Blocks newer than the worker's versions (see :meth:`ShardStore.newer_than`)."""
+    def _record_staleness(self, record: WorkerRecord, clock: int, decoded: Sequence[tuple[int, torch.Tensor]]) -> None:
+        """How far behind its own clock the worker's view was, in clocks and (per block) in versions."""
+        self.staleness.add(clock - 1 - record.view_clock)
+        assert self.store is not None
+        versions = self.store.versions()
+        for position, _ in decoded:
+            self.version_lag.add(versions[position] - record.view_versions.get(position, versions[position]))
+
+    async def pull(self, worker_id: int, known_versions: Sequence[int]) -> Iterator[WireBlock]:
+        """Wait at the barrier the consistency model sets, then the blocks newer than the worker's."""
         store = self._require_store()
-        self._require_worker(worker_id)
+        record = self.membership.get(worker_id)
+        if record is None:
+            raise PreconditionFailed(f"worker {worker_id} is not registered on shard {self.shard_id}")
+        if record.live and not record.observer and self.mode.waits:
+            await self._wait_for_view(record)
         self.membership.seen(worker_id)
         self.pulls_served += 1
+        record.view_clock = self.applied_clock if self.mode.kind == "bsp" else self._slowest_or(record.clock)
+        record.view_versions = dict(enumerate(store.versions()))
         return store.newer_than(known_versions)
+
+    async def _wait_for_view(self, record: WorkerRecord) -> None:
+        def ready() -> bool:
+            self.membership.seen(record.worker_id)  # a worker waiting here is alive
+            if not record.live:
+                return True
+            if self.mode.kind == "bsp":
+                return self.applied_clock >= record.clock
+            return record.clock - self._slowest_or(record.clock) <= self.mode.bound
+
+        record.waiting += 1
+        try:
+            async with self._changed:
+                await asyncio.wait_for(self._changed.wait_for(ready), timeout=self.wait_seconds)
+        except TimeoutError:
+            slowest = [(r.worker_id, r.clock) for r in self.membership.trainers()]
+            raise NotReady(
+                f"worker {record.worker_id} at clock {record.clock} waited {self.wait_seconds:g}s at the "
+                f"{self.mode} barrier of shard {self.shard_id} (workers and clocks: {slowest})"
+            ) from None
+        finally:
+            record.waiting -= 1
+
+    def _slowest_or(self, default: int) -> int:
+        slowest = self.membership.slowest_clock()
+        return default if slowest is None else slowest
+
+    async def _barrier_changed(self) -> None:
+        """Apply every bsp clock whose pushes are all in, then wake waiting pulls."""
+        if self.mode.kind == "bsp" and self.store is not None and self.store.initialized:
+            while True:
+                clock = self.applied_clock + 1
+                pushes = self._pending.get(clock, {})
+                waiting_for = [
+                    r.worker_id
+                    for r in self.membership.trainers()
+                    if r.join_clock < clock and r.worker_id not in pushes
+                ]
+                if not pushes or waiting_for:
+                    break
+                # Every live worker pushed this clock; a push acknowledged before its worker was
+                # dropped still counts (nothing acknowledged is lost).
+                self.store.apply_mean(list(pushes.values()))
+                del self._pending[clock]
+                self.applied_clock = clock
+        await self._notify()
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
 
     def stats(self) -> ShardStats:
         store = self.store
@@ -218,6 +370,10 @@ class Shard:
             uptime_seconds=time.monotonic() - self._started,
             workers=self.membership.snapshot(),
             version=__version__,
+            consistency=str(self.mode),
+            applied_clock=self.applied_clock if self.mode.kind == "bsp" else self._slowest_or(0),
+            staleness_counts=dict(self.staleness.counts),
+            version_lag_counts=dict(self.version_lag.counts),
         )
 
     def _require_store(self) -> ShardStore:
@@ -225,6 +381,12 @@ class Shard:
             raise NotReady(f"shard {self.shard_id} has no model yet: a worker must register first")
         return self.store
 
-    def _require_worker(self, worker_id: int) -> None:
-        if self.membership.get(worker_id) is None:
+    def _require_live(self, worker_id: int) -> WorkerRecord:
+        record = self.membership.get(worker_id)
+        if record is None:
             raise PreconditionFailed(f"worker {worker_id} is not registered on shard {self.shard_id}")
+        if not record.live:
+            raise PreconditionFailed(
+                f"worker {worker_id}'s lease on shard {self.shard_id} lapsed (or it left): register again"
+            )
+        return record

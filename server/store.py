@@ -56,8 +56,12 @@ class ShardStore:
     def version_sum(self) -> int:
         return sum(s.version for s in self._slots) if self._slots is not None else 0
 
-    def _decode(self, blocks: Sequence[WireBlock], what: str) -> list[tuple[int, torch.Tensor]]:
-        """Check every block (ownership, dtype, size, duplicates, finiteness) before any is used."""
+    def decode(self, blocks: Sequence[WireBlock], what: str = "push") -> list[tuple[int, torch.Tensor]]:
+        """Check every block (ownership, dtype, size, duplicates, finiteness) before any is used.
+
+        Returns:
+            (position in this shard, gradient tensor over the received bytes) per block.
+        """
         seen: set[int] = set()
         out = []
         for wire in blocks:
@@ -85,7 +89,7 @@ class ShardStore:
 
     def initialize(self, blocks: Sequence[WireBlock]) -> int:
         """Install the initial values of every block; all-or-nothing."""
-        decoded = self._decode(blocks, "init")
+        decoded = self.decode(blocks, "init")
         if len(decoded) != len(self.block_ids):
             missing = sorted(set(self.block_ids) - {self.block_ids[p] for p, _ in decoded})
             raise InvalidRequest(f"init: {len(missing)} blocks missing, e.g. {missing[:5]}")
@@ -97,14 +101,13 @@ class ShardStore:
         self._slots = [s for s in slots if s is not None]
         return len(self._slots)
 
-    def apply(self, blocks: Sequence[WireBlock]) -> tuple[int, int]:
-        """Apply one push's gradients with the rule; all-or-nothing.
+    def apply(self, decoded: Sequence[tuple[int, torch.Tensor]]) -> tuple[int, int]:
+        """Apply one push's (already decoded and checked) gradients with the rule.
 
         Returns:
             (blocks applied, sum of their new versions).
         """
         slots = self._require_slots()
-        decoded = self._decode(blocks, "push")
         if not decoded:
             return 0, 0
         touched = [slots[position] for position, _ in decoded]
@@ -113,6 +116,29 @@ class ShardStore:
             slot.version += 1
         self.blocks_applied += len(touched)
         return len(touched), sum(s.version for s in touched)
+
+    def apply_mean(self, contributions: Sequence[Sequence[tuple[int, torch.Tensor]]]) -> tuple[int, int]:
+        """Apply the mean of several workers' pushes once (bsp).
+
+        A block's gradient is the sum of its contributions divided by the number of contributing
+        pushes: a worker that did not pick the block counts as zero, so the scale does not depend
+        on how many picked it. Blocks nobody picked are not updated.
+        """
+        if not contributions:
+            return 0, 0
+        sums: dict[int, torch.Tensor] = {}
+        for push in contributions:
+            for position, grad in push:
+                if position in sums:
+                    sums[position].add_(grad)
+                else:
+                    sums[position] = grad.to(torch.float64 if grad.dtype == torch.float64 else torch.float32, copy=True)
+        scale = 1.0 / len(contributions)
+        return self.apply([(position, total.mul_(scale)) for position, total in sorted(sums.items())])
+
+    def versions(self) -> list[int]:
+        """Each block's version, in position order."""
+        return [s.version for s in self._require_slots()]
 
     def newer_than(self, known_versions: Sequence[int]) -> Iterator[WireBlock]:
         """Blocks whose version is above what the caller holds (all of them when it holds none).

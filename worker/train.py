@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ranger_ps.config import TrainConfig
+from ranger_ps.consistency import staleness_summary
 from ranger_ps.errors import UserError
 from ranger_ps.optim import Ranger
 from ranger_ps.selection import subsample_indices
@@ -49,6 +50,8 @@ class TrainResult:
     bytes_pushed_dense: int
     bytes_pulled: int
     evaluation: Evaluation
+    staleness: dict[str, int]
+    consistency: str
 
 
 def resolve_device(name: str) -> torch.device:
@@ -149,6 +152,7 @@ def train(
                     progress(step, total, float(loss))
         optimizer.refresh()  # the final weights: everything every worker pushed so far
         evaluation = evaluate(model, data, device)
+        stats = optimizer.client.stats()
         return TrainResult(
             worker_id=worker_id,
             steps=step,
@@ -157,6 +161,10 @@ def train(
             bytes_pushed_dense=optimizer.bytes_pushed_dense,
             bytes_pulled=optimizer.client.bytes_pulled,
             evaluation=evaluation,
+            staleness=staleness_summary(
+                [dict(s.staleness_counts) for s in stats], [dict(s.version_lag_counts) for s in stats]
+            ),
+            consistency=optimizer.client.consistency,
         )
 
 
@@ -193,5 +201,7 @@ def result_report(result: TrainResult, config: TrainConfig, servers: list[str]) 
         "shards": len(servers),
         "worker_id": result.worker_id,
         "servers": servers,
+        "consistency": result.consistency,
+        **result.staleness,
         "config": config.to_dict(),
     }

@@ -47,34 +47,42 @@ class RuleSpec(_message.Message):
     def __init__(self, msgpack: _Optional[bytes] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("worker_id", "layout", "rule", "expected_shard_id", "expected_num_shards", "observer")
+    __slots__ = ("worker_id", "layout", "rule", "expected_shard_id", "expected_num_shards", "observer", "consistency")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     RULE_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     OBSERVER_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     layout: LayoutSpec
     rule: RuleSpec
     expected_shard_id: int
     expected_num_shards: int
     observer: bool
-    def __init__(self, worker_id: _Optional[int] = ..., layout: _Optional[_Union[LayoutSpec, _Mapping]] = ..., rule: _Optional[_Union[RuleSpec, _Mapping]] = ..., expected_shard_id: _Optional[int] = ..., expected_num_shards: _Optional[int] = ..., observer: _Optional[bool] = ...) -> None: ...
+    consistency: str
+    def __init__(self, worker_id: _Optional[int] = ..., layout: _Optional[_Union[LayoutSpec, _Mapping]] = ..., rule: _Optional[_Union[RuleSpec, _Mapping]] = ..., expected_shard_id: _Optional[int] = ..., expected_num_shards: _Optional[int] = ..., observer: _Optional[bool] = ..., consistency: _Optional[str] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("worker_id", "shard_id", "num_shards", "must_initialize", "block_ids")
+    __slots__ = ("worker_id", "shard_id", "num_shards", "must_initialize", "block_ids", "clock", "lease_seconds", "consistency")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     MUST_INITIALIZE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     shard_id: int
     num_shards: int
     must_initialize: bool
     block_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, worker_id: _Optional[int] = ..., shard_id: _Optional[int] = ..., num_shards: _Optional[int] = ..., must_initialize: _Optional[bool] = ..., block_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    clock: int
+    lease_seconds: float
+    consistency: str
+    def __init__(self, worker_id: _Optional[int] = ..., shard_id: _Optional[int] = ..., num_shards: _Optional[int] = ..., must_initialize: _Optional[bool] = ..., block_ids: _Optional[_Iterable[int]] = ..., clock: _Optional[int] = ..., lease_seconds: _Optional[float] = ..., consistency: _Optional[str] = ...) -> None: ...
 
 class BlockEntry(_message.Message):
     __slots__ = ("block_id", "version", "dtype", "nbytes")
@@ -146,22 +154,60 @@ class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("worker_id",)
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    def __init__(self, worker_id: _Optional[int] = ...) -> None: ...
+
+class HeartbeatReply(_message.Message):
+    __slots__ = ("lease_seconds",)
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    lease_seconds: float
+    def __init__(self, lease_seconds: _Optional[float] = ...) -> None: ...
+
+class LeaveRequest(_message.Message):
+    __slots__ = ("worker_id",)
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    def __init__(self, worker_id: _Optional[int] = ...) -> None: ...
+
+class LeaveReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "clock", "pushes", "seconds_since_seen", "observer")
+    __slots__ = ("worker_id", "clock", "pushes", "seconds_since_seen", "observer", "live")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     CLOCK_FIELD_NUMBER: _ClassVar[int]
     PUSHES_FIELD_NUMBER: _ClassVar[int]
     SECONDS_SINCE_SEEN_FIELD_NUMBER: _ClassVar[int]
     OBSERVER_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     clock: int
     pushes: int
     seconds_since_seen: float
     observer: bool
-    def __init__(self, worker_id: _Optional[int] = ..., clock: _Optional[int] = ..., pushes: _Optional[int] = ..., seconds_since_seen: _Optional[float] = ..., observer: _Optional[bool] = ...) -> None: ...
+    live: bool
+    def __init__(self, worker_id: _Optional[int] = ..., clock: _Optional[int] = ..., pushes: _Optional[int] = ..., seconds_since_seen: _Optional[float] = ..., observer: _Optional[bool] = ..., live: _Optional[bool] = ...) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("shard_id", "num_shards", "initialized", "layout_fingerprint", "rule", "num_blocks", "num_elements", "nbytes", "version_sum", "pushes_applied", "blocks_applied", "pulls_served", "bytes_received", "bytes_sent", "uptime_seconds", "workers", "version")
+    __slots__ = ("shard_id", "num_shards", "initialized", "layout_fingerprint", "rule", "num_blocks", "num_elements", "nbytes", "version_sum", "pushes_applied", "blocks_applied", "pulls_served", "bytes_received", "bytes_sent", "uptime_seconds", "workers", "version", "consistency", "applied_clock", "staleness_counts", "version_lag_counts")
+    class StalenessCountsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
+    class VersionLagCountsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     INITIALIZED_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +225,10 @@ class StatsReply(_message.Message):
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_CLOCK_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_LAG_COUNTS_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     num_shards: int
     initialized: bool
@@ -196,4 +246,8 @@ class StatsReply(_message.Message):
     uptime_seconds: float
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStats]
     version: str
-    def __init__(self, shard_id: _Optional[int] = ..., num_shards: _Optional[int] = ..., initialized: _Optional[bool] = ..., layout_fingerprint: _Optional[str] = ..., rule: _Optional[str] = ..., num_blocks: _Optional[int] = ..., num_elements: _Optional[int] = ..., nbytes: _Optional[int] = ..., version_sum: _Optional[int] = ..., pushes_applied: _Optional[int] = ..., blocks_applied: _Optional[int] = ..., pulls_served: _Optional[int] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., workers: _Optional[_Iterable[_Union[WorkerStats, _Mapping]]] = ..., version: _Optional[str] = ...) -> None: ...
+    consistency: str
+    applied_clock: int
+    staleness_counts: _containers.ScalarMap[int, int]
+    version_lag_counts: _containers.ScalarMap[int, int]
+    def __init__(self, shard_id: _Optional[int] = ..., num_shards: _Optional[int] = ..., initialized: _Optional[bool] = ..., layout_fingerprint: _Optional[str] = ..., rule: _Optional[str] = ..., num_blocks: _Optional[int] = ..., num_elements: _Optional[int] = ..., nbytes: _Optional[int] = ..., version_sum: _Optional[int] = ..., pushes_applied: _Optional[int] = ..., blocks_applied: _Optional[int] = ..., pulls_served: _Optional[int] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., workers: _Optional[_Iterable[_Union[WorkerStats, _Mapping]]] = ..., version: _Optional[str] = ..., consistency: _Optional[str] = ..., applied_clock: _Optional[int] = ..., staleness_counts: _Optional[_Mapping[int, int]] = ..., version_lag_counts: _Optional[_Mapping[int, int]] = ...) -> None: ...
