@@ -59,6 +59,25 @@ def _fractions(text: str) -> list[float]:
     return values
 
 
+def _add_checkpointing(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("durability")
+    group.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        help="save checkpoints here and resume from the newest good one at start (default: none)",
+    )
+    group.add_argument(
+        "--checkpoint-every",
+        type=float,
+        default=60.0,
+        help="seconds between checkpoints; 0: only on stop (default: 60)",
+    )
+    group.add_argument(
+        "--checkpoint-every-pushes", type=int, default=0, help="also checkpoint every N applied pushes (default: off)"
+    )
+    group.add_argument("--keep", type=int, default=3, help="checkpoint files kept per shard (default: 3)")
+
+
 def _add_cluster(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("consistency and membership")
     group.add_argument(
@@ -135,6 +154,7 @@ _TRAIN_FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("num_workers", int, "how many workers share the training set; each trains on every n-th example"),
     ("overlap", bool, "pull the next weights while the next step computes"),
     ("connect_timeout", float, "seconds to keep retrying servers that are not up yet"),
+    ("retry_timeout", float, "seconds a push or pull keeps retrying a server that went away (restart, network)"),
 )
 _TRAIN_DEFAULTS = TrainConfig()
 
@@ -204,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-shards", type=int, default=1, help="number of shards (default: 1)")
     p.add_argument("--ready-file", type=Path, help="write {host, port, pid} as JSON here once serving")
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on shutdown (default: 10)")
+    _add_checkpointing(p)
     _add_cluster(p)
     _add_common(p)
 
@@ -251,6 +272,22 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(block_size=256)
     _add_common(b)
 
+    p = sub.add_parser("checkpoint", help="look into and export checkpoints")
+    checkpoint = p.add_subparsers(dest="checkpoint_command", required=True, metavar="ACTION")
+    c = checkpoint.add_parser("inspect", help="what a checkpoint folder holds")
+    c.add_argument("directory", type=Path, help="the --checkpoint-dir of the servers")
+    c.add_argument("--json", action="store_true", help="print JSON")
+    _add_common(c)
+    c = checkpoint.add_parser(
+        "export",
+        help="write plain weights a model loads with load_state_dict",
+        description="Assemble every parameter from the newest good checkpoint of each shard and save them "
+        "with torch.save as {name: tensor} (load with torch.load(path, weights_only=True)).",
+    )
+    c.add_argument("directory", type=Path, help="the --checkpoint-dir of the servers")
+    c.add_argument("--out", type=Path, required=True, help="output file, e.g. model.pt")
+    _add_common(c)
+
     p = sub.add_parser(
         "health",
         help="check a server with the standard gRPC health service (exit 0 when SERVING)",
@@ -291,6 +328,10 @@ def _cmd_server(args: argparse.Namespace) -> int:
         consistency=args.consistency,
         lease_seconds=args.lease_seconds,
         wait_seconds=args.wait_timeout,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every,
+        checkpoint_every_pushes=args.checkpoint_every_pushes,
+        keep=args.keep,
     )
     return server_main(options, use_uvloop=args.uvloop)
 
@@ -407,6 +448,44 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_checkpoint(args: argparse.Namespace) -> int:
+    from ranger_ps import checkpoint
+
+    if not args.directory.is_dir():
+        raise UserError(f"{args.directory} is not a folder")
+    files = checkpoint.list_checkpoints(args.directory)
+    saved = checkpoint.load_cluster(args.directory)
+    if not saved:
+        raise UserError(f"{args.directory} holds no readable checkpoint (files: {sum(map(len, files.values()))})")
+    if args.checkpoint_command == "export":
+        import torch
+
+        try:
+            weights = checkpoint.assemble_weights(saved)
+        except checkpoint.CheckpointError as exc:
+            raise UserError(str(exc)) from None
+        torch.save(weights, args.out)
+        print(f"wrote {len(weights)} parameters ({sum(t.numel() for t in weights.values())} elements) to {args.out}")
+        return 0
+    summary = checkpoint.describe(saved, files)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    rule = summary["rule"]["name"]
+    print(
+        f"layout {summary['layout_fingerprint']}, block size {summary['block_size']}, rule {rule}, {summary['consistency']}"
+    )
+    for name, shape, dtype in summary["parameters"]:
+        print(f"  {name}: {tuple(shape)} {dtype}")
+    for shard in summary["shards"]:
+        print(
+            f"shard {shard['shard_id']}/{shard['num_shards']}: {shard['blocks']} blocks, {shard['elements']} elements, "
+            f"versions {shard['version_sum']}, pushes applied {shard['counters'].get('pushes_applied', 0)}, "
+            f"files {', '.join(shard['files'])}"
+        )
+    return 0
+
+
 def _cmd_health(args: argparse.Namespace) -> int:
     from ranger_ps.client import check_health
 
@@ -484,6 +563,7 @@ COMMANDS = {
     "evaluate": _cmd_evaluate,
     "status": _cmd_status,
     "health": _cmd_health,
+    "checkpoint": _cmd_checkpoint,
     "bench": _cmd_bench,
 }
 

@@ -13,10 +13,10 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import torch
@@ -40,11 +40,13 @@ from ranger_ps.frames import (
 from ranger_ps.layout import Layout
 from ranger_ps.placement import Placement
 from ranger_ps.pushes import group_by_shard, push_header, push_wire_bytes
-from ranger_ps.rpc import CHANNEL_OPTIONS, method_path
+from ranger_ps.rpc import CHANNEL_OPTIONS, ERROR_METADATA_KEY, method_path
 from ranger_ps.rules import RuleConfig
 from ranger_ps.runtime import LoopThread, run_async
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Retried while a cluster is coming up: the server is not listening yet, or still initializing.
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -71,6 +73,14 @@ def _describe(exc: grpc.aio.AioRpcError) -> str:
     return f"{exc.code().name}: {exc.details()}"
 
 
+def _marker(exc: grpc.aio.AioRpcError) -> str | None:
+    """The ``ranger-ps-error`` trailing metadata of a refusal, if any."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == ERROR_METADATA_KEY:
+            return str(value)
+    return None
+
+
 class _Shard:
     """One shard's channel and bookkeeping (used only on the I/O thread)."""
 
@@ -95,6 +105,7 @@ class ShardedClient:
     Args:
         servers: ``HOST:PORT`` of each shard, in shard order.
         connect_timeout: how long registration keeps retrying unreachable servers (seconds).
+        retry_timeout: how long a push or pull keeps retrying a shard that went away (seconds).
         call_timeout: deadline of each push, pull and stats call (seconds).
         chunk_bytes: payload size of streamed frames.
         use_uvloop: run the I/O loop on uvloop.
@@ -105,6 +116,7 @@ class ShardedClient:
         servers: Sequence[str],
         *,
         connect_timeout: float = 30.0,
+        retry_timeout: float = 60.0,
         call_timeout: float = 120.0,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         use_uvloop: bool = True,
@@ -113,6 +125,7 @@ class ShardedClient:
             raise UserError("at least one server address is needed")
         self.servers = list(servers)
         self.connect_timeout = connect_timeout
+        self.retry_timeout = retry_timeout
         self.call_timeout = call_timeout
         self.chunk_bytes = chunk_bytes
         self._io = LoopThread(use_uvloop=use_uvloop)
@@ -127,6 +140,8 @@ class ShardedClient:
         self.bytes_pushed = 0
         self.bytes_pulled = 0
         self._heartbeats: asyncio.Task[None] | None = None
+        self._register_template: pb.RegisterRequest | None = None
+        self._live_values: Sequence[torch.Tensor] = ()
 
     async def _open(self) -> list[_Shard]:
         return [_Shard(i, address) for i, address in enumerate(self.servers)]
@@ -192,6 +207,7 @@ class ShardedClient:
             LayoutMismatchError: a server holds another model or update rule.
         """
         flats = layout.flat_views([t.detach().to("cpu").contiguous() for t in initial_values])
+        self._live_values = initial_values  # read again if a shard comes back empty and must be re-initialized
         self.layout = layout
         self.placement = Placement.compute(layout, len(self._shards))
         self.observer = observer
@@ -216,6 +232,7 @@ class ShardedClient:
             rule=pb.RuleSpec(msgpack=rule.to_msgpack()),
             expected_num_shards=len(self._shards),
         )
+        self._register_template = request
         deadline = time.monotonic() + self.connect_timeout
         first = await self._register_one(self._shards[0], request, worker_id, deadline)
         worker_id = first.worker_id
@@ -374,10 +391,7 @@ class ShardedClient:
 
     async def _push_all(self, frames_by_shard: list[list[bytes]]) -> PushResult:
         async def one(shard: _Shard, frames: list[bytes]) -> int:
-            try:
-                raw = await shard.push(iter(frames), timeout=self.call_timeout)
-            except grpc.aio.AioRpcError as exc:
-                raise ClusterError(f"push to shard {shard.index} at {shard.address} failed: {_describe(exc)}") from None
+            raw = await self._retrying(shard, "push to", lambda: shard.push(iter(frames), timeout=self.call_timeout))
             return pb.PushReply.FromString(raw).blocks_applied
 
         sent = sum(len(f) for frames in frames_by_shard for f in frames)
@@ -403,6 +417,9 @@ class ShardedClient:
         return [block for part in parts for block in part]
 
     async def _pull_one(self, shard: _Shard) -> list[PulledBlock]:
+        return await self._retrying(shard, "pull from", lambda: self._pull_attempt(shard))
+
+    async def _pull_attempt(self, shard: _Shard) -> list[PulledBlock]:
         assert self.layout is not None
         request = pb.PullRequest(worker_id=self.worker_id, known_versions=shard.known).SerializeToString()
         position = {block_id: i for i, block_id in enumerate(shard.block_ids)}
@@ -419,14 +436,60 @@ class ShardedClient:
                     if wire.dtype != codec.wire or wire.data.nbytes != block.nbytes:
                         raise WireFormatError(f"shard sent block {wire.block_id} with the wrong dtype or size")
                     out.append(PulledBlock(wire.block_id, wire.version, bytes_to_tensor(wire.data, codec.torch_dtype)))
-        except grpc.aio.AioRpcError as exc:
-            raise ClusterError(f"pull from shard {shard.index} at {shard.address} failed: {_describe(exc)}") from None
         except WireFormatError as exc:
             raise ClusterError(f"pull from shard {shard.index} at {shard.address}: {exc}") from None
         for pulled in out:
             i = position[pulled.block_id]
             shard.known[i] = max(shard.known[i], pulled.version)
         return out
+
+    async def _retrying(self, shard: _Shard, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Run a call, riding through a shard that restarts or is briefly unreachable.
+
+        Unreachable (UNAVAILABLE, DEADLINE_EXCEEDED): retry with capped exponential backoff and
+        jitter until ``retry_timeout``. The shard no longer knows this worker (it restarted, or the
+        lease lapsed): register again (initializing the shard from this worker's current weights
+        if it came back empty), forget the versions held so the next pull fetches everything, and
+        retry. A retried push is never applied twice: the shard recognises (worker id, clock).
+        """
+        deadline = time.monotonic() + self.retry_timeout
+        delay = 0.2
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await call()
+            except grpc.aio.AioRpcError as exc:
+                if _marker(exc) == "not-registered" and time.monotonic() < deadline:
+                    log.warning(
+                        "shard %d at %s forgot worker %s; registering again", shard.index, shard.address, self.worker_id
+                    )
+                    await self._reregister(shard, deadline)
+                    continue
+                if exc.code() not in _RETRYABLE:
+                    raise ClusterError(
+                        f"{what} shard {shard.index} at {shard.address} failed: {_describe(exc)}"
+                    ) from None
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ClusterError(
+                        f"{what} shard {shard.index} at {shard.address}: gave up after {self.retry_timeout:g}s "
+                        f"and {attempt} attempts: {_describe(exc)}"
+                    ) from None
+                pause = min(delay, remaining)
+                log.warning(
+                    "%s shard %d at %s failed (attempt %d: %s); retrying in %.1fs",
+                    what, shard.index, shard.address, attempt, exc.code().name, pause,
+                )  # fmt: skip
+                await asyncio.sleep(pause)
+                delay = min(delay * 2, 5.0) * (0.8 + 0.4 * random.random())
+
+    async def _reregister(self, shard: _Shard, deadline: float) -> None:
+        assert self._register_template is not None and self.layout is not None and self.worker_id is not None
+        reply = await self._register_one(shard, self._register_template, self.worker_id, deadline)
+        if reply.must_initialize:
+            flats = self.layout.flat_views([t.detach().to("cpu").contiguous() for t in self._live_values])
+            await self._initialize(shard, reply, flats)
 
     def apply_pulled(self, blocks: Iterable[PulledBlock], block_views: Sequence[torch.Tensor]) -> int:
         """Copy pulled blocks into ``block_views`` (from :meth:`Layout.block_views`); returns the count."""

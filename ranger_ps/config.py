@@ -54,6 +54,7 @@ class TrainConfig:
         num_workers: how many workers share the training set (each takes every n-th example).
         overlap: pull the next weights while the next step computes (one step of staleness).
         connect_timeout: how long to wait for servers to come up (seconds).
+        retry_timeout: how long a push or pull keeps retrying a server that went away (seconds).
     """
 
     model: str = "mlp"
@@ -87,6 +88,7 @@ class TrainConfig:
     num_workers: int = 1
     overlap: bool = True
     connect_timeout: float = 30.0
+    retry_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -99,6 +101,8 @@ class TrainConfig:
             raise UserError(f"--num-workers must be >= 1, got {self.num_workers}")
         if not self.connect_timeout > 0:
             raise UserError(f"--connect-timeout must be > 0, got {self.connect_timeout}")
+        if not self.retry_timeout > 0:
+            raise UserError(f"--retry-timeout must be > 0, got {self.retry_timeout}")
         if self.rule not in DEFAULT_LR:
             raise UserError(f"--rule must be one of {', '.join(DEFAULT_LR)}, got {self.rule!r}")
         if self.lr is None:

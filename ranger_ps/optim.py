@@ -105,11 +105,13 @@ class Ranger(torch.optim.Optimizer):
         consistency: with servers, the consistency model this worker expects (``"async"``,
             ``"ssp:K"``, ``"bsp"``); registration fails if the servers run another. None accepts
             whatever they run (the servers' ``--consistency`` decides).
+        retry_timeout: with servers, how long a push or pull keeps retrying a shard that went away
+            (restarting, unreachable) before giving up with a clear error.
     """
 
     def __init__(
         self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        params: Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | Iterable[dict[str, Any]],
         lr: float = 1e-3,
         momentum: float = 0.0,
         *,
@@ -140,6 +142,7 @@ class Ranger(torch.optim.Optimizer):
         connect_timeout: float = 30.0,
         use_uvloop: bool = True,
         consistency: str | None = None,
+        retry_timeout: float = 60.0,
     ) -> None:
         defaults: dict[str, Any] = dict(
             rule=rule,
@@ -179,7 +182,7 @@ class Ranger(torch.optim.Optimizer):
         self._pending: Future[list[PulledBlock]] | None = None
         self._cluster_rule: RuleConfig | None = None
         if servers is not None:
-            self._connect(list(servers), worker_id, connect_timeout, use_uvloop, consistency or "")
+            self._connect(list(servers), worker_id, connect_timeout, use_uvloop, consistency or "", retry_timeout)
         elif observer:
             raise ValueError("observer=True needs servers")
 
@@ -189,8 +192,14 @@ class Ranger(torch.optim.Optimizer):
         for p in self._params:
             if not p.is_contiguous():
                 raise ValueError("Ranger needs contiguous parameters")
+        # Named parameters (model.named_parameters()) keep their names in the layout, so checkpoints
+        # export as a state dict the model loads; plain tensors are named "group.index".
         self.layout = Layout.from_named_tensors(
-            ((f"{gi}.{pi}", p) for gi, g in enumerate(self.param_groups) for pi, p in enumerate(g["params"])),
+            (
+                (g["param_names"][pi] if "param_names" in g else f"{gi}.{pi}", p)
+                for gi, g in enumerate(self.param_groups)
+                for pi, p in enumerate(g["params"])
+            ),
             self._block_size,
         )
         self._group_of = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
@@ -221,7 +230,13 @@ class Ranger(torch.optim.Optimizer):
     # -- cluster ----------------------------------------------------------------------------------
 
     def _connect(
-        self, servers: list[str], worker_id: int | None, connect_timeout: float, use_uvloop: bool, consistency: str
+        self,
+        servers: list[str],
+        worker_id: int | None,
+        connect_timeout: float,
+        use_uvloop: bool,
+        consistency: str,
+        retry_timeout: float,
     ) -> None:
         from ranger_ps.client import ShardedClient
 
@@ -229,7 +244,9 @@ class Ranger(torch.optim.Optimizer):
         if len(configs) != 1:
             raise ValueError("with servers, every param group must use the same rule settings")
         self._cluster_rule = configs.pop()
-        self.client = ShardedClient(servers, connect_timeout=connect_timeout, use_uvloop=use_uvloop)
+        self.client = ShardedClient(
+            servers, connect_timeout=connect_timeout, retry_timeout=retry_timeout, use_uvloop=use_uvloop
+        )
         try:
             self.worker_id = self.client.register(
                 self.layout,

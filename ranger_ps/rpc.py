@@ -24,6 +24,10 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
 )
 
 
+# Trailing metadata that marks refusals a client can act on (e.g. "not-registered": register again).
+ERROR_METADATA_KEY = "ranger-ps-error"
+
+
 def method_path(method: str) -> str:
     """The full ``/package.Service/Method`` path of a method."""
     if method not in METHODS:

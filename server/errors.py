@@ -25,3 +25,13 @@ class NotReady(RequestError):
     """The shard cannot serve this yet (e.g. it is still being initialized); retry later."""
 
     status = "UNAVAILABLE"
+
+
+class NotRegistered(PreconditionFailed):
+    """The worker is unknown here or its lease lapsed (e.g. the shard restarted): register again.
+
+    Marked for clients with the trailing metadata ``ranger-ps-error: not-registered``, so they can
+    re-register and retry without parsing messages.
+    """
+
+    marker = "not-registered"

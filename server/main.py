@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ranger_ps import checkpoint
 from ranger_ps.consistency import parse_consistency
 from ranger_ps.errors import UserError
 from ranger_ps.rpc import CHANNEL_OPTIONS, SERVICE_NAME
@@ -42,6 +44,10 @@ class ServerOptions:
         consistency: ``async``, ``ssp:K`` or ``bsp``.
         lease_seconds: a worker not heard from for this long leaves the ssp/bsp barriers.
         wait_seconds: the longest a pull waits at a barrier before failing with UNAVAILABLE.
+        checkpoint_dir: where checkpoints go (and are resumed from at start); None disables them.
+        checkpoint_every: seconds between periodic checkpoints (0: only the final one on stop).
+        checkpoint_every_pushes: also checkpoint after this many applied pushes (0: off).
+        keep: checkpoint files kept per shard.
     """
 
     shard_id: int = 0
@@ -54,8 +60,16 @@ class ServerOptions:
     consistency: str = "async"
     lease_seconds: float = 5.0
     wait_seconds: float = 120.0
+    checkpoint_dir: Path | None = None
+    checkpoint_every: float = 60.0
+    checkpoint_every_pushes: int = 0
+    keep: int = 3
 
     def __post_init__(self) -> None:
+        if self.checkpoint_every < 0 or self.checkpoint_every_pushes < 0:
+            raise UserError("--checkpoint-every and --checkpoint-every-pushes must be >= 0")
+        if self.keep < 1:
+            raise UserError(f"--keep must be >= 1, got {self.keep}")
         try:
             parse_consistency(self.consistency)
         except ValueError as exc:
@@ -88,6 +102,8 @@ async def serve(options: ServerOptions, stop: asyncio.Event | None = None) -> No
         wait_seconds=options.wait_seconds,
         init_claim_seconds=options.init_claim_seconds,
     )
+    if options.checkpoint_dir is not None:
+        _restore(shard, options.checkpoint_dir)
     server = grpc.aio.server(options=SERVER_OPTIONS)
     server.add_generic_rpc_handlers((ParameterServerServicer(shard).generic_handler(),))
     health_servicer = health.aio.HealthServicer()
@@ -108,6 +124,8 @@ async def serve(options: ServerOptions, stop: asyncio.Event | None = None) -> No
         options.shard_id, options.num_shards, options.host, port, shard.mode, options.lease_seconds,
     )  # fmt: skip
     reaper = asyncio.create_task(_expire_leases(shard, options.lease_seconds / 4))
+    saver = _Checkpointer(shard, options) if options.checkpoint_dir is not None else None
+    periodic = asyncio.create_task(saver.run()) if saver is not None else None
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -117,12 +135,86 @@ async def serve(options: ServerOptions, stop: asyncio.Event | None = None) -> No
         await stop.wait()
     finally:
         reaper.cancel()
+        if periodic is not None:
+            periodic.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         log.info("shard %d shutting down (grace %.1fs)", options.shard_id, options.grace_seconds)
+        # Refuse new pushes, let the ones in flight finish, then save: nothing acknowledged is lost.
+        shard.stopping = True
         await health_servicer.enter_graceful_shutdown()
         await server.stop(options.grace_seconds)
+        flushed = await shard.flush_pending()
+        if flushed:
+            log.info("shard %d applied %d incomplete bsp clocks before stopping", options.shard_id, flushed)
+        if saver is not None:
+            await saver.save("final")
         log.info("shard %d stopped: %d pushes applied", options.shard_id, shard.pushes_applied)
+
+
+def _restore(shard: Shard, directory: Path) -> None:
+    """Resume from the newest good checkpoint of every shard found in ``directory``, if any."""
+    saved = checkpoint.load_cluster(directory)
+    if not saved:
+        log.info("no checkpoint in %s: starting empty", directory)
+        return
+    counts = {c.num_shards for c in saved}
+    if len(counts) != 1:
+        raise UserError(f"{directory} holds checkpoints of clusters with different shard counts {sorted(counts)}")
+    (count,) = counts
+    present = sorted(c.shard_id for c in saved)
+    if count == shard.num_shards and shard.shard_id in present:
+        chosen = [c for c in saved if c.shard_id == shard.shard_id]
+    elif present == list(range(count)):
+        chosen = saved  # resharding: every old shard's blocks are needed
+    else:
+        raise UserError(
+            f"{directory} has checkpoints of shards {present} of {count}; restoring shard {shard.shard_id} of "
+            f"{shard.num_shards} needs " + ("its own" if count == shard.num_shards else "all of them")
+        )
+    try:
+        shard.restore(chosen)
+    except ValueError as exc:
+        raise UserError(f"cannot restore from {directory}: {exc}") from None
+
+
+class _Checkpointer:
+    """Writes checkpoints: periodically, after every N pushes, and once on stop."""
+
+    def __init__(self, shard: Shard, options: ServerOptions) -> None:
+        assert options.checkpoint_dir is not None
+        self.shard = shard
+        self.directory = options.checkpoint_dir
+        self.every = options.checkpoint_every
+        self.every_pushes = options.checkpoint_every_pushes
+        self.keep = options.keep
+        self._saved_at_pushes = shard.pushes_applied
+        self._lock = asyncio.Lock()
+
+    async def run(self) -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.25)
+            due_time = self.every > 0 and time.monotonic() - last >= self.every
+            due_pushes = (
+                self.every_pushes > 0 and self.shard.pushes_applied - self._saved_at_pushes >= self.every_pushes
+            )
+            if due_time or due_pushes:
+                last = time.monotonic()
+                try:
+                    await self.save("periodic")
+                except OSError as exc:
+                    log.error("checkpoint of shard %d failed: %s", self.shard.shard_id, exc)
+
+    async def save(self, why: str) -> None:
+        """Snapshot on the event loop (a consistent cut), write in a thread (the loop keeps serving)."""
+        async with self._lock:
+            snapshot = self.shard.checkpoint()
+            if snapshot is None:
+                return
+            self._saved_at_pushes = self.shard.pushes_applied
+            path = await asyncio.to_thread(checkpoint.write, snapshot, self.directory, keep=self.keep)
+            log.info("shard %d wrote %s checkpoint %s", self.shard.shard_id, why, path)
 
 
 async def _expire_leases(shard: Shard, every: float) -> None:

@@ -75,6 +75,10 @@ class Membership:
         record.last_seen = self._now()
         return record
 
+    def items(self) -> list[tuple[int, WorkerRecord]]:
+        """Every known worker, live or not."""
+        return list(self._workers.items())
+
     def get(self, worker_id: int) -> WorkerRecord | None:
         return self._workers.get(worker_id)
 

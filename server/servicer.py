@@ -19,9 +19,9 @@ from ranger_ps._proto import ranger_ps_pb2 as pb
 from ranger_ps.errors import WireFormatError
 from ranger_ps.frames import WireBlock, chunk_frames, decode_frame, split_blocks
 from ranger_ps.layout import Layout
-from ranger_ps.rpc import SERVICE_NAME
+from ranger_ps.rpc import ERROR_METADATA_KEY, SERVICE_NAME
 from ranger_ps.rules import RuleConfig
-from ranger_ps.server.errors import InvalidRequest, RequestError
+from ranger_ps.server.errors import InvalidRequest, NotRegistered, RequestError
 from ranger_ps.server.shard import Shard, ShardStats
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,10 @@ def _parse(message_type: type[M], data: bytes) -> M:
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    if isinstance(exc, NotRegistered):
+        await context.abort(
+            grpc.StatusCode[exc.status], str(exc), trailing_metadata=((ERROR_METADATA_KEY, NotRegistered.marker),)
+        )
     if isinstance(exc, RequestError):
         await context.abort(grpc.StatusCode[exc.status], str(exc))
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

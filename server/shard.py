@@ -18,12 +18,13 @@ from dataclasses import dataclass
 import torch
 
 from ranger_ps import __version__
+from ranger_ps.checkpoint import ShardCheckpoint
 from ranger_ps.consistency import ConsistencyMode, Histogram, parse_consistency
 from ranger_ps.frames import WireBlock
 from ranger_ps.layout import Layout
 from ranger_ps.placement import Placement
 from ranger_ps.rules import RuleConfig
-from ranger_ps.server.errors import InvalidRequest, NotReady, PreconditionFailed
+from ranger_ps.server.errors import InvalidRequest, NotReady, NotRegistered, PreconditionFailed
 from ranger_ps.server.membership import Membership, WorkerRecord, WorkerSnapshot
 from ranger_ps.server.store import ShardStore
 
@@ -112,6 +113,8 @@ class Shard:
         self.staleness = Histogram()
         self.version_lag = Histogram()
         self.pushes_applied = 0
+        self.duplicates = 0
+        self.stopping = False
         self.pulls_served = 0
         self.bytes_received = 0
         self.bytes_sent = 0
@@ -181,11 +184,15 @@ class Shard:
         """(Re)admit a worker and set its clock so it neither holds the others back nor runs ahead."""
         assert self.store is not None
         others = [r.clock for r in self.membership.trainers() if r.worker_id != worker_id]
+        known = self.membership.get(worker_id) is not None
         record = self.membership.register(worker_id, observer=observer)
         if self.mode.kind == "bsp":
-            record.clock = self.applied_clock
-        elif others:
-            record.clock = min(others)  # at the slowest: holds nobody back, runs ahead of nobody
+            start = self.applied_clock
+        else:
+            start = min(others) if others else record.clock  # at the slowest: holds nobody back
+        # A returning worker keeps a later clock it had: its pushes up to it were applied (or are
+        # pending), and a retried push of that clock must be recognised as a duplicate.
+        record.clock = max(record.clock, start) if known else start
         record.join_clock = record.clock
         record.pushed_since_join = False
         await self._barrier_changed()
@@ -249,10 +256,18 @@ class Shard:
 
     async def push(self, worker_id: int, clock: int, blocks: Sequence[WireBlock]) -> tuple[int, int]:
         """Take a worker's gradients for ``clock``; returns (blocks applied or queued, version sum)."""
+        if self.stopping:
+            raise NotReady(f"shard {self.shard_id} is shutting down; retry against its replacement")
         store = self._require_store()
         record = self._require_live(worker_id)
-        if clock <= record.clock:
-            raise InvalidRequest(f"push clock {clock} of worker {worker_id} is not after its clock {record.clock}")
+        if clock == record.clock and record.pushes > 0:
+            # A retry of a push whose acknowledgement was lost: (worker id, clock) identifies a
+            # push, so it is acknowledged again and never applied twice.
+            self.duplicates += 1
+            self.membership.seen(worker_id)
+            return 0, 0
+        if clock < record.clock:
+            raise InvalidRequest(f"push clock {clock} of worker {worker_id} is before its clock {record.clock}")
         if self.mode.kind == "bsp" and clock <= self.applied_clock:
             raise PreconditionFailed(
                 f"bsp: worker {worker_id} pushed clock {clock}, which shard {self.shard_id} already applied"
@@ -291,7 +306,7 @@ class Shard:
         store = self._require_store()
         record = self.membership.get(worker_id)
         if record is None:
-            raise PreconditionFailed(f"worker {worker_id} is not registered on shard {self.shard_id}")
+            raise NotRegistered(f"worker {worker_id} is not registered on shard {self.shard_id}: register again")
         if record.live and not record.observer and self.mode.waits:
             await self._wait_for_view(record)
         self.membership.seen(worker_id)
@@ -350,6 +365,76 @@ class Shard:
         async with self._changed:
             self._changed.notify_all()
 
+    # -- durability ------------------------------------------------------------------------------
+
+    def checkpoint(self) -> ShardCheckpoint | None:
+        """A consistent copy of everything this shard holds (None before initialization)."""
+        if self.store is None or not self.store.initialized:
+            return None
+        return ShardCheckpoint(
+            shard_id=self.shard_id,
+            num_shards=self.num_shards,
+            layout=self.store.layout,
+            rule=self.store.rule.to_dict(),
+            consistency=str(self.mode),
+            applied_clock=self.applied_clock,
+            clocks={r.worker_id: r.clock for _, r in sorted(self.membership.items()) if not r.observer},
+            counters={"pushes_applied": self.pushes_applied, "blocks_applied": self.store.blocks_applied},
+            created=time.time(),
+            blocks=self.store.snapshot(),
+        )
+
+    def restore(self, checkpoints: Sequence[ShardCheckpoint]) -> None:
+        """Resume from saved shards (any count): take the blocks this shard's placement gives it.
+
+        Raises:
+            ValueError: the checkpoints disagree with each other or lack some of this shard's blocks.
+        """
+        if not checkpoints:
+            raise ValueError("no checkpoints to restore from")
+        first = checkpoints[0]
+        for other in checkpoints[1:]:
+            if other.layout.fingerprint != first.layout.fingerprint or other.rule != first.rule:
+                raise ValueError(
+                    f"checkpoints of shards {first.shard_id} and {other.shard_id} hold different models or rules"
+                )
+        layout = first.layout
+        rule = RuleConfig.from_dict(first.rule)
+        placement = Placement.compute(layout, self.num_shards)
+        records = {b.block_id: b for c in checkpoints for b in c.blocks}
+        store = ShardStore(layout, placement.blocks_by_shard[self.shard_id], rule)
+        store.restore(records)
+        self.store = store
+        self._initialized.set()
+        same = len(checkpoints) == 1 and first.shard_id == self.shard_id and first.num_shards == self.num_shards
+        # Counters carry over when the shard is restored as itself; after resharding they restart.
+        if same:
+            self.pushes_applied = first.counters.get("pushes_applied", 0)
+            store.blocks_applied = first.counters.get("blocks_applied", 0)
+        self.applied_clock = min(c.applied_clock for c in checkpoints)
+        for worker_id, clock in first.clocks.items():
+            record = self.membership.register(worker_id)
+            record.clock = min(c.clocks.get(worker_id, clock) for c in checkpoints)
+            record.pushes = 1  # so a retried push of exactly this clock is recognised as a duplicate
+            record.live = False  # until it registers again
+        log.info(
+            "shard %d restored %d blocks from %d checkpoint(s) (layout %s, applied clock %d)",
+            self.shard_id, len(store.block_ids), len(checkpoints), layout.fingerprint, self.applied_clock,
+        )  # fmt: skip
+
+    async def flush_pending(self) -> int:
+        """bsp, on a planned stop: apply the clocks still waiting, with the pushes they have.
+
+        Those pushes were acknowledged, and nothing acknowledged is dropped. Returns the clocks applied.
+        """
+        applied = 0
+        while self.store is not None and self._pending:
+            clock = min(self._pending)
+            self.store.apply_mean(list(self._pending.pop(clock).values()))
+            self.applied_clock = max(self.applied_clock, clock)
+            applied += 1
+        return applied
+
     def stats(self) -> ShardStats:
         store = self.store
         return ShardStats(
@@ -384,9 +469,9 @@ class Shard:
     def _require_live(self, worker_id: int) -> WorkerRecord:
         record = self.membership.get(worker_id)
         if record is None:
-            raise PreconditionFailed(f"worker {worker_id} is not registered on shard {self.shard_id}")
+            raise NotRegistered(f"worker {worker_id} is not registered on shard {self.shard_id}: register again")
         if not record.live:
-            raise PreconditionFailed(
+            raise NotRegistered(
                 f"worker {worker_id}'s lease on shard {self.shard_id} lapsed (or it left): register again"
             )
         return record

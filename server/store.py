@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ranger_ps.checkpoint import BlockRecord
 from ranger_ps.codec import bytes_to_tensor, codec_for_name, tensor_bytes
 from ranger_ps.frames import WireBlock
 from ranger_ps.layout import Block, Layout
@@ -135,6 +136,40 @@ class ShardStore:
                     sums[position] = grad.to(torch.float64 if grad.dtype == torch.float64 else torch.float32, copy=True)
         scale = 1.0 / len(contributions)
         return self.apply([(position, total.mul_(scale)) for position, total in sorted(sums.items())])
+
+    def snapshot(self) -> list[BlockRecord]:
+        """Copies of every block's value, version and state (a consistent cut: nothing yields)."""
+        return [
+            BlockRecord(
+                block_id=s.block.block_id,
+                version=s.version,
+                step=s.state.step,
+                value=s.value.clone(),
+                state={name: t.clone() for name, t in s.state.tensors.items()},
+                residual=s.state.residual.clone() if s.state.residual is not None else None,
+            )
+            for s in self._require_slots()
+        ]
+
+    def restore(self, records: dict[int, BlockRecord]) -> None:
+        """Install saved blocks (every block of this shard must be there)."""
+        missing = [b for b in self.block_ids if b not in records]
+        if missing:
+            raise ValueError(f"the checkpoints lack {len(missing)} of this shard's blocks, e.g. {missing[:5]}")
+        slots = []
+        for block_id in self.block_ids:
+            record = records[block_id]
+            block = self.layout.blocks[block_id]
+            state = new_block_state(self.rule, block.numel, codec_for_name(block.dtype).torch_dtype)
+            for name, tensor in state.tensors.items():
+                if name not in record.state:
+                    raise ValueError(f"block {block_id}: the checkpoint lacks rule state {name!r}")
+                tensor.copy_(record.state[name])
+            if state.residual is not None and record.residual is not None:
+                state.residual.copy_(record.residual)
+            state.counter.fill_(record.step)
+            slots.append(_Slot(block, record.value.clone(), record.version, state))
+        self._slots = slots
 
     def versions(self) -> list[int]:
         """Each block's version, in position order."""

@@ -49,7 +49,7 @@ def run_case(config: TrainConfig, *, shards: int = 2) -> CaseResult:
     """Train one configuration in-process and evaluate it."""
     torch.set_num_threads(1)  # comparable timings, whatever else runs on the machine
     data, model, device = build(config)
-    optimizer = Ranger(model.parameters(), **config.optimizer_kwargs())
+    optimizer = Ranger(model.named_parameters(), **config.optimizer_kwargs())
     placement = Placement.compute(optimizer.layout, shards)
     generator = torch.Generator().manual_seed(config.seed * 1_000_003)
     started = time.monotonic()

@@ -114,11 +114,12 @@ def train(
     data, model, device = build(config)
     started = time.monotonic()
     optimizer = Ranger(
-        model.parameters(),
+        model.named_parameters(),
         servers=servers,
         worker_id=worker_id,
         overlap=config.overlap,
         connect_timeout=config.connect_timeout,
+        retry_timeout=config.retry_timeout,
         use_uvloop=use_uvloop,
         **config.optimizer_kwargs(),
     )
@@ -149,7 +150,7 @@ def train(
                 optimizer.step()
                 step += 1
                 if progress is not None:
-                    progress(step, total, float(loss))
+                    progress(step, total, loss.item())
         optimizer.refresh()  # the final weights: everything every worker pushed so far
         evaluation = evaluate(model, data, device)
         stats = optimizer.client.stats()
@@ -176,7 +177,7 @@ def evaluate_cluster(config: TrainConfig, servers: list[str], *, use_uvloop: boo
     """
     data, model, device = build(config)
     with Ranger(
-        model.parameters(),
+        model.named_parameters(),
         servers=servers,
         observer=True,
         connect_timeout=config.connect_timeout,
