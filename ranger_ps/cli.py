@@ -471,10 +471,8 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
-    rule = summary["rule"]["name"]
-    print(
-        f"layout {summary['layout_fingerprint']}, block size {summary['block_size']}, rule {rule}, {summary['consistency']}"
-    )
+    head = [f"layout {summary['layout_fingerprint']}", f"block size {summary['block_size']}"]
+    print(", ".join([*head, f"rule {summary['rule']['name']}", str(summary["consistency"])]))
     for name, shape, dtype in summary["parameters"]:
         print(f"  {name}: {tuple(shape)} {dtype}")
     for shard in summary["shards"]:
