@@ -516,7 +516,9 @@ def message_to_plain(message: Message) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for field in message.DESCRIPTOR.fields:
         value = getattr(message, field.name)
-        if field.message_type is not None:
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            out[field.name] = {str(k): v for k, v in sorted(value.items())}
+        elif field.message_type is not None:
             out[field.name] = [message_to_plain(v) for v in value] if field.is_repeated else message_to_plain(value)
         else:
             out[field.name] = list(value) if field.is_repeated else value
