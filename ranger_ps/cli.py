@@ -59,6 +59,64 @@ def _fractions(text: str) -> list[float]:
     return values
 
 
+def _add_server_security(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("security and limits")
+    group.add_argument(
+        "--token-file",
+        type=Path,
+        help="require 'authorization: Bearer <token>' on every call but the health check (or set RANGER_PS_TOKEN)",
+    )
+    group.add_argument("--tls-cert", type=Path, help="serve TLS with this certificate chain (PEM)")
+    group.add_argument("--tls-key", type=Path, help="the TLS private key (PEM)")
+    group.add_argument("--tls-client-ca", type=Path, help="mutual TLS: require client certificates signed by this CA")
+    group.add_argument(
+        "--nan-policy",
+        choices=["reject", "skip"],
+        default="reject",
+        help="a push with NaN or Inf: reject it (INVALID_ARGUMENT) or skip it; never partly applied (default: reject)",
+    )
+    group.add_argument("--max-workers", type=int, default=1024, help="registered workers allowed (default: 1024)")
+    group.add_argument("--max-streams", type=int, default=64, help="concurrent calls per connection (default: 64)")
+    group.add_argument("--max-message-mb", type=int, default=64, help="largest message accepted, MiB (default: 64)")
+
+
+def _add_client_security(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("security")
+    group.add_argument(
+        "--token-file", type=Path, help="send the token in this file with every call (or set RANGER_PS_TOKEN)"
+    )
+    group.add_argument("--tls-ca", type=Path, help="connect with TLS, trusting this CA (PEM)")
+    group.add_argument("--tls-client-cert", type=Path, help="mutual TLS: this client certificate (PEM)")
+    group.add_argument("--tls-client-key", type=Path, help="mutual TLS: its private key (PEM)")
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    from ranger_ps.security import read_token
+
+    if args.token_file is not None:
+        return read_token(args.token_file)
+    token = getattr(args, "env_token", None)
+    return token.strip() if token and token.strip() else None
+
+
+def _pem(path: Path | None, what: str) -> bytes | None:
+    from ranger_ps.security import read_secret
+
+    return read_secret(path, what) if path is not None else None
+
+
+def client_security(args: argparse.Namespace) -> Any:
+    """The :class:`~ranger_ps.security.ClientSecurity` that a command's flags ask for."""
+    from ranger_ps.security import ClientSecurity
+
+    return ClientSecurity(
+        token=_token(args),
+        tls_ca=_pem(getattr(args, "tls_ca", None), "--tls-ca"),
+        tls_cert=_pem(getattr(args, "tls_client_cert", None), "--tls-client-cert"),
+        tls_key=_pem(getattr(args, "tls_client_key", None), "--tls-client-key"),
+    )
+
+
 def _add_checkpointing(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("durability")
     group.add_argument(
@@ -225,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ready-file", type=Path, help="write {host, port, pid} as JSON here once serving")
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on shutdown (default: 10)")
     _add_checkpointing(p)
+    _add_server_security(p)
     _add_cluster(p)
     _add_common(p)
 
@@ -233,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-id", type=int, help="this worker's id (default: assigned by the servers)")
     p.add_argument("--report", type=Path, help="write a JSON report here at the end")
     _add_train(p)
+    _add_client_security(p)
     _add_common(p)
 
     p = sub.add_parser("local", help="run a whole cluster (shards and workers) on this machine and train")
@@ -245,12 +305,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_cluster(p)
     _add_train(p, with_num_workers=False)
+    p.add_argument(
+        "--token-file", type=Path, help="run the cluster with this token (servers require it, workers send it)"
+    )
     _add_common(p)
 
     p = sub.add_parser("evaluate", help="evaluate the model currently held by running servers")
     p.add_argument("--servers", type=_servers, required=True, help="HOST:PORT of every shard, in shard order")
     p.add_argument("--json", action="store_true", help="print JSON")
     _add_train(p, with_num_workers=False)
+    _add_client_security(p)
     _add_common(p)
 
     p = sub.add_parser("bench", help="benchmarks (see docs/)")
@@ -295,12 +359,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT to check (default: 127.0.0.1:50051)")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default: 3)")
+    _add_client_security(p)
     _add_common(p)
 
     p = sub.add_parser("status", help="show what running servers hold")
     p.add_argument("--servers", type=_servers, required=True, help="HOST:PORT of every shard")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each server (default: 5)")
+    _add_client_security(p)
     _add_common(p)
     return parser
 
@@ -315,6 +381,7 @@ def _configure_logging(level: str) -> None:
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
+    from ranger_ps.security import ServerSecurity
     from ranger_ps.server.main import ServerOptions
     from ranger_ps.server.main import main as server_main
 
@@ -332,6 +399,16 @@ def _cmd_server(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         checkpoint_every_pushes=args.checkpoint_every_pushes,
         keep=args.keep,
+        security=ServerSecurity(
+            token=_token(args),
+            tls_cert=_pem(args.tls_cert, "--tls-cert"),
+            tls_key=_pem(args.tls_key, "--tls-key"),
+            tls_client_ca=_pem(args.tls_client_ca, "--tls-client-ca"),
+        ),
+        nan_policy=args.nan_policy,
+        max_workers=args.max_workers,
+        max_streams=args.max_streams,
+        max_message_mb=args.max_message_mb,
     )
     return server_main(options, use_uvloop=args.uvloop)
 
@@ -351,7 +428,14 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         bar.update(done, loss=f"{loss:.3f}")
 
     try:
-        result = train(config, args.servers, worker_id=args.worker_id, progress=progress, use_uvloop=args.uvloop)
+        result = train(
+            config,
+            args.servers,
+            worker_id=args.worker_id,
+            progress=progress,
+            use_uvloop=args.uvloop,
+            security=client_security(args),
+        )
     finally:
         if bar is not None:
             bar.close()
@@ -380,6 +464,7 @@ def _cmd_local(args: argparse.Namespace) -> int:
         consistency=args.consistency,
         lease_seconds=args.lease_seconds,
         wait_seconds=args.wait_timeout,
+        token_file=args.token_file,
     )
     report = run_local(config, options)
     if args.report:
@@ -399,7 +484,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ranger_ps.worker.train import evaluate_cluster
 
     config = train_config_from_args(args)
-    evaluation, _ = evaluate_cluster(config, args.servers, use_uvloop=args.uvloop)
+    evaluation, _ = evaluate_cluster(config, args.servers, use_uvloop=args.uvloop, security=client_security(args))
     if args.json:
         print(json.dumps(dataclasses.asdict(evaluation)))
     else:
@@ -491,7 +576,7 @@ def _cmd_health(args: argparse.Namespace) -> int:
         parse_servers(args.server)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    status = check_health(args.server, timeout=args.timeout)
+    status = check_health(args.server, timeout=args.timeout, security=client_security(args))
     print(f"{args.server}: {status}")
     return 0 if status == "SERVING" else EXIT_CLUSTER_ERROR
 
@@ -499,7 +584,7 @@ def _cmd_health(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from ranger_ps.client import fetch_stats
 
-    replies = fetch_stats(args.servers, timeout=args.timeout, use_uvloop=args.uvloop)
+    replies = fetch_stats(args.servers, timeout=args.timeout, use_uvloop=args.uvloop, security=client_security(args))
     if args.json:
         out = [
             {"address": a, "ok": not isinstance(r, str)} | ({"error": r} if isinstance(r, str) else message_to_plain(r))
@@ -631,6 +716,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     apply_environment(parser, os.environ, argv)  # the one place the environment is read
     args = parser.parse_args(argv)
+    # The token itself never travels in argv (process listings): only as a file or this variable.
+    args.env_token = os.environ.get(ENV_PREFIX + "TOKEN")
     _configure_logging(args.log_level)
     try:
         return COMMANDS[args.command](args)

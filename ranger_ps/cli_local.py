@@ -24,6 +24,7 @@ from ranger_ps.errors import ClusterError
 from ranger_ps.launcher import Child, Cluster, wait_all
 from ranger_ps.progress import Progress
 from ranger_ps.report import read_report
+from ranger_ps.security import ClientSecurity, read_token
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class LocalOptions:
         consistency: the servers' consistency model (``async``, ``ssp:K``, ``bsp``).
         lease_seconds: the servers' worker lease.
         wait_seconds: the longest a pull waits at a barrier.
+        token_file: a token the servers require and the workers send (the path travels, never the token).
     """
 
     workers: int = 2
@@ -58,6 +60,7 @@ class LocalOptions:
     consistency: str = "async"
     lease_seconds: float = 5.0
     wait_seconds: float = 120.0
+    token_file: Path | None = None
 
 
 def _planned_steps(config: TrainConfig, workers: int) -> int:
@@ -85,6 +88,9 @@ def run_local(config: TrainConfig, options: LocalOptions) -> dict[str, Any]:
     run_dir = Path(tempfile.mkdtemp(prefix="ranger-ps-")) if options.run_dir is None else options.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     common = ["--log-level", options.log_level, "--uvloop" if options.use_uvloop else "--no-uvloop"]
+    if options.token_file is not None:
+        common += ["--token-file", str(options.token_file)]
+    security = ClientSecurity(token=read_token(options.token_file) if options.token_file else None)
     previous = signal.signal(signal.SIGTERM, _terminate_on_sigterm)
     ok = False
     try:
@@ -145,7 +151,7 @@ def run_local(config: TrainConfig, options: LocalOptions) -> dict[str, Any]:
                 for w in range(options.workers)
             ]
             bar = Progress(_planned_steps(config, options.workers), "training", enabled=options.progress)
-            watcher = _ProgressWatcher(addresses, bar, options.use_uvloop)
+            watcher = _ProgressWatcher(addresses, bar, options.use_uvloop, security)
             try:
                 wait_all(cluster, workers, servers, poll=watcher.poll)
                 watcher.poll()
@@ -154,8 +160,9 @@ def run_local(config: TrainConfig, options: LocalOptions) -> dict[str, Any]:
 
             from ranger_ps.worker.train import evaluate_cluster
 
-            evaluation, _ = evaluate_cluster(config, addresses, use_uvloop=options.use_uvloop)
-            stats = [r for r in fetch_stats(addresses, use_uvloop=options.use_uvloop) if not isinstance(r, str)]
+            evaluation, _ = evaluate_cluster(config, addresses, use_uvloop=options.use_uvloop, security=security)
+            replies = fetch_stats(addresses, use_uvloop=options.use_uvloop, security=security)
+            stats = [r for r in replies if not isinstance(r, str)]
             staleness = staleness_summary(
                 [dict(s.staleness_counts) for s in stats], [dict(s.version_lag_counts) for s in stats]
             )
@@ -202,8 +209,9 @@ def run_local(config: TrainConfig, options: LocalOptions) -> dict[str, Any]:
 class _ProgressWatcher:
     """Turns the servers' view of worker clocks into progress (what the servers really applied)."""
 
-    def __init__(self, addresses: list[str], bar: Progress, use_uvloop: bool) -> None:
+    def __init__(self, addresses: list[str], bar: Progress, use_uvloop: bool, security: ClientSecurity) -> None:
         self.addresses = addresses
+        self.security = security
         self.bar = bar
         self.use_uvloop = use_uvloop
         self._last = 0.0
@@ -215,7 +223,7 @@ class _ProgressWatcher:
         self._last = now
         from ranger_ps.client import fetch_stats
 
-        replies = fetch_stats(self.addresses[:1], timeout=2.0, use_uvloop=self.use_uvloop)
+        replies = fetch_stats(self.addresses[:1], timeout=2.0, use_uvloop=self.use_uvloop, security=self.security)
         reply = replies[0]
         if isinstance(reply, str):
             return

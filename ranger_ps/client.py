@@ -43,6 +43,7 @@ from ranger_ps.pushes import group_by_shard, push_header, push_wire_bytes
 from ranger_ps.rpc import CHANNEL_OPTIONS, ERROR_METADATA_KEY, method_path
 from ranger_ps.rules import RuleConfig
 from ranger_ps.runtime import LoopThread, run_async
+from ranger_ps.security import ClientSecurity
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +85,10 @@ def _marker(exc: grpc.aio.AioRpcError) -> str | None:
 class _Shard:
     """One shard's channel and bookkeeping (used only on the I/O thread)."""
 
-    def __init__(self, index: int, address: str) -> None:
+    def __init__(self, index: int, address: str, security: ClientSecurity) -> None:
         self.index = index
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.channel = security.channel(address, CHANNEL_OPTIONS)
         self.register = self.channel.unary_unary(method_path("Register"))
         self.init = self.channel.stream_unary(method_path("Init"))
         self.push = self.channel.stream_unary(method_path("Push"))
@@ -109,6 +110,7 @@ class ShardedClient:
         call_timeout: deadline of each push, pull and stats call (seconds).
         chunk_bytes: payload size of streamed frames.
         use_uvloop: run the I/O loop on uvloop.
+        security: token and TLS settings (default: plaintext, no token).
     """
 
     def __init__(
@@ -120,6 +122,7 @@ class ShardedClient:
         call_timeout: float = 120.0,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         use_uvloop: bool = True,
+        security: ClientSecurity | None = None,
     ) -> None:
         if not servers:
             raise UserError("at least one server address is needed")
@@ -128,6 +131,8 @@ class ShardedClient:
         self.retry_timeout = retry_timeout
         self.call_timeout = call_timeout
         self.chunk_bytes = chunk_bytes
+        self.security = security or ClientSecurity()
+        self._md = self.security.metadata  # the token rides on every call
         self._io = LoopThread(use_uvloop=use_uvloop)
         self._shards: list[_Shard] = self._io.run(self._open())
         self.layout: Layout | None = None
@@ -144,7 +149,7 @@ class ShardedClient:
         self._live_values: Sequence[torch.Tensor] = ()
 
     async def _open(self) -> list[_Shard]:
-        return [_Shard(i, address) for i, address in enumerate(self.servers)]
+        return [_Shard(i, address, self.security) for i, address in enumerate(self.servers)]
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -159,7 +164,7 @@ class ShardedClient:
             if self.worker_id is not None and not self.observer:
                 leave = pb.LeaveRequest(worker_id=self.worker_id).SerializeToString()
                 results = await asyncio.gather(
-                    *(s.leave(leave, timeout=5) for s in self._shards), return_exceptions=True
+                    *(s.leave(leave, timeout=5, metadata=self._md) for s in self._shards), return_exceptions=True
                 )
                 for shard, result in zip(self._shards, results, strict=True):
                     if isinstance(result, Exception):
@@ -260,7 +265,7 @@ class ShardedClient:
             await asyncio.sleep(every)
             for shard in self._shards:
                 try:
-                    await shard.heartbeat(request, timeout=max(1.0, every))
+                    await shard.heartbeat(request, timeout=max(1.0, every), metadata=self._md)
                 except grpc.aio.AioRpcError as exc:
                     log.warning("heartbeat to shard %d at %s failed: %s", shard.index, shard.address, _describe(exc))
 
@@ -277,7 +282,9 @@ class ShardedClient:
         while True:
             attempt += 1
             try:
-                raw = await shard.register(payload, timeout=max(1.0, deadline - time.monotonic()) + 60.0)
+                raw = await shard.register(
+                    payload, timeout=max(1.0, deadline - time.monotonic()) + 60.0, metadata=self._md
+                )
                 break
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
@@ -324,7 +331,7 @@ class ShardedClient:
             )
         )
         try:
-            await shard.init(iter(frames), timeout=self.call_timeout)
+            await shard.init(iter(frames), timeout=self.call_timeout, metadata=self._md)
         except grpc.aio.AioRpcError as exc:
             raise ClusterError(
                 f"initializing shard {shard.index} at {shard.address} failed: {_describe(exc)}"
@@ -391,7 +398,9 @@ class ShardedClient:
 
     async def _push_all(self, frames_by_shard: list[list[bytes]]) -> PushResult:
         async def one(shard: _Shard, frames: list[bytes]) -> int:
-            raw = await self._retrying(shard, "push to", lambda: shard.push(iter(frames), timeout=self.call_timeout))
+            raw = await self._retrying(
+                shard, "push to", lambda: shard.push(iter(frames), timeout=self.call_timeout, metadata=self._md)
+            )
             return pb.PushReply.FromString(raw).blocks_applied
 
         sent = sum(len(f) for frames in frames_by_shard for f in frames)
@@ -425,7 +434,7 @@ class ShardedClient:
         position = {block_id: i for i, block_id in enumerate(shard.block_ids)}
         out: list[PulledBlock] = []
         try:
-            async for message in shard.pull(request, timeout=self.call_timeout):
+            async for message in shard.pull(request, timeout=self.call_timeout, metadata=self._md):
                 self.bytes_pulled += len(message)
                 header, payload = decode_frame(message)
                 for wire in split_blocks(header, payload):
@@ -507,7 +516,9 @@ class ShardedClient:
     async def _stats_all(self) -> list[pb.StatsReply]:
         async def one(shard: _Shard) -> pb.StatsReply:
             try:
-                raw = await shard.stats(pb.StatsRequest().SerializeToString(), timeout=self.call_timeout)
+                raw = await shard.stats(
+                    pb.StatsRequest().SerializeToString(), timeout=self.call_timeout, metadata=self._md
+                )
             except grpc.aio.AioRpcError as exc:
                 raise ClusterError(
                     f"stats from shard {shard.index} at {shard.address} failed: {_describe(exc)}"
@@ -522,15 +533,22 @@ class ShardedClient:
         return self.layout, self.placement, self.worker_id
 
 
-def fetch_stats(servers: Sequence[str], *, timeout: float = 5.0, use_uvloop: bool = True) -> list[pb.StatsReply | str]:
+def fetch_stats(
+    servers: Sequence[str],
+    *,
+    timeout: float = 5.0,
+    use_uvloop: bool = True,
+    security: ClientSecurity | None = None,
+) -> list[pb.StatsReply | str]:
     """Each server's stats, or a one-line error for a server that did not answer."""
+    security = security or ClientSecurity()
 
     async def gather() -> list[pb.StatsReply | str]:
         async def one(address: str) -> pb.StatsReply | str:
-            async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+            async with security.channel(address, CHANNEL_OPTIONS) as channel:
                 call = channel.unary_unary(method_path("Stats"))
                 try:
-                    raw = await call(pb.StatsRequest().SerializeToString(), timeout=timeout)
+                    raw = await call(pb.StatsRequest().SerializeToString(), timeout=timeout, metadata=security.metadata)
                 except grpc.aio.AioRpcError as exc:
                     return _describe(exc)
                 return pb.StatsReply.FromString(raw)
@@ -540,12 +558,16 @@ def fetch_stats(servers: Sequence[str], *, timeout: float = 5.0, use_uvloop: boo
     return run_async(gather(), use_uvloop=use_uvloop)
 
 
-def check_health(address: str, *, timeout: float = 3.0, use_uvloop: bool = True) -> str:
+def check_health(
+    address: str, *, timeout: float = 3.0, use_uvloop: bool = True, security: ClientSecurity | None = None
+) -> str:
     """The standard gRPC health status of a server (``SERVING``, ``NOT_SERVING``...) or the error code."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    channel_security = security or ClientSecurity()
+
     async def check() -> str:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with channel_security.channel(address) as channel:
             try:
                 reply = await health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(), timeout=timeout

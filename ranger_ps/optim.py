@@ -29,6 +29,7 @@ from ranger_ps.selection import ErrorFeedback, SelectionConfig, centralize_, cho
 
 if TYPE_CHECKING:
     from ranger_ps.client import PulledBlock, ShardedClient
+    from ranger_ps.security import ClientSecurity
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ class Ranger(torch.optim.Optimizer):
             whatever they run (the servers' ``--consistency`` decides).
         retry_timeout: with servers, how long a push or pull keeps retrying a shard that went away
             (restarting, unreachable) before giving up with a clear error.
+        security: with servers, the token and TLS settings (:class:`ranger_ps.security.ClientSecurity`).
     """
 
     def __init__(
@@ -143,6 +145,7 @@ class Ranger(torch.optim.Optimizer):
         use_uvloop: bool = True,
         consistency: str | None = None,
         retry_timeout: float = 60.0,
+        security: ClientSecurity | None = None,
     ) -> None:
         defaults: dict[str, Any] = dict(
             rule=rule,
@@ -182,7 +185,9 @@ class Ranger(torch.optim.Optimizer):
         self._pending: Future[list[PulledBlock]] | None = None
         self._cluster_rule: RuleConfig | None = None
         if servers is not None:
-            self._connect(list(servers), worker_id, connect_timeout, use_uvloop, consistency or "", retry_timeout)
+            self._connect(
+                list(servers), worker_id, connect_timeout, use_uvloop, consistency or "", retry_timeout, security
+            )
         elif observer:
             raise ValueError("observer=True needs servers")
 
@@ -237,6 +242,7 @@ class Ranger(torch.optim.Optimizer):
         use_uvloop: bool,
         consistency: str,
         retry_timeout: float,
+        security: ClientSecurity | None,
     ) -> None:
         from ranger_ps.client import ShardedClient
 
@@ -245,7 +251,11 @@ class Ranger(torch.optim.Optimizer):
             raise ValueError("with servers, every param group must use the same rule settings")
         self._cluster_rule = configs.pop()
         self.client = ShardedClient(
-            servers, connect_timeout=connect_timeout, retry_timeout=retry_timeout, use_uvloop=use_uvloop
+            servers,
+            connect_timeout=connect_timeout,
+            retry_timeout=retry_timeout,
+            use_uvloop=use_uvloop,
+            security=security,
         )
         try:
             self.worker_id = self.client.register(

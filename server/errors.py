@@ -35,3 +35,13 @@ class NotRegistered(PreconditionFailed):
     """
 
     marker = "not-registered"
+
+
+class NonFinite(InvalidRequest):
+    """A gradient holds NaN or Inf (refused, or skipped under ``--nan-policy skip``)."""
+
+
+class Exhausted(RequestError):
+    """A configured limit is reached (registered workers, message size)."""
+
+    status = "RESOURCE_EXHAUSTED"

@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -18,8 +18,9 @@ from grpc_reflection.v1alpha import reflection
 from ranger_ps import checkpoint
 from ranger_ps.consistency import parse_consistency
 from ranger_ps.errors import UserError
-from ranger_ps.rpc import CHANNEL_OPTIONS, SERVICE_NAME
+from ranger_ps.rpc import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES, SERVICE_NAME
 from ranger_ps.runtime import run_async
+from ranger_ps.security import ServerSecurity
 from ranger_ps.server.servicer import ParameterServerServicer
 from ranger_ps.server.shard import Shard
 
@@ -48,6 +49,11 @@ class ServerOptions:
         checkpoint_every: seconds between periodic checkpoints (0: only the final one on stop).
         checkpoint_every_pushes: also checkpoint after this many applied pushes (0: off).
         keep: checkpoint files kept per shard.
+        security: token and TLS settings (default: plaintext, no token).
+        nan_policy: ``reject`` or ``skip`` pushes whose gradients hold NaN or Inf.
+        max_workers: how many workers may be registered at once.
+        max_streams: concurrent calls (HTTP/2 streams) per client connection.
+        max_message_mb: the largest message accepted, in MiB.
     """
 
     shard_id: int = 0
@@ -64,8 +70,19 @@ class ServerOptions:
     checkpoint_every: float = 60.0
     checkpoint_every_pushes: int = 0
     keep: int = 3
+    security: ServerSecurity = field(default_factory=ServerSecurity)
+    nan_policy: str = "reject"
+    max_workers: int = 1024
+    max_streams: int = 64
+    max_message_mb: int = MAX_MESSAGE_BYTES >> 20
 
     def __post_init__(self) -> None:
+        if self.nan_policy not in ("reject", "skip"):
+            raise UserError(f"--nan-policy must be reject or skip, got {self.nan_policy!r}")
+        if self.max_workers < 1 or self.max_streams < 1:
+            raise UserError("--max-workers and --max-streams must be >= 1")
+        if not 1 <= self.max_message_mb <= 1024:
+            raise UserError(f"--max-message-mb must be in [1, 1024], got {self.max_message_mb}")
         if self.checkpoint_every < 0 or self.checkpoint_every_pushes < 0:
             raise UserError("--checkpoint-every and --checkpoint-every-pushes must be >= 0")
         if self.keep < 1:
@@ -101,17 +118,27 @@ async def serve(options: ServerOptions, stop: asyncio.Event | None = None) -> No
         lease_seconds=options.lease_seconds,
         wait_seconds=options.wait_seconds,
         init_claim_seconds=options.init_claim_seconds,
+        nan_policy=options.nan_policy,
+        max_workers=options.max_workers,
     )
     if options.checkpoint_dir is not None:
         _restore(shard, options.checkpoint_dir)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    limit = options.max_message_mb << 20
+    server = grpc.aio.server(
+        options=(
+            *SERVER_OPTIONS,
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_concurrent_streams", options.max_streams),
+        ),
+        interceptors=options.security.interceptors(),
+    )
     server.add_generic_rpc_handlers((ParameterServerServicer(shard).generic_handler(),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{options.host}:{options.port}"
     try:
-        port = server.add_insecure_port(address)
+        port = options.security.add_port(server, address)
     except RuntimeError as exc:
         raise UserError(f"cannot listen on {address}: the port is in use or the address is not local ({exc})") from None
     await server.start()
@@ -120,8 +147,9 @@ async def serve(options: ServerOptions, stop: asyncio.Event | None = None) -> No
     if options.ready_file is not None:
         _write_ready_file(options.ready_file, options.host, port)
     log.info(
-        "shard %d of %d serving on %s:%d (%s, lease %gs)",
+        "shard %d of %d serving on %s:%d (%s, lease %gs, %s)",
         options.shard_id, options.num_shards, options.host, port, shard.mode, options.lease_seconds,
+        options.security.describe(),
     )  # fmt: skip
     reaper = asyncio.create_task(_expire_leases(shard, options.lease_seconds / 4))
     saver = _Checkpointer(shard, options) if options.checkpoint_dir is not None else None

@@ -24,7 +24,7 @@ from ranger_ps.frames import WireBlock
 from ranger_ps.layout import Layout
 from ranger_ps.placement import Placement
 from ranger_ps.rules import RuleConfig
-from ranger_ps.server.errors import InvalidRequest, NotReady, NotRegistered, PreconditionFailed
+from ranger_ps.server.errors import Exhausted, InvalidRequest, NonFinite, NotReady, NotRegistered, PreconditionFailed
 from ranger_ps.server.membership import Membership, WorkerRecord, WorkerSnapshot
 from ranger_ps.server.store import ShardStore
 
@@ -80,6 +80,9 @@ class Shard:
         init_claim_seconds: how long the worker asked to initialize the shard has to do it
             before another worker may take over.
         register_wait_seconds: how long a registration waits for an initialization under way.
+        nan_policy: ``reject`` (INVALID_ARGUMENT) or ``skip`` (acknowledge, apply nothing, count it)
+            a push whose gradient holds NaN or Inf; either way no block of it is applied.
+        max_workers: how many workers (trainers and observers) may be registered.
     """
 
     def __init__(
@@ -92,11 +95,18 @@ class Shard:
         wait_seconds: float = 120.0,
         init_claim_seconds: float = 30.0,
         register_wait_seconds: float = 60.0,
+        nan_policy: str = "reject",
+        max_workers: int = 1024,
     ) -> None:
         if not 0 <= shard_id < num_shards:
             raise ValueError(f"shard id {shard_id} is outside [0, {num_shards})")
+        if nan_policy not in ("reject", "skip"):
+            raise ValueError(f"nan_policy must be reject or skip, got {nan_policy!r}")
         self.shard_id = shard_id
         self.num_shards = num_shards
+        self.nan_policy = nan_policy
+        self.max_workers = max_workers
+        self.pushes_skipped = 0
         self.mode: ConsistencyMode = parse_consistency(consistency)
         self.wait_seconds = wait_seconds
         self.init_claim_seconds = init_claim_seconds
@@ -185,6 +195,8 @@ class Shard:
         assert self.store is not None
         others = [r.clock for r in self.membership.trainers() if r.worker_id != worker_id]
         known = self.membership.get(worker_id) is not None
+        if not known and len(self.membership.items()) >= self.max_workers:
+            raise Exhausted(f"shard {self.shard_id} has {self.max_workers} registered workers, its limit")
         record = self.membership.register(worker_id, observer=observer)
         if self.mode.kind == "bsp":
             start = self.applied_clock
@@ -272,7 +284,14 @@ class Shard:
             raise PreconditionFailed(
                 f"bsp: worker {worker_id} pushed clock {clock}, which shard {self.shard_id} already applied"
             )
-        decoded = store.decode(blocks)
+        try:
+            decoded = store.decode(blocks)
+        except NonFinite:
+            if self.nan_policy == "reject":
+                raise
+            self.pushes_skipped += 1
+            log.warning("shard %d skipped a push of worker %d holding NaN or Inf", self.shard_id, worker_id)
+            decoded = []
         if record.pushed_since_join:
             self._record_staleness(record, clock, decoded)
         else:

@@ -19,7 +19,7 @@ from ranger_ps.codec import bytes_to_tensor, codec_for_name, tensor_bytes
 from ranger_ps.frames import WireBlock
 from ranger_ps.layout import Block, Layout
 from ranger_ps.rules import BlockState, RuleConfig, apply_update, new_block_state
-from ranger_ps.server.errors import InvalidRequest, NotReady
+from ranger_ps.server.errors import InvalidRequest, NonFinite, NotReady
 
 
 @dataclass
@@ -84,7 +84,7 @@ class ShardStore:
                 )
             tensor = bytes_to_tensor(wire.data, codec.torch_dtype)
             if not bool(torch.isfinite(tensor).all()):
-                raise InvalidRequest(f"{what}: block {wire.block_id} contains NaN or Inf")
+                raise NonFinite(f"{what}: block {wire.block_id} contains NaN or Inf")
             out.append((position, tensor))
         return out
 

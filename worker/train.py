@@ -21,6 +21,7 @@ from ranger_ps.config import TrainConfig
 from ranger_ps.consistency import staleness_summary
 from ranger_ps.errors import UserError
 from ranger_ps.optim import Ranger
+from ranger_ps.security import ClientSecurity
 from ranger_ps.selection import subsample_indices
 from ranger_ps.worker.data import Dataset, load_dataset, shard_indices
 from ranger_ps.worker.models import build_model
@@ -109,6 +110,7 @@ def train(
     worker_id: int | None = None,
     progress: ProgressFn | None = None,
     use_uvloop: bool = True,
+    security: ClientSecurity | None = None,
 ) -> TrainResult:
     """Train against a cluster, then evaluate the final weights pulled from it."""
     data, model, device = build(config)
@@ -120,6 +122,7 @@ def train(
         overlap=config.overlap,
         connect_timeout=config.connect_timeout,
         retry_timeout=config.retry_timeout,
+        security=security,
         use_uvloop=use_uvloop,
         **config.optimizer_kwargs(),
     )
@@ -169,7 +172,9 @@ def train(
         )
 
 
-def evaluate_cluster(config: TrainConfig, servers: list[str], *, use_uvloop: bool = True) -> tuple[Evaluation, int]:
+def evaluate_cluster(
+    config: TrainConfig, servers: list[str], *, use_uvloop: bool = True, security: ClientSecurity | None = None
+) -> tuple[Evaluation, int]:
     """Pull the current weights from a cluster as an observer (never a trainer) and evaluate them.
 
     Returns:
@@ -180,6 +185,7 @@ def evaluate_cluster(config: TrainConfig, servers: list[str], *, use_uvloop: boo
         model.named_parameters(),
         servers=servers,
         observer=True,
+        security=security,
         connect_timeout=config.connect_timeout,
         use_uvloop=use_uvloop,
         **config.optimizer_kwargs(),
