@@ -105,6 +105,19 @@ def _crc(*parts: bytes | memoryview) -> int:
     return crc
 
 
+def _block_crc(record: dict[str, Any]) -> int:
+    """CRC32 over a block entry's every field (ids, versions, dtypes, state names) and all its bytes."""
+    state = record["state"]
+    meta = [
+        record["block_id"], record["version"], record["step"], record["dtype"], record["state_dtype"],
+        record["numel"], sorted(state), record["residual"] is not None,
+    ]  # fmt: skip
+    parts = [msgpack.packb(meta, use_bin_type=True), record["value"], *(state[k] for k in sorted(state))]
+    if record["residual"] is not None:
+        parts.append(record["residual"])
+    return _crc(*parts)
+
+
 def _header_crc(header: dict[str, Any]) -> int:
     body = {k: v for k, v in header.items() if k != "crc32"}
     return zlib.crc32(msgpack.packb(body, use_bin_type=True))
@@ -155,18 +168,19 @@ def write(checkpoint: ShardCheckpoint, directory: Path, *, keep: int = 3) -> Pat
             value = tensor_bytes(block.value)
             state = {name: tensor_bytes(t) for name, t in sorted(block.state.items())}
             residual = tensor_bytes(block.residual) if block.residual is not None else None
-            record = {
+            state_like = next(iter(block.state.values()), block.residual if block.residual is not None else block.value)
+            record: dict[str, Any] = {
                 "block_id": block.block_id,
                 "version": block.version,
                 "step": block.step,
                 "dtype": codec_for_torch(block.value.dtype).name,
-                "state_dtype": codec_for_torch(next(iter(block.state.values()), block.value).dtype).name,
+                "state_dtype": codec_for_torch(state_like.dtype).name,
                 "numel": block.value.numel(),
                 "value": value,
                 "state": state,
                 "residual": residual,
-                "crc32": _crc(value, *state.values(), *([residual] if residual is not None else [])),
             }
+            record["crc32"] = _block_crc(record)
             out.write(packer.pack(record))
         out.write(packer.pack({"end": True, "blocks": len(checkpoint.blocks)}))
         out.flush()
@@ -257,10 +271,7 @@ def _read_block(path: Path, obj: Any, layout: Layout) -> BlockRecord:
         raise CheckpointError(f"{path}: block id {block_id} is outside the layout")
     spec = layout.blocks[block_id]
     value_bytes, state_bytes, residual_bytes = obj["value"], obj["state"], obj["residual"]
-    parts = [value_bytes, *(state_bytes[k] for k in sorted(state_bytes))]
-    if residual_bytes is not None:
-        parts.append(residual_bytes)
-    if _crc(*parts) != obj["crc32"]:
+    if _block_crc(obj) != obj["crc32"]:
         raise CheckpointError(f"{path}: block {block_id} checksum mismatch")
     dtype = codec_for_name(obj["dtype"]).torch_dtype
     state_dtype = codec_for_name(obj["state_dtype"]).torch_dtype
@@ -301,6 +312,25 @@ def load_cluster(directory: Path) -> list[ShardCheckpoint]:
         if checkpoint is not None:
             out.append(checkpoint)
     return out
+
+
+def load_cluster_generations(directory: Path) -> list[tuple[int, list[ShardCheckpoint]]]:
+    """Checkpoints grouped by cluster size, newest generation first.
+
+    Within a generation (one shard count), each shard id's newest good file of that count.
+    """
+    by_count: dict[int, dict[int, ShardCheckpoint]] = {}
+    for shard_id, paths in list_checkpoints(directory).items():
+        for path in reversed(paths):
+            try:
+                saved = read(path)
+            except CheckpointError as exc:
+                log.warning("skipping bad checkpoint %s: %s", path, exc)
+                continue
+            by_count.setdefault(saved.num_shards, {}).setdefault(shard_id, saved)
+    generations = [(count, list(shards.values())) for count, shards in by_count.items()]
+    generations.sort(key=lambda g: max(c.created for c in g[1]), reverse=True)
+    return generations
 
 
 def assemble_weights(checkpoints: list[ShardCheckpoint]) -> dict[str, torch.Tensor]:

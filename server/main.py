@@ -144,6 +144,10 @@ async def serve(options: ServerOptions, stop: asyncio.Event | None = None) -> No
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)  # before announcing readiness: a stop always checkpoints
     if options.ready_file is not None:
         _write_ready_file(options.ready_file, options.host, port)
     log.info(
@@ -155,10 +159,6 @@ async def serve(options: ServerOptions, stop: asyncio.Event | None = None) -> No
     saver = _Checkpointer(shard, options) if options.checkpoint_dir is not None else None
     periodic = asyncio.create_task(saver.run()) if saver is not None else None
 
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
     finally:
@@ -181,29 +181,35 @@ async def serve(options: ServerOptions, stop: asyncio.Event | None = None) -> No
 
 
 def _restore(shard: Shard, directory: Path) -> None:
-    """Resume from the newest good checkpoint of every shard found in ``directory``, if any."""
-    saved = checkpoint.load_cluster(directory)
+    """Resume from the newest good checkpoints in ``directory``, if any.
+
+    Files of several cluster sizes may sit side by side (after a reshard); the newest generation
+    (shard count) that can restore this shard wins: its own file when the count is unchanged, every
+    old shard's file when it changed. Older generations are ignored.
+    """
+    saved = checkpoint.load_cluster_generations(directory)
     if not saved:
         log.info("no checkpoint in %s: starting empty", directory)
         return
-    counts = {c.num_shards for c in saved}
-    if len(counts) != 1:
-        raise UserError(f"{directory} holds checkpoints of clusters with different shard counts {sorted(counts)}")
-    (count,) = counts
-    present = sorted(c.shard_id for c in saved)
-    if count == shard.num_shards and shard.shard_id in present:
-        chosen = [c for c in saved if c.shard_id == shard.shard_id]
-    elif present == list(range(count)):
-        chosen = saved  # resharding: every old shard's blocks are needed
-    else:
-        raise UserError(
-            f"{directory} has checkpoints of shards {present} of {count}; restoring shard {shard.shard_id} of "
-            f"{shard.num_shards} needs " + ("its own" if count == shard.num_shards else "all of them")
-        )
-    try:
-        shard.restore(chosen)
-    except ValueError as exc:
-        raise UserError(f"cannot restore from {directory}: {exc}") from None
+    problems = []
+    for count, generation in saved:
+        present = sorted(c.shard_id for c in generation)
+        if count == shard.num_shards and shard.shard_id in present:
+            chosen = [c for c in generation if c.shard_id == shard.shard_id]
+        elif present == list(range(count)):
+            chosen = generation  # resharding: every old shard's blocks are needed
+        else:
+            problems.append(f"{count}-shard checkpoints of shards {present}")
+            continue
+        try:
+            shard.restore(chosen)
+        except ValueError as exc:
+            raise UserError(f"cannot restore from {directory}: {exc}") from None
+        return
+    raise UserError(
+        f"{directory} holds {'; '.join(problems)}: restoring shard {shard.shard_id} of {shard.num_shards} needs its "
+        "own file (same shard count) or every shard's file of one generation (resharding)"
+    )
 
 
 class _Checkpointer:
