@@ -612,13 +612,13 @@ def message_to_plain(message: Message) -> dict[str, Any]:
 
 def format_status_table(servers: Sequence[str], replies: Sequence[Any]) -> str:
     """A human-readable table of shard stats (one row per server)."""
-    head = ("address", "shard", "state", "blocks", "MB", "versions", "pushes", "pulls", "workers", "uptime")
+    head = ("address", "shard", "state", "blocks", "MB", "versions", "pushes", "pulls", "live workers", "uptime")
     rows = [head]
     for address, r in zip(servers, replies, strict=True):
         if isinstance(r, str):
             rows.append((address, "-", "DOWN: " + r, "", "", "", "", "", "", ""))
             continue
-        trainers = [w for w in r.workers if not w.observer]
+        trainers = [w for w in r.workers if w.live and not w.observer]
         rows.append(
             (
                 address,
