@@ -465,6 +465,7 @@ def _cmd_local(args: argparse.Namespace) -> int:
         lease_seconds=args.lease_seconds,
         wait_seconds=args.wait_timeout,
         token_file=args.token_file,
+        token=_token(args),
     )
     report = run_local(config, options)
     if args.report:

@@ -12,7 +12,7 @@ import shutil
 import signal
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -47,6 +47,7 @@ class LocalOptions:
         lease_seconds: the servers' worker lease.
         wait_seconds: the longest a pull waits at a barrier.
         token_file: a token the servers require and the workers send (the path travels, never the token).
+        token: the token itself when it came from ``RANGER_PS_TOKEN`` (the children inherit the variable).
     """
 
     workers: int = 2
@@ -61,6 +62,7 @@ class LocalOptions:
     lease_seconds: float = 5.0
     wait_seconds: float = 120.0
     token_file: Path | None = None
+    token: str | None = field(default=None, repr=False)
 
 
 def _planned_steps(config: TrainConfig, workers: int) -> int:
@@ -90,7 +92,7 @@ def run_local(config: TrainConfig, options: LocalOptions) -> dict[str, Any]:
     common = ["--log-level", options.log_level, "--uvloop" if options.use_uvloop else "--no-uvloop"]
     if options.token_file is not None:
         common += ["--token-file", str(options.token_file)]
-    security = ClientSecurity(token=read_token(options.token_file) if options.token_file else None)
+    security = ClientSecurity(token=read_token(options.token_file) if options.token_file else options.token)
     previous = signal.signal(signal.SIGTERM, _terminate_on_sigterm)
     ok = False
     try:

@@ -23,6 +23,11 @@ from ranger_ps.codec import codec_for_name, codec_for_torch, codec_for_wire
 DEFAULT_BLOCK_SIZE = 65_536
 # One block must fit comfortably inside one gRPC message (see rpc.MAX_MESSAGE_BYTES).
 MAX_BLOCK_SIZE = 1 << 22
+# Bounds on what a layout may describe, checked before anything is built from it: a 37-byte
+# request must not make a server enumerate 2**40 blocks. 2**22 blocks of the default size is a
+# 1 TiB float32 model.
+MAX_BLOCKS = 1 << 22
+MAX_PARAMS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,11 @@ class Layout:
     def __post_init__(self) -> None:
         if not 1 <= self.block_size <= MAX_BLOCK_SIZE:
             raise ValueError(f"block_size must be in [1, {MAX_BLOCK_SIZE}], got {self.block_size}")
+        if len(self.params) > MAX_PARAMS:
+            raise ValueError(f"a layout may hold at most {MAX_PARAMS} parameters, got {len(self.params)}")
+        blocks = sum(-(-p.numel // self.block_size) for p in self.params if all(d >= 0 for d in p.shape))
+        if blocks > MAX_BLOCKS:
+            raise ValueError(f"a layout may cut into at most {MAX_BLOCKS} blocks, got {blocks} (raise block_size)")
         names = [p.name for p in self.params]
         if len(set(names)) != len(names):
             raise ValueError("parameter names must be unique")

@@ -126,7 +126,7 @@ async def serve(options: ServerOptions, stop: asyncio.Event | None = None) -> No
     limit = options.max_message_mb << 20
     server = grpc.aio.server(
         options=(
-            *SERVER_OPTIONS,
+            *((k, v) for k, v in SERVER_OPTIONS if k != "grpc.max_receive_message_length"),
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_concurrent_streams", options.max_streams),
         ),

@@ -195,7 +195,7 @@ class Shard:
         assert self.store is not None
         others = [r.clock for r in self.membership.trainers() if r.worker_id != worker_id]
         known = self.membership.get(worker_id) is not None
-        if not known and len(self.membership.items()) >= self.max_workers:
+        if not known and sum(1 for _, r in self.membership.items() if r.live) >= self.max_workers:
             raise Exhausted(f"shard {self.shard_id} has {self.max_workers} registered workers, its limit")
         record = self.membership.register(worker_id, observer=observer)
         if self.mode.kind == "bsp":
