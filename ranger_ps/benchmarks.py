@@ -242,7 +242,7 @@ class WireSettings:
     repeat: int = 5
     tensors: int = 25
     block_size: int = 65_536
-    small_repeat: int = 50
+    small_repeat: int = 200
     torch_rpc: bool = True
     torch_rpc_transport: str = "uv"
     tcp: bool = True
@@ -298,7 +298,8 @@ def run_wire(settings: WireSettings) -> dict[str, Any]:
             out |= _wire_grpc(settings, nbytes, f"127.0.0.1:{port}")
             children.stop(grpc_server)
             log.info("wire: ranger-ps, %d shards, %.1f MB", settings.shards, nbytes / 1e6)
-            out |= _wire_ranger_ps(settings, named, addresses)
+            shard_pids = [proc.pid for name, proc, _ in children.processes if name.startswith("shard-")]
+            out |= _wire_ranger_ps(settings, named, addresses, shard_pids)
     out["load_average_after"] = _load_average()
     out["ratios"] = {
         "pull_vs_torch_rpc": _ratio(out["pull_gbps"], out["torch_rpc_pull_gbps"]),
@@ -324,7 +325,7 @@ def _targets(values: dict[str, float | None], targets: Sequence[tuple[str, float
 
 
 def _wire_ranger_ps(
-    settings: WireSettings, named: list[tuple[str, torch.Tensor]], addresses: list[str]
+    settings: WireSettings, named: list[tuple[str, torch.Tensor]], addresses: list[str], shard_pids: list[int]
 ) -> dict[str, Any]:
     from ranger_ps.client import ShardedClient
     from ranger_ps.layout import Layout
@@ -362,26 +363,36 @@ def _wire_ranger_ps(
             result = client.push(grads, block_ids, clock).result(timeout=settings.timeout)
             return time.perf_counter() - start, result.bytes_sent
 
-        pull(False)  # warm-up: connections, HTTP/2 windows, allocator
-        push(None)
+        def empty_pull() -> float:
+            start = time.perf_counter()
+            client.pull().result(timeout=settings.timeout)
+            return time.perf_counter() - start
+
+        cold_pull = pull(False)  # warm-up: connections, HTTP/2 windows, fresh memory
+        cold_push = push(None)
+        cpu = _CpuMeter(shard_pids)
         pulls = [pull(False) for _ in range(settings.repeat)]
+        cpu.mark("pull", settings.repeat * nbytes)
         pull_applies = [pull(True) for _ in range(settings.repeat)]
+        cpu.mark("pull_apply", settings.repeat * nbytes)
         pushes = [push(None) for _ in range(settings.repeat)]
+        cpu.mark("push", settings.repeat * nbytes)
         # The fixed cost of a step's messages: a push of no block (every shard still gets a
         # header-only frame, as it does every step) and a pull when nothing changed (ditto).
         small_pushes = [push([]) for _ in range(settings.small_repeat)]
+        cpu.mark("empty_push", settings.small_repeat)
         client.pull().result(timeout=settings.timeout)
-        small_pulls = []
-        for _ in range(settings.small_repeat):
-            start = time.perf_counter()
-            client.pull().result(timeout=settings.timeout)
-            small_pulls.append(time.perf_counter() - start)
+        cpu.mark("", 1)
+        small_pulls = [empty_pull() for _ in range(settings.small_repeat)]
+        cpu.mark("empty_pull", settings.small_repeat)
     finally:
         client.close()
     pull_seconds = [s for s, _ in pulls]
     push_seconds = [s for s, _ in pushes]
     return {
         "pull_gbps": _gbps(nbytes, _median(pull_seconds)),
+        "pull_cold_gbps": _gbps(nbytes, cold_pull[0]),
+        "push_cold_gbps": _gbps(nbytes, cold_push[0]),
         "pull_apply_gbps": _gbps(nbytes, _median([s for s, _ in pull_applies])),
         "push_gbps": _gbps(nbytes, _median(push_seconds)),
         "pull_seconds": pull_seconds,
@@ -393,7 +404,52 @@ def _wire_ranger_ps(
         "empty_push_ms": 1e3 * _median([s for s, _ in small_pushes]),
         "empty_push_bytes": small_pushes[0][1],
         "empty_pull_ms": 1e3 * _median(small_pulls),
+        "cpu": cpu.report(),
     }
+
+
+class _CpuMeter:
+    """CPU seconds spent by this process (all threads) and by the shard processes, phase by phase.
+
+    Wall-clock rates on a machine whose cores every process shares say little about machines where
+    each process has its own; CPU seconds per byte and per message do (the cost model's inputs).
+    """
+
+    def __init__(self, shard_pids: Sequence[int]) -> None:
+        self.shard_pids = list(shard_pids)
+        self.phases: dict[str, dict[str, float]] = {}
+        self._last = self._now()
+
+    def _now(self) -> tuple[float, float]:
+        import resource  # Unix only, like the benchmarks' process handling
+
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime, sum(_process_cpu_seconds(pid) for pid in self.shard_pids)
+
+    def mark(self, phase: str, units: float) -> None:
+        """Close a phase that moved ``units`` (bytes or messages); an empty name discards it."""
+        now = self._now()
+        client, shards = now[0] - self._last[0], now[1] - self._last[1]
+        self._last = now
+        if phase:
+            self.phases[phase] = {"client_seconds": client, "shard_seconds": shards, "units": units}
+
+    def report(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"phases": self.phases}
+        for name, p in self.phases.items():
+            scale, unit = (1e9, "per_gb") if name in ("pull", "pull_apply", "push") else (1e3, "ms_per_message")
+            out[f"{name}_client_{unit}"] = p["client_seconds"] / p["units"] * scale
+            out[f"{name}_shards_{unit}"] = p["shard_seconds"] / p["units"] * scale
+        return out
+
+
+def _process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def forget_versions(client: Any) -> None:
@@ -544,7 +600,7 @@ def _wire_grpc(settings: WireSettings, nbytes: int, address: str) -> dict[str, A
 
     frames = [bytes(min(DEFAULT_CHUNK_BYTES, nbytes - o)) for o in range(0, nbytes, DEFAULT_CHUNK_BYTES)]
 
-    async def measure() -> tuple[list[float], list[float]]:
+    async def measure() -> tuple[list[float], list[float], list[float]]:
         async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
             pull = channel.unary_stream(f"/{_GRPC_SERVICE}/Pull")
             push = channel.stream_unary(f"/{_GRPC_SERVICE}/Push")
@@ -563,14 +619,15 @@ def _wire_grpc(settings: WireSettings, nbytes: int, address: str) -> dict[str, A
                 await push(iter(frames), timeout=settings.timeout)
                 return time.perf_counter() - start
 
-            await pull_once()
-            await push_once()
+            cold = [await pull_once(), await push_once()]
             pulls = [await pull_once() for _ in range(settings.repeat)]
             pushes = [await push_once() for _ in range(settings.repeat)]
-            return pulls, pushes
+            return pulls, pushes, cold
 
-    pulls, pushes = run_async(measure(), use_uvloop=settings.use_uvloop)
+    pulls, pushes, cold = run_async(measure(), use_uvloop=settings.use_uvloop)
     return {
+        "grpc_pull_cold_gbps": _gbps(nbytes, cold[0]),
+        "grpc_push_cold_gbps": _gbps(nbytes, cold[1]),
         "grpc_pull_gbps": _gbps(nbytes, _median(pulls)),
         "grpc_push_gbps": _gbps(nbytes, _median(pushes)),
         "grpc_pull_seconds": pulls,
@@ -602,7 +659,9 @@ def _rpc_options(port: int, transport: str) -> Any:
 
     kwargs: dict[str, Any] = {"init_method": f"tcp://127.0.0.1:{port}", "rpc_timeout": 600}
     if transport != "default":
+        # Tensors over the same transport as everything else (no same-host shortcut such as CMA).
         kwargs["_transports"] = [transport]
+        kwargs["_channels"] = ["basic"]
     return rpc.TensorPipeRpcBackendOptions(**kwargs)
 
 
@@ -643,13 +702,13 @@ def _rpc_trainer(port: int, model_bytes: int, tensors: int, transport: str, repe
             rpc.rpc_sync("ps", _rpc_push, args=(grads,))
             return time.perf_counter() - start
 
-        pull()
-        push()
+        cold = (pull(), push())
         pulls = [pull() for _ in range(repeat)]
         pushes = [push() for _ in range(repeat)]
     finally:
         rpc.shutdown()
-    print(json.dumps({"pull_seconds": pulls, "push_seconds": pushes, "nbytes": nbytes}), flush=True)
+    report = {"pull_seconds": pulls, "push_seconds": pushes, "cold_seconds": cold, "nbytes": nbytes}
+    print(json.dumps(report), flush=True)
     return 0
 
 
@@ -688,6 +747,8 @@ def _wire_torch_rpc(settings: WireSettings) -> dict[str, Any]:
     return {
         "torch_rpc_pull_gbps": _gbps(nbytes, _median(report["pull_seconds"])),
         "torch_rpc_push_gbps": _gbps(nbytes, _median(report["push_seconds"])),
+        "torch_rpc_pull_cold_gbps": _gbps(nbytes, report["cold_seconds"][0]),
+        "torch_rpc_push_cold_gbps": _gbps(nbytes, report["cold_seconds"][1]),
         "torch_rpc_pull_seconds": report["pull_seconds"],
         "torch_rpc_push_seconds": report["push_seconds"],
         "torch_rpc_error": None,
@@ -1382,6 +1443,11 @@ def wire_table(result: dict[str, Any]) -> str:
         f"ranger-ps pull + copy into the model: {_fmt(r['pull_apply_gbps'])} GB/s; empty push (headers only) "
         f"{_fmt(r['empty_push_ms'])} ms, empty pull {_fmt(r['empty_pull_ms'])} ms",
     ]
+    lines.append(
+        f"first (cold) pull, into freshly allocated memory: ranger-ps {_fmt(r.get('pull_cold_gbps'))}, "
+        f"torch.distributed.rpc {_fmt(r.get('torch_rpc_pull_cold_gbps'))}, "
+        f"bare grpc.aio {_fmt(r.get('grpc_pull_cold_gbps'))} GB/s"
+    )
     if r.get("torch_rpc_error"):
         lines.append(f"torch.distributed.rpc: {r['torch_rpc_error']}")
     return "\n".join([*lines, "", *_target_lines(r["targets"])])
@@ -1605,7 +1671,8 @@ def add_bench_parsers(bench: argparse._SubParsersAction[argparse.ArgumentParser]
     w.add_argument(
         "--torch-rpc-transport",
         default="uv",
-        help="TensorPipe transport: uv (TCP, as across machines; default), shm, or default (TensorPipe's choice)",
+        help="TensorPipe transport: uv (TCP with the basic channel, as across machines; default), shm, or default "
+        "(TensorPipe's own choice of transports and channels)",
     )
     w.add_argument("--tcp", action=argparse.BooleanOptionalAction, default=True, help="run the raw TCP baseline")
     w.add_argument("--threads", type=_positive_int, default=1, help="torch threads in this process (default: 1)")
