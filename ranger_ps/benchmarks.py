@@ -6,22 +6,25 @@ imports the server and worker packages lazily. Every benchmark prints one JSON o
 imported only then). Results, commands and the cost model built on them: ``docs/benchmarks.md``.
 
 - ``wire``: full-model pull and dense push + apply through :class:`ranger_ps.client.ShardedClient`
-  against real shard processes, beside the same bytes over raw TCP sockets and the PyTorch
-  tutorial's parameter server on ``torch.distributed.rpc`` (TensorPipe), in one run.
+  against real shard processes, beside the same bytes over raw TCP sockets, bare ``grpc.aio``
+  streams and the PyTorch tutorial's parameter server on ``torch.distributed.rpc`` (TensorPipe),
+  in one run; with the CPU seconds each side spends per byte and per message.
 - ``apply``: the server-side update (:func:`ranger_ps.rules.apply_update`) per rule in GB/s of
   parameters, beside a plain ``torch`` copy of the same bytes (the memory-bandwidth limit).
 - ``train``: the default job (digits MLP, 2 shards, 2 workers) at several push fractions, beside
   one process with ``torch.optim.SGD`` and torch DistributedDataParallel (gloo).
 
-Helper processes (the raw-TCP sink, the torch.distributed.rpc server and trainer, DDP ranks) run
-this module's functions through ``python -c``, so what they pickle refers to
-``ranger_ps.benchmarks`` in both processes.
+Helper processes (the raw-TCP peer, the bare gRPC server, the torch.distributed.rpc server and
+trainer, DDP ranks) run this module's functions through ``python -c``, so what they pickle refers to
+``ranger_ps.benchmarks`` in both processes. ``python -m ranger_ps.benchmarks cost-model`` turns a
+``wire`` and a ``train`` result into the cost model's tables (:func:`cost_model`).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -42,6 +45,8 @@ from typing import IO, Any
 
 import torch
 
+from ranger_ps.errors import ClusterError, UserError
+
 log = logging.getLogger(__name__)
 
 GB = 1e9  # throughput figures are decimal GB/s of parameter bytes
@@ -52,7 +57,7 @@ TRAIN_BLOCK_SIZE = 256  # 39 blocks for the digits MLP: small enough that push f
 WIRE_TARGETS = (
     ("pull_vs_torch_rpc", 1.5, "full-model pull >= 1.5x torch.distributed.rpc"),
     ("push_vs_torch_rpc", 1.5, "dense push + apply >= 1.5x torch.distributed.rpc"),
-    ("pull_vs_tcp", 0.5, "full-model pull >= 50% of raw TCP"),
+    ("pull_vs_tcp", 0.5, "full-model pull >= 50% of raw TCP (its fastest repetition: the loopback limit)"),
 )
 APPLY_TARGET = ("sgd_vs_memcpy", 0.3, "server apply (sgd) >= 30% of memcpy bandwidth")
 TRAIN_TARGET = ("push_bytes_ratio_at_0.05", 0.06, "bytes pushed per step at push fraction 0.05 <= 6% of dense")
@@ -125,6 +130,13 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def _child_env() -> dict[str, str]:
+    """The children's environment: one torch thread each (as ``ranger-ps local``), and none of the
+    ``RANGER_PS_*`` settings (a token, TLS) meant for real clusters: benchmark clusters are plain loopback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RANGER_PS_")}
+    return env | {"OMP_NUM_THREADS": "1"}
+
+
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     if sys.platform.startswith("linux"):
         import ctypes
@@ -137,7 +149,7 @@ class _Children:
     """Child processes of one benchmark: started in their own sessions, always stopped (SIGTERM, then SIGKILL)."""
 
     run_dir: Path
-    env: dict[str, str] = field(default_factory=lambda: {**os.environ, "OMP_NUM_THREADS": "1"})
+    env: dict[str, str] = field(default_factory=_child_env)
     processes: list[tuple[str, subprocess.Popen[bytes], IO[bytes]]] = field(default_factory=list)
 
     def spawn(self, name: str, argv: Sequence[str], *, stdout_pipe: bool = False) -> subprocess.Popen[bytes]:
@@ -195,11 +207,11 @@ def _wait_ready_file(children: _Children, name: str, process: subprocess.Popen[b
     deadline = time.monotonic() + 60
     while not path.exists():
         if process.poll() is not None:
-            raise RuntimeError(
+            raise ClusterError(
                 f"{name} exited with {process.returncode} before it was ready: {children.log_tail(name)}"
             )
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{name} was not ready within 60s: {children.log_tail(name)}")
+            raise ClusterError(f"{name} was not ready within 60s: {children.log_tail(name)}")
         time.sleep(0.02)
     info: dict[str, Any] = json.loads(path.read_text())
     return info
@@ -237,6 +249,8 @@ def synthetic_model(model_bytes: int, tensors: int, *, seed: int = 0) -> list[tu
 
 @dataclass(frozen=True)
 class WireSettings:
+    """``bench wire`` settings (the flags of the same names); ``small_repeat``: empty pushes and pulls timed."""
+
     model_mb: float = 100.0
     shards: int = 2
     repeat: int = 5
@@ -258,7 +272,7 @@ class WireSettings:
 def run_wire(settings: WireSettings) -> dict[str, Any]:
     """Measure the wire (ranger-ps, raw TCP, torch.distributed.rpc) in one run; returns one JSON-ready object."""
     if settings.shards < 1 or settings.repeat < 1 or settings.tensors < 1 or settings.model_mb <= 0:
-        raise ValueError("--shards, --repeat and --tensors must be >= 1 and --model-mb > 0")
+        raise UserError("--shards, --repeat and --tensors must be >= 1 and --model-mb > 0")
     named = synthetic_model(settings.model_bytes, settings.tensors)
     nbytes = sum(t.numel() * t.element_size() for _, t in named)
     out: dict[str, Any] = {
@@ -277,8 +291,9 @@ def run_wire(settings: WireSettings) -> dict[str, Any]:
         "machine": machine_info(),
         "load_average_before": _load_average(),
     }
+    _quiet_grpc_fork()
     with _torch_threads(settings.threads):
-        # Baselines without gRPC first: once this process has gRPC threads, every fork prints a warning.
+        # Baselines without gRPC first: nothing of theirs runs while gRPC threads do.
         if settings.tcp:
             log.info("wire: raw TCP")
             out |= _wire_tcp(settings, nbytes)
@@ -304,11 +319,13 @@ def run_wire(settings: WireSettings) -> dict[str, Any]:
     out["ratios"] = {
         "pull_vs_torch_rpc": _ratio(out["pull_gbps"], out["torch_rpc_pull_gbps"]),
         "push_vs_torch_rpc": _ratio(out["push_gbps"], out["torch_rpc_push_gbps"]),
-        "pull_vs_tcp": _ratio(out["pull_gbps"], out["tcp_gbps"]),
-        "push_vs_tcp": _ratio(out["push_gbps"], out["tcp_send_gbps"]),
+        "pull_vs_tcp": _ratio(out["pull_gbps"], out.get("tcp_best_gbps")),
+        "pull_vs_tcp_median": _ratio(out["pull_gbps"], out["tcp_gbps"]),
+        "push_vs_tcp": _ratio(out["push_gbps"], out.get("tcp_send_best_gbps")),
         "pull_vs_grpc": _ratio(out["pull_gbps"], out["grpc_pull_gbps"]),
         "push_vs_grpc": _ratio(out["push_gbps"], out["grpc_push_gbps"]),
-        "grpc_pull_vs_tcp": _ratio(out["grpc_pull_gbps"], out["tcp_gbps"]),
+        "grpc_pull_vs_tcp": _ratio(out["grpc_pull_gbps"], out.get("tcp_best_gbps")),
+        "torch_rpc_pull_vs_tcp": _ratio(out["torch_rpc_pull_gbps"], out.get("tcp_best_gbps")),
     }
     out["targets"] = _targets(out["ratios"], WIRE_TARGETS)
     return out
@@ -353,7 +370,7 @@ def _wire_ranger_ps(
             seconds = time.perf_counter() - start
             got = sum(b.values.numel() * b.values.element_size() for b in blocks)
             if got != nbytes:
-                raise RuntimeError(f"a full pull returned {got} bytes, expected {nbytes}")
+                raise ClusterError(f"a full pull returned {got} bytes, expected {nbytes}")
             return seconds, client.bytes_pulled - before
 
         def push(block_ids: list[int] | None) -> tuple[float, int]:
@@ -483,16 +500,21 @@ def _wire_tcp(settings: WireSettings, nbytes: int) -> dict[str, Any]:
                     _recv_exactly(sock, memoryview(bytearray(1)))
                     return time.perf_counter() - start
 
-                receive()
-                send()
+                for _ in range(3):  # the first transfers run at half speed while the connection settles
+                    receive()
+                    send()
                 receives = [receive() for _ in range(settings.repeat)]
                 sends = [send() for _ in range(settings.repeat)]
                 sock.sendall(struct.pack("!cQ", b"Q", 0))
-        except (OSError, RuntimeError) as exc:
+        except (OSError, ClusterError) as exc:
             return {"tcp_gbps": None, "tcp_send_gbps": None, "tcp_error": str(exc)}
     return {
         "tcp_gbps": _gbps(nbytes, _median(receives)),
         "tcp_send_gbps": _gbps(nbytes, _median(sends)),
+        # Loopback TCP alternates between two speeds here (about 2x apart, by how the two processes
+        # land on the cores): the fastest repetition is the machine's limit.
+        "tcp_best_gbps": _gbps(nbytes, min(receives)),
+        "tcp_send_best_gbps": _gbps(nbytes, min(sends)),
         "tcp_seconds": receives,
         "tcp_send_seconds": sends,
     }
@@ -611,7 +633,7 @@ def _wire_grpc(settings: WireSettings, nbytes: int, address: str) -> dict[str, A
                 async for message in pull(struct.pack("!Q", nbytes), timeout=settings.timeout):
                     got += len(message)
                 if got != nbytes:
-                    raise RuntimeError(f"bare gRPC pull returned {got} bytes, expected {nbytes}")
+                    raise ClusterError(f"bare gRPC pull returned {got} bytes, expected {nbytes}")
                 return time.perf_counter() - start
 
             async def push_once() -> float:
@@ -726,14 +748,19 @@ def _wire_torch_rpc(settings: WireSettings) -> dict[str, Any]:
     args = (settings.model_bytes, settings.tensors, settings.torch_rpc_transport)
     with tempfile.TemporaryDirectory(prefix="ranger-ps-bench-") as tmp, _Children(Path(tmp)) as children:
         port = _free_port()
-        children.helper("rpc-server", "rpc-server", port, *args)
+        server = children.helper("rpc-server", "rpc-server", port, *args)
         trainer = children.helper("rpc-trainer", "rpc-trainer", port, *args, settings.repeat, stdout_pipe=True)
-        try:
-            stdout, _ = trainer.communicate(timeout=settings.timeout)
-        except subprocess.TimeoutExpired:
-            return unavailable(
-                f"the trainer did not finish within {settings.timeout:g}s: {children.log_tail('rpc-trainer')}"
-            )
+        deadline = time.monotonic() + settings.timeout
+        while trainer.poll() is None:  # the trainer prints one line: the pipe never fills
+            if server.poll() not in (None, 0):
+                return unavailable(f"the server exited with {server.returncode}: {children.log_tail('rpc-server')}")
+            if time.monotonic() > deadline:
+                return unavailable(
+                    f"the trainer did not finish within {settings.timeout:g}s: {children.log_tail('rpc-trainer')}"
+                )
+            time.sleep(0.1)
+        assert trainer.stdout is not None
+        stdout = trainer.stdout.read()
         if trainer.returncode != 0:
             return unavailable(
                 f"the trainer exited with {trainer.returncode}: {children.log_tail('rpc-trainer')} "
@@ -760,6 +787,8 @@ def _wire_torch_rpc(settings: WireSettings) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ApplySettings:
+    """``bench apply`` settings (the flags of the same names)."""
+
     model_mb: float = 100.0
     block_size: int = 65_536
     rules: tuple[str, ...] = ("sgd", "adamw", "ranger")
@@ -805,7 +834,7 @@ def run_apply(settings: ApplySettings) -> dict[str, Any]:
     from ranger_ps.rules import RuleConfig, apply_update, new_block_state
 
     if settings.repeat < 1 or settings.model_mb <= 0 or settings.block_size < 1:
-        raise ValueError("--repeat and --block-size must be >= 1 and --model-mb > 0")
+        raise UserError("--repeat and --block-size must be >= 1 and --model-mb > 0")
     numel = settings.model_bytes // 4
     nbytes = numel * 4
     sizes = [min(settings.block_size, numel - o) for o in range(0, numel, settings.block_size)]
@@ -905,6 +934,8 @@ def _apply_server_path(settings: ApplySettings, sizes: Sequence[int], grads: Seq
 
 @dataclass(frozen=True)
 class TrainSettings:
+    """``bench train`` settings (the flags of the same names); ``in_process``: also time Ranger without servers."""
+
     fractions: tuple[float, ...] = DEFAULT_FRACTIONS
     epochs: int = 10
     block_size: int = TRAIN_BLOCK_SIZE
@@ -938,46 +969,14 @@ def _train_config(settings: TrainSettings, **overrides: Any) -> Any:
 
 def run_train(settings: TrainSettings) -> dict[str, Any]:
     """The default job at several push fractions beside single-process SGD and DDP."""
-    from ranger_ps.cli_local import LocalOptions, run_local
-
     if not settings.fractions or not all(0 < f <= 1 for f in settings.fractions):
-        raise ValueError("--fractions must be in (0, 1]")
+        raise UserError("--fractions must be in (0, 1]")
+    _quiet_grpc_fork()
     load_before = _load_average()
     rows: list[dict[str, Any]] = []
     for fraction in settings.fractions:
-        config = _train_config(settings, push_fraction=fraction)
         log.info("train: ranger-ps push fraction %g", fraction)
-        with tempfile.TemporaryDirectory(prefix="ranger-ps-bench-") as tmp:
-            report = run_local(
-                config,
-                LocalOptions(
-                    workers=settings.workers,
-                    shards=settings.shards,
-                    run_dir=Path(tmp),
-                    use_uvloop=settings.use_uvloop,
-                    log_level="WARNING",
-                    progress=False,
-                ),
-            )
-        steps = int(report["steps"])
-        train_seconds = max(float(w["wall_seconds"]) for w in report["per_worker"])
-        rows.append(
-            {
-                "name": f"ranger-ps push fraction {fraction:g}",
-                "kind": "ranger-ps",
-                "push_fraction": fraction,
-                "processes": settings.workers + settings.shards,
-                "steps": steps,
-                "train_seconds": train_seconds,
-                "wall_seconds": float(report["wall_seconds"]),
-                "steps_per_second": steps / train_seconds,
-                "bytes_pushed_per_step": report["bytes_pushed"] / steps,
-                "bytes_dense_per_step": report["bytes_pushed_dense"] / steps,
-                "push_ratio": report["bytes_pushed"] / report["bytes_pushed_dense"],
-                "bytes_pulled_per_step": report["bytes_pulled"] / steps,
-                "test_accuracy": float(report["test_accuracy"]),
-            }
-        )
+        rows.append(_train_cluster(settings, fraction))
     if settings.single:
         log.info("train: one process, torch.optim.SGD")
         rows.append(_train_single(settings))
@@ -1019,6 +1018,118 @@ def run_train(settings: TrainSettings) -> dict[str, Any]:
         "ratios": ratios,
         "targets": _targets(ratios, (TRAIN_TARGET,)),
     }
+
+
+def _train_cluster(settings: TrainSettings, fraction: float) -> dict[str, Any]:
+    """One local cluster (shard and worker processes, as ``ranger-ps local`` starts them), timed from outside.
+
+    A worker's own ``wall_seconds`` includes its start-up (registration, the first optimizer's
+    one-time imports): here shard 0's stats are polled, and the steady rate is the steps between
+    10% and 90% of the run over the time they took.
+    """
+    from ranger_ps.cli import train_config_to_argv
+    from ranger_ps.client import ShardedClient
+    from ranger_ps.worker.data import load_dataset
+    from ranger_ps.worker.train import evaluate_cluster, planned_steps
+
+    config = _train_config(settings, push_fraction=fraction)
+    n = len(load_dataset(config.dataset).y_train)
+    planned = sum(planned_steps(config, n, w) for w in range(settings.workers))
+    loop = "--uvloop" if settings.use_uvloop else "--no-uvloop"
+    with tempfile.TemporaryDirectory(prefix="ranger-ps-bench-") as tmp, _Children(Path(tmp)) as children:
+        addresses = start_shards(children, settings.shards, use_uvloop=settings.use_uvloop)
+        argv = train_config_to_argv(config, skip=("num_workers",))
+        reports = [Path(tmp) / f"worker-{w}.json" for w in range(settings.workers)]
+        started = time.monotonic()
+        workers = [
+            children.spawn(
+                f"worker-{w}",
+                [
+                    sys.executable,
+                    "-m",
+                    "ranger_ps",
+                    "worker",
+                    "--servers",
+                    ",".join(addresses),
+                    "--worker-id",
+                    str(w),
+                    "--num-workers",
+                    str(settings.workers),
+                    "--report",
+                    str(reports[w]),
+                    *argv,
+                    "--log-level",
+                    "WARNING",
+                    loop,
+                ],
+            )  # fmt: skip
+            for w in range(settings.workers)
+        ]
+        samples: list[tuple[float, int]] = []
+        monitor = ShardedClient(addresses[:1], use_uvloop=settings.use_uvloop, call_timeout=5)
+        try:
+            while any(w.poll() is None for w in workers):
+                for w, process in enumerate(workers):
+                    if process.poll() not in (None, 0):
+                        raise ClusterError(
+                            f"worker {w} exited with {process.returncode}: {children.log_tail(f'worker-{w}')}"
+                        )
+                if time.monotonic() - started > settings.timeout:
+                    raise ClusterError(f"the cluster did not finish within {settings.timeout:g}s")
+                with contextlib.suppress(ClusterError):
+                    reply = monitor.stats()[0]
+                    samples.append((time.monotonic(), sum(r.pushes for r in reply.workers if not r.observer)))
+                time.sleep(0.02)
+        finally:
+            monitor.close()
+        ended = time.monotonic()
+        for w, process in enumerate(workers):
+            if process.returncode != 0:
+                raise ClusterError(f"worker {w} exited with {process.returncode}: {children.log_tail(f'worker-{w}')}")
+        evaluation, _ = evaluate_cluster(config, addresses, use_uvloop=settings.use_uvloop)
+        per_worker = [json.loads(r.read_text()) for r in reports]
+    steps = sum(int(r["steps"]) for r in per_worker)
+    pushed = sum(int(r["bytes_pushed"]) for r in per_worker)
+    dense = sum(int(r["bytes_pushed_dense"]) for r in per_worker)
+    pulled = sum(int(r["bytes_pulled"]) for r in per_worker)
+    steady = steady_rate(samples, planned)
+    return {
+        "name": f"ranger-ps push fraction {fraction:g}",
+        "kind": "ranger-ps",
+        "push_fraction": fraction,
+        "processes": settings.workers + settings.shards,
+        "steps": steps,
+        "train_seconds": steps / steady if steady else ended - started,
+        "wall_seconds": ended - started,
+        "steps_per_second": steady or steps / (ended - started),
+        "end_to_end_steps_per_second": steps / (ended - started),
+        "bytes_pushed_per_step": pushed / steps,
+        "bytes_dense_per_step": dense / steps,
+        "push_ratio": pushed / dense,
+        "bytes_pulled_per_step": pulled / steps,
+        "test_accuracy": evaluation.test_accuracy,
+    }
+
+
+def steady_rate(
+    samples: Sequence[tuple[float, int]], planned: int, low: float = 0.1, high: float = 0.9
+) -> float | None:
+    """Steps per second between ``low`` and ``high`` of ``planned`` steps, from (time, steps so far) samples.
+
+    None when the samples do not span that window with any time between (a run too short to time).
+    """
+    first = next(((t, c) for t, c in samples if c >= low * planned), None)
+    last = next(((t, c) for t, c in samples if c >= high * planned), None)
+    if first is None or last is None or last[0] <= first[0] or last[1] <= first[1]:
+        return None
+    return (last[1] - first[1]) / (last[0] - first[0])
+
+
+def _quiet_grpc_fork() -> None:
+    """Every child the benchmarks fork execs at once, so gRPC's fork handlers have nothing to do but
+    log a line per fork while this process has gRPC threads: turn them off (before gRPC loads)."""
+    if "grpc" not in sys.modules:
+        os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 
 def _num_blocks(settings: TrainSettings) -> int:
@@ -1193,63 +1304,77 @@ def _ddp_rank(
 # -- cost model -------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Costs:
+    """Measured costs the cost model runs on (CPU seconds unless said otherwise).
+
+    Attributes:
+        worker_push: a worker's CPU per byte pushed (encode, gRPC send).
+        worker_pull: a worker's CPU per byte pulled (gRPC receive, decode).
+        worker_message: a worker's CPU per shard per step for the message pair (empty push + pull).
+        shard_push: a shard's CPU per byte pushed to it (receive, check, apply).
+        shard_pull: a shard's CPU per byte pulled from it (encode, gRPC send).
+        shard_message: a shard's CPU per worker step for the message pair.
+        latency: wall seconds of an empty push followed by an empty pull (the round trips).
+        nic_gbps: network bandwidth per machine and direction, GB/s.
+    """
+
+    worker_push: float
+    worker_pull: float
+    worker_message: float
+    shard_push: float
+    shard_pull: float
+    shard_message: float
+    latency: float
+    nic_gbps: float = 1.25
+
+
 def cost_model(
+    costs: Costs,
     *,
-    model_bytes: int,
+    model_bytes: float,
     compute_seconds: float,
     push_fraction: float,
     workers: Sequence[int],
     shards: Sequence[int],
-    shard_gbps: float,
-    worker_gbps: float,
-    apply_gbps: float,
-    nic_gbps: float,
-    message_seconds: float,
-    header_bytes: int = 64,
     overlap: bool = True,
+    header_bytes: int = 64,
 ) -> list[dict[str, Any]]:
-    """Steps per second of W workers and S shards, each on its own machine: a bottleneck model.
+    """Steps per second of W workers and S shards, each process on its own machine: a bottleneck model.
 
-    Per worker step, a worker pushes ``P = f M`` bytes and (async, every worker pushing random
-    blocks) pulls the blocks anyone changed since its last pull, ``Q = (1 - (1 - f)^W) M``. Costs:
+    Per worker step a worker pushes ``P = f M`` bytes and (async, every worker pushing random
+    blocks) pulls what anyone changed since its last pull, ``Q = (1 - (1 - f)^W) M``; every shard
+    gets a message pair from every worker step, whatever it holds. Per worker step:
 
-    - worker: compute ``t_c``; its wire work ``m + (P + Q) / B_w`` (its I/O thread; the message
-      pairs to the S shards go concurrently); its NIC ``max(P, Q) / N``. With overlap the step
-      takes the largest of the three, without it ``t_c`` plus the larger wire term;
-    - shard (one event loop, so one core): per step of every worker ``W (m + P/S / A + (P + Q)/S / B_s)``;
-      its NIC ``W max(P, Q) / S / N``.
+    - worker CPU ``S c_wm + P c_wp + Q c_wq``; its wire path ``latency + (P + Q) / N``; its compute
+      ``t_c``. With overlap the step lasts the largest of the three, without it ``t_c`` plus the
+      larger of the other two;
+    - each shard, per step of every worker (one event loop: one core), CPU ``W (c_sm + (P c_sp + Q c_sq) / S)``
+      and NIC ``W max(P, Q) / S / N``.
 
-    The slowest of these sets the pace: steps/s (all workers) ``= W / max(...)``, and the one that
-    is largest is the bottleneck. ``B_s``, ``B_w``: bytes a shard / worker process moves through
-    gRPC per second; ``A``: the shard's decode + update rate; ``m``: the fixed CPU cost of one
-    step's message pair (an empty push and an empty pull); ``N``: network bandwidth per machine
-    and direction. Every process is assumed to have its own cores; the bytes-per-second figures
-    measured on one shared machine are therefore conservative.
+    The slowest resource sets the pace: steps/s of all workers together ``= W / max(...)``, and
+    that resource is the bottleneck.
     """
     rows = []
     for w in workers:
         for s in shards:
             pushed = push_fraction * model_bytes + header_bytes * s
             pulled = (1 - (1 - push_fraction) ** w) * model_bytes + header_bytes * s
-            worker_wire = message_seconds + (pushed + pulled) / (worker_gbps * GB)
-            worker_nic = max(pushed, pulled) / (nic_gbps * GB)
-            worker_step = (
-                max(compute_seconds, worker_wire, worker_nic)
-                if overlap
-                else compute_seconds + max(worker_wire, worker_nic)
-            )
-            shard_cpu = w * (
-                message_seconds + pushed / s / (apply_gbps * GB) + (pushed + pulled) / s / (shard_gbps * GB)
-            )
-            shard_nic = w * max(pushed, pulled) / s / (nic_gbps * GB)
+            worker_cpu = s * costs.worker_message + pushed * costs.worker_push + pulled * costs.worker_pull
+            worker_wire = costs.latency + (pushed + pulled) / (costs.nic_gbps * GB)
+            shard_cpu = w * (costs.shard_message + (pushed * costs.shard_push + pulled * costs.shard_pull) / s)
+            shard_nic = w * max(pushed, pulled) / s / (costs.nic_gbps * GB)
+            if overlap:
+                worker_step = max(compute_seconds, worker_cpu, worker_wire)
+            else:
+                worker_step = compute_seconds + max(worker_cpu, worker_wire)
             terms = {
-                "worker compute": worker_step if not overlap else compute_seconds,
-                "worker wire (CPU)": worker_wire,
-                "worker NIC": worker_nic,
+                "worker compute": compute_seconds if overlap else worker_step,
+                "worker CPU (wire)": worker_cpu,
+                "worker round trips + NIC": worker_wire,
                 "shard CPU": shard_cpu,
                 "shard NIC": shard_nic,
             }
-            bottleneck = max(terms, key=lambda k: terms[k])
             period = max(worker_step, shard_cpu, shard_nic)
             rows.append(
                 {
@@ -1257,94 +1382,94 @@ def cost_model(
                     "shards": s,
                     "push_fraction": push_fraction,
                     "steps_per_second": w / period,
-                    "per_worker_steps_per_second": 1 / period,
-                    "bottleneck": bottleneck,
+                    "bottleneck": max(terms, key=lambda k: terms[k]),
                     "seconds": terms,
                 }
             )
     return rows
 
 
-def measured_costs(wire: dict[str, Any], apply: dict[str, Any], train: dict[str, Any]) -> dict[str, Any]:
-    """The cost model's inputs from one run of each benchmark (see docs/benchmarks.md)."""
-    push_path = (apply.get("server_push_path") or {}).get("gbps") or apply["rules"]["sgd"]["gbps"]
-    single = next(r for r in train["rows"] if r["kind"] == "torch-sgd")
-    return {
-        # The measured rates are end-to-end, client and S shards sharing the machine's cores:
-        # conservative for processes that each get a machine.
-        "shard_gbps": min(wire["pull_gbps"], wire["grpc_pull_gbps"] or wire["pull_gbps"]),
-        "worker_gbps": wire["pull_gbps"],
-        "push_gbps": wire["push_gbps"],
-        "apply_gbps": push_path,
-        "message_seconds": (wire["empty_push_ms"] + wire["empty_pull_ms"]) / 1e3,
-        "digits_compute_seconds": 1 / single["steps_per_second"],
-        "digits_model_bytes": train["rows"][0]["bytes_dense_per_step"],
-    }
+def measured_costs(wire: dict[str, Any], nic_gbps: float = 1.25) -> Costs:
+    """The cost model's inputs from a ``bench wire`` result (its CPU accounting)."""
+    cpu = wire["cpu"]
+    shards = wire["settings"]["shards"]
+    return Costs(
+        worker_push=cpu["push_client_per_gb"] / GB,
+        worker_pull=cpu["pull_client_per_gb"] / GB,
+        worker_message=(cpu["empty_push_client_ms_per_message"] + cpu["empty_pull_client_ms_per_message"])
+        / 1e3
+        / shards,
+        shard_push=cpu["push_shards_per_gb"] / GB,
+        shard_pull=cpu["pull_shards_per_gb"] / GB,
+        shard_message=(cpu["empty_push_shards_ms_per_message"] + cpu["empty_pull_shards_ms_per_message"])
+        / 1e3
+        / shards,
+        latency=(wire["empty_push_ms"] + wire["empty_pull_ms"]) / 1e3,
+        nic_gbps=nic_gbps,
+    )
 
 
-def one_machine_check(costs: dict[str, Any], train: dict[str, Any]) -> dict[str, Any]:
+def one_machine_check(costs: Costs, train: dict[str, Any]) -> dict[str, Any]:
     """Predict the measured dense ``train`` run, where every process shares this machine's cores.
 
-    The work of one worker step, summed over the worker and every shard, spread over the cores
-    (and never faster than one worker's own serial work allows). Approximate: the measured rates
-    are wall-clock throughputs, not CPU costs.
+    The CPU of one worker step (its compute, taken as the in-process Ranger step, plus the wire
+    work of the worker and of every shard), spread over the cores; never faster than one worker's
+    own step allows.
     """
     s = train["settings"]
     workers, shards, cores = s["workers"], s["shards"], train["machine"]["cpus"] or 1
     dense = next(r for r in train["rows"] if r["kind"] == "ranger-ps" and r["push_fraction"] == 1.0)
+    compute = next((1 / r["steps_per_second"] for r in train["rows"] if r["kind"] == "ranger-in-process"), 0.0)
     pushed, pulled = dense["bytes_pushed_per_step"], dense["bytes_pulled_per_step"]
-    m = costs["message_seconds"]
-    worker = costs["digits_compute_seconds"] + m + (pushed + pulled) / (costs["worker_gbps"] * GB)
-    shard_side = shards * m + pushed / (costs["apply_gbps"] * GB) + (pushed + pulled) / (costs["shard_gbps"] * GB)
-    predicted = min(cores / (worker + shard_side), workers / worker)
+    worker = shards * costs.worker_message + pushed * costs.worker_push + pulled * costs.worker_pull
+    shard = shards * costs.shard_message + pushed * costs.shard_push + pulled * costs.shard_pull
+    cpu_per_step = compute + worker + shard
+    own_step = max(compute + worker, costs.latency)
+    predicted = min(cores / cpu_per_step, workers / own_step)
     return {
         "predicted_steps_per_second": predicted,
         "measured_steps_per_second": dense["steps_per_second"],
-        "worker_seconds_per_step": worker,
-        "shard_seconds_per_worker_step": shard_side,
+        "cpu_seconds_per_step": {"compute": compute, "worker_wire": worker, "shards": shard},
     }
 
 
 def cost_model_main(argv: Sequence[str]) -> int:
-    """``python -m ranger_ps.benchmarks cost-model --wire W.json --apply A.json --train T.json [--plot P]``."""
+    """``python -m ranger_ps.benchmarks cost-model --wire W.json --train T.json [--plot P] [--out J]``."""
     parser = argparse.ArgumentParser(prog="python -m ranger_ps.benchmarks cost-model")
     parser.add_argument("command", choices=["cost-model"])
     parser.add_argument("--wire", type=Path, required=True, help="JSON written by bench wire --out")
-    parser.add_argument("--apply", type=Path, required=True, help="JSON written by bench apply --out")
     parser.add_argument("--train", type=Path, required=True, help="JSON written by bench train --out")
     parser.add_argument("--nic-gbps", type=float, default=1.25, help="network GB/s per machine (default: 10 GbE)")
     parser.add_argument("--compute-ms", type=float, default=100.0, help="compute per step of the large model")
     parser.add_argument("--plot", type=Path, help="draw the scaling curves here (PNG)")
     parser.add_argument("--out", type=Path, help="write the tables as JSON here")
     args = parser.parse_args(argv)
-    wire, apply, train = (json.loads(p.read_text()) for p in (args.wire, args.apply, args.train))
-    costs = measured_costs(wire, apply, train)
+    wire, train = (json.loads(p.read_text()) for p in (args.wire, args.train))
+    costs = measured_costs(wire, args.nic_gbps)
     workers, shards = (1, 2, 4, 8, 16, 32, 64), (1, 2, 4, 8, 16)
-    common = {
-        "workers": workers,
-        "shards": shards,
-        "shard_gbps": costs["shard_gbps"],
-        "worker_gbps": costs["worker_gbps"],
-        "apply_gbps": costs["apply_gbps"],
-        "nic_gbps": args.nic_gbps,
-        "message_seconds": costs["message_seconds"],
-    }
+    digits_bytes = train["rows"][0]["bytes_dense_per_step"]
+    digits_compute = next(1 / r["steps_per_second"] for r in train["rows"] if r["kind"] == "ranger-in-process")
+    big = f"{wire['model_bytes'] / 1e6:.0f} MB model, {args.compute_ms:g} ms compute"
     scenarios = {
-        f"{wire['model_bytes'] / 1e6:.0f} MB model, {args.compute_ms:g} ms compute, dense": cost_model(
-            model_bytes=wire["model_bytes"], compute_seconds=args.compute_ms / 1e3, push_fraction=1.0, **common
+        f"{big}, dense": cost_model(
+            costs, model_bytes=wire["model_bytes"], compute_seconds=args.compute_ms / 1e3, push_fraction=1.0,
+            workers=workers, shards=shards,
         ),
-        f"{wire['model_bytes'] / 1e6:.0f} MB model, {args.compute_ms:g} ms compute, push fraction 0.05": cost_model(
-            model_bytes=wire["model_bytes"], compute_seconds=args.compute_ms / 1e3, push_fraction=0.05, **common
+        f"{big}, push fraction 0.05": cost_model(
+            costs, model_bytes=wire["model_bytes"], compute_seconds=args.compute_ms / 1e3, push_fraction=0.05,
+            workers=workers, shards=shards,
         ),
-        "digits MLP (default job), dense": cost_model(
-            model_bytes=int(costs["digits_model_bytes"]),
-            compute_seconds=costs["digits_compute_seconds"],
-            push_fraction=1.0,
-            **common,
+        "digits MLP (the default job), dense": cost_model(
+            costs, model_bytes=digits_bytes, compute_seconds=digits_compute, push_fraction=1.0,
+            workers=workers, shards=shards,
         ),
-    }
+    }  # fmt: skip
     check = one_machine_check(costs, train)
-    lines = ["costs: " + json.dumps(costs), f"one-machine check (dense train run): {json.dumps(check)}", ""]
+    lines = [
+        "costs: " + json.dumps(dataclasses.asdict(costs)),
+        f"one-machine check (dense train run): {json.dumps(check)}",
+        "",
+    ]
     for title, rows in scenarios.items():
         lines += [f"### {title}", "", "| workers | " + " | ".join(f"S={s}" for s in shards) + " |"]
         lines.append("| ---: | " + " | ".join("---" for _ in shards) + " |")
@@ -1356,7 +1481,8 @@ def cost_model_main(argv: Sequence[str]) -> int:
         lines.append("")
     print("\n".join(lines))
     if args.out:
-        args.out.write_text(json.dumps({"costs": costs, "one_machine_check": check, "scenarios": scenarios}, indent=1))
+        report = {"costs": dataclasses.asdict(costs), "one_machine_check": check, "scenarios": scenarios}
+        args.out.write_text(json.dumps(report, indent=1))
     if args.plot:
         plot_cost_model(scenarios, args.plot)
     return 0
@@ -1430,7 +1556,8 @@ def wire_table(result: dict[str, Any]) -> str:
         (f"torch.distributed.rpc (TensorPipe {r['settings']['torch_rpc_transport']})",
          r["torch_rpc_pull_gbps"], r["torch_rpc_push_gbps"]),
         ("bare grpc.aio streams (no frames, no tensors)", r["grpc_pull_gbps"], r["grpc_push_gbps"]),
-        ("raw TCP (sendall / recv_into)", r["tcp_gbps"], r["tcp_send_gbps"]),
+        ("raw TCP (sendall / recv_into), median", r["tcp_gbps"], r["tcp_send_gbps"]),
+        ("raw TCP, fastest repetition (the limit)", r.get("tcp_best_gbps"), r.get("tcp_send_best_gbps")),
     ]  # fmt: skip
     lines = [
         f"wire: {r['model_bytes'] / 1e6:.0f} MB model ({r['settings']['tensors']} tensors, "
@@ -1484,16 +1611,19 @@ def train_table(result: dict[str, Any]) -> str:
         f"train: {s['dataset']} MLP, {s['epochs']} epochs, batch {s['batch_size']}, rule {s['rule']}, "
         f"{s['workers']} workers, {s['shards']} shards, block size {s['block_size']} ({s['num_blocks']} blocks)",
         "",
-        "| run | steps | steps/s | bytes pushed / step | of dense | bytes pulled / step | test accuracy |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| run | steps | steps/s | steps/s with start-up | bytes pushed / step | of dense | bytes pulled / step "
+        "| test accuracy |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in result["rows"]:
         if "error" in row:
-            lines.append(f"| {row['name']} | n/a: {row['error']} | | | | | |")
+            lines.append(f"| {row['name']} | n/a: {row['error']} | | | | | | |")
             continue
         ratio = "" if row["push_ratio"] is None else f"{100 * row['push_ratio']:.1f}%"
+        end_to_end = row.get("end_to_end_steps_per_second")
         lines.append(
             f"| {row['name']} | {row['steps']} | {row['steps_per_second']:.0f} | "
+            f"{'' if end_to_end is None else f'{end_to_end:.0f}'} | "
             f"{row['bytes_pushed_per_step']:,.0f} | {ratio} | {row['bytes_pulled_per_step']:,.0f} | "
             f"{row['test_accuracy']:.4f} |"
         )
@@ -1503,9 +1633,14 @@ def train_table(result: dict[str, Any]) -> str:
 def plot_wire(result: dict[str, Any], path: Path) -> None:
     """Grouped bars: pull and push + apply GB/s per stack."""
     plt = _pyplot()
-    stacks = ["ranger-ps", "torch rpc\n(TensorPipe)", "bare grpc.aio\n(no frames)", "raw TCP"]
-    pulls = [result["pull_gbps"], result["torch_rpc_pull_gbps"], result["grpc_pull_gbps"], result["tcp_gbps"]]
-    pushes = [result["push_gbps"], result["torch_rpc_push_gbps"], result["grpc_push_gbps"], result["tcp_send_gbps"]]
+    stacks = ["ranger-ps", "torch rpc\n(TensorPipe)", "bare grpc.aio\n(no frames)", "raw TCP\n(fastest)"]
+    pulls = [result["pull_gbps"], result["torch_rpc_pull_gbps"], result["grpc_pull_gbps"], result.get("tcp_best_gbps")]
+    pushes = [
+        result["push_gbps"],
+        result["torch_rpc_push_gbps"],
+        result["grpc_push_gbps"],
+        result.get("tcp_send_best_gbps"),
+    ]
     fig, ax = plt.subplots(figsize=(8, 4))
     xs = range(len(stacks))
     for offset, values, label in ((-0.2, pulls, "full pull"), (0.2, pushes, "dense push (+ apply)")):
@@ -1576,7 +1711,7 @@ def _pyplot() -> Any:
     try:
         import matplotlib
     except ImportError:
-        raise RuntimeError("--plot needs matplotlib (pip install matplotlib, or the dev extras)") from None
+        raise UserError("--plot needs matplotlib (pip install matplotlib, or the dev extras)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -1717,7 +1852,9 @@ def add_bench_parsers(bench: argparse._SubParsersAction[argparse.ArgumentParser]
     t.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     t.add_argument("--ddp", action=argparse.BooleanOptionalAction, default=True, help="run the DDP baseline")
     t.add_argument("--single", action=argparse.BooleanOptionalAction, default=True, help="run one-process baselines")
-    t.add_argument("--timeout", type=_positive_float, default=600.0, help="seconds the DDP baseline may take")
+    t.add_argument(
+        "--timeout", type=_positive_float, default=600.0, help="seconds one cluster or the DDP baseline may take"
+    )
     _add_output(t)
     t.set_defaults(run=_run_train)
 

@@ -31,10 +31,6 @@ EXIT_CLUSTER_ERROR = 1
 EXIT_INTERRUPTED = 130
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports errors as ``ranger-ps: error: ...`` with exit code 2 (its default)."""
-
-
 def _servers(text: str) -> list[str]:
     try:
         return parse_servers(text)
@@ -266,7 +262,7 @@ def train_config_to_argv(config: TrainConfig, *, skip: Sequence[str] = ()) -> li
 
 def build_parser() -> argparse.ArgumentParser:
     """The full ``ranger-ps`` argument parser."""
-    parser = _Parser(
+    parser = argparse.ArgumentParser(
         prog="ranger-ps",
         description="A sharded parameter server for PyTorch training.",
     )
@@ -335,6 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(b, with_num_workers=False)
     b.set_defaults(block_size=256)
     _add_common(b)
+    from ranger_ps.benchmarks import add_bench_parsers
+
+    add_bench_parsers(bench)
+    for name in ("wire", "apply", "train"):
+        if not any("--log-level" in a.option_strings for a in bench.choices[name]._actions):
+            _add_common(bench.choices[name])
 
     p = sub.add_parser("checkpoint", help="look into and export checkpoints")
     checkpoint = p.add_subparsers(dest="checkpoint_command", required=True, metavar="ACTION")
@@ -494,6 +496,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench != "convergence":
+        code: int = args.run(args)
+        return code
     from ranger_ps.progress import Progress
     from ranger_ps.worker.convergence import CaseResult, markdown_table, results_json, run_grid
     from ranger_ps.worker.data import DATASETS

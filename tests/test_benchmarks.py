@@ -1,0 +1,178 @@
+"""Smoke tests of ``ranger-ps bench wire | apply | train``: each runs with tiny sizes and reports sane values.
+
+Benchmarks are not tests: nothing here asserts on speed. The subcommands are built the way the
+command line builds them (:func:`ranger_ps.benchmarks.add_bench_parsers` on a ``bench`` subparser
+action) and dispatched through ``args.run(args)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ranger_ps.benchmarks import Costs, add_bench_parsers, cost_model, helper_main, steady_rate
+
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ranger-ps bench")
+    bench = parser.add_subparsers(dest="bench", required=True)
+    add_bench_parsers(bench)
+    return parser
+
+
+def _children(pid: int) -> list[int]:
+    """Live (non-zombie) child processes of ``pid`` (Linux /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(entry.name))
+    return out
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
+    before = set(_children(os.getpid())) if sys.platform.startswith("linux") else set()
+    args = _parser().parse_args([*argv, "--json", "--log-level", "WARNING"])
+    assert args.run(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1, lines  # one JSON object
+    if sys.platform.startswith("linux"):
+        assert set(_children(os.getpid())) <= before, "a benchmark left processes running"
+    result: dict[str, Any] = json.loads(lines[0])
+    return result
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+def _plot_args(tmp_path: Path, name: str) -> list[str]:
+    return ["--plot", str(tmp_path / f"{name}.png")] if HAS_MATPLOTLIB else []
+
+
+def _check_plot(tmp_path: Path, name: str) -> None:
+    if HAS_MATPLOTLIB:
+        assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_parsers_add_the_three_benchmarks_with_json_and_run() -> None:
+    parser = _parser()
+    for name in ("wire", "apply", "train"):
+        args = parser.parse_args([name, "--json"])
+        assert args.json is True
+        assert callable(args.run)
+    args = parser.parse_args(["train", "--fractions", "1,0.05"])
+    assert args.fractions == (1.0, 0.05)
+    for bad in (["train", "--fractions", "0"], ["wire", "--model-mb", "-1"], ["apply", "--rules", "adam"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+
+
+def test_steady_rate_uses_the_middle_of_the_run() -> None:
+    samples = [(0.0, 0), (1.0, 0), (2.0, 10), (3.0, 50), (4.0, 90), (5.0, 100)]
+    assert steady_rate(samples, 100) == pytest.approx(80 / 2)
+    assert steady_rate([(0.0, 0), (1.0, 100)], 100) is None  # nothing in between: too short to time
+
+
+def test_unknown_helper_role_is_refused() -> None:
+    with pytest.raises(SystemExit):
+        helper_main(["no-such-role"])
+
+
+def test_cost_model_finds_the_bottleneck() -> None:
+    """The bottleneck model on made-up costs: shards help until the workers' own work dominates."""
+    costs = Costs(
+        worker_push=1e-9,
+        worker_pull=1e-9,
+        worker_message=1e-4,
+        shard_push=2e-9,
+        shard_pull=1e-9,
+        shard_message=5e-4,
+        latency=2e-3,
+        nic_gbps=1.25,
+    )
+    rows = cost_model(costs, model_bytes=100e6, compute_seconds=0.1, push_fraction=1.0, workers=(1, 8), shards=(1, 8))
+    by = {(r["workers"], r["shards"]): r for r in rows}
+    assert by[(8, 8)]["steps_per_second"] > by[(8, 1)]["steps_per_second"]
+    assert by[(8, 1)]["bottleneck"] == "shard CPU"
+    assert by[(1, 8)]["bottleneck"].startswith("worker")
+    assert all(_positive(r["steps_per_second"]) for r in rows)
+    # A sparse push moves less, so it is never slower.
+    sparse = cost_model(
+        costs, model_bytes=100e6, compute_seconds=0.1, push_fraction=0.05, workers=(1, 8), shards=(1, 8)
+    )
+    for a, b in zip(rows, sparse, strict=True):
+        assert b["steps_per_second"] >= a["steps_per_second"]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_wire_smoke(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    result = _run(
+        capsys, "wire", "--model-mb", "1", "--repeat", "1", "--shards", "1", "--tensors", "3",
+        *_plot_args(tmp_path, "wire"),
+    )  # fmt: skip
+    for key in ("pull_gbps", "push_gbps", "tcp_gbps", "tcp_send_gbps", "grpc_pull_gbps", "pull_apply_gbps"):
+        assert _positive(result[key]), (key, result[key])
+    for key in ("torch_rpc_pull_gbps", "torch_rpc_push_gbps"):
+        # null where torch.distributed.rpc cannot run here, with the reason
+        assert _positive(result[key]) or (result[key] is None and result["torch_rpc_error"]), result
+    assert result["model_bytes"] == 1_000_000
+    assert result["pull_wire_bytes"] >= result["model_bytes"]
+    assert _positive(result["empty_push_ms"]) and _positive(result["empty_pull_ms"])
+    assert set(result["ratios"]) >= {"pull_vs_torch_rpc", "push_vs_torch_rpc", "pull_vs_tcp"}
+    assert set(result["targets"]) == {"pull_vs_torch_rpc", "push_vs_torch_rpc", "pull_vs_tcp"}
+    assert result["settings"]["shards"] == 1
+    _check_plot(tmp_path, "wire")
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_apply_smoke(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    result = _run(
+        capsys, "apply", "--model-mb", "1", "--repeat", "1", "--warmup", "1", "--block-size", "4096",
+        *_plot_args(tmp_path, "apply"),
+    )  # fmt: skip
+    assert _positive(result["memcpy_gbps"]) and _positive(result["memcpy_blocks_gbps"])
+    assert set(result["rules"]) == {"sgd", "adamw", "ranger", "sgd_no_momentum"}
+    for row in result["rules"].values():
+        assert _positive(row["gbps"])
+    assert _positive(result["server_push_path"]["gbps"]), result["server_push_path"]
+    assert _positive(result["ratios"]["sgd_vs_memcpy"])
+    assert result["settings"]["num_blocks"] == math.ceil(250_000 / 4096)
+    _check_plot(tmp_path, "apply")
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(400)
+def test_train_smoke(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    result = _run(capsys, "train", "--epochs", "1", "--fractions", "1,0.05", *_plot_args(tmp_path, "train"))
+    kinds = [row["kind"] for row in result["rows"]]
+    assert kinds == ["ranger-ps", "ranger-ps", "torch-sgd", "ranger-in-process", "ddp"]
+    for row in result["rows"]:
+        if row["kind"] == "ddp" and "error" in row:
+            continue  # torch.distributed unavailable here: reported, not fatal
+        assert row["steps"] > 0 and _positive(row["steps_per_second"]), row
+        assert 0.0 <= row["test_accuracy"] <= 1.0
+    dense, sparse = result["rows"][:2]
+    assert dense["push_ratio"] == pytest.approx(1.0)
+    assert 0 < sparse["bytes_pushed_per_step"] < dense["bytes_pushed_per_step"]
+    # Bytes are exact (not timings): the issue's 6% target at push fraction 0.05 holds.
+    assert result["ratios"]["push_bytes_ratio_at_0.05"] == sparse["push_ratio"] <= 0.06
+    assert result["settings"]["block_size"] == 256
+    _check_plot(tmp_path, "train")
