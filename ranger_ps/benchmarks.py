@@ -46,6 +46,7 @@ from typing import IO, Any
 import torch
 
 from ranger_ps.errors import ClusterError, UserError
+from ranger_ps.launcher import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -137,13 +138,6 @@ def _child_env() -> dict[str, str]:
     return env | {"OMP_NUM_THREADS": "1"}
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 @dataclass
 class _Children:
     """Child processes of one benchmark: started in their own sessions, always stopped (SIGTERM, then SIGKILL)."""
@@ -161,7 +155,7 @@ class _Children:
             stderr=log_file,
             env=self.env,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         self.processes.append((name, process, log_file))
         return process

@@ -26,7 +26,8 @@ from ranger_ps.errors import ClusterError
 log = logging.getLogger(__name__)
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Ask Linux to SIGTERM this (child) process when its parent dies: no orphans."""
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -80,7 +81,7 @@ class Cluster:
             stderr=subprocess.STDOUT,
             env=self.env,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         child = Child(name, process, log_path, log_file)
         self.children.append(child)
