@@ -46,7 +46,7 @@ from typing import IO, Any
 import torch
 
 from ranger_ps.errors import ClusterError, UserError
-from ranger_ps.launcher import die_with_parent
+from ranger_ps.launcher import die_with_parent, stop_process
 
 log = logging.getLogger(__name__)
 
@@ -172,15 +172,7 @@ class _Children:
         return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
 
     def stop(self, process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-                process.wait()
+        stop_process(process, timeout)
 
     def stop_all(self) -> None:
         for _name, process, log_file in reversed(self.processes):

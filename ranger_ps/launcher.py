@@ -35,6 +35,21 @@ def die_with_parent() -> None:  # pragma: no cover - runs in the child between f
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 15.0, *, name: str = "process") -> int | None:
+    """SIGTERM ``process``, SIGKILL it if it has not exited after ``timeout``; returns its exit code."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop within %gs; killing it", name, timeout)
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            process.wait()
+    return process.returncode
+
+
 @dataclass
 class Child:
     """A subprocess of the cluster with its log file."""
@@ -123,18 +138,9 @@ class Cluster:
 
     def stop(self, child: Child, timeout: float = 15.0) -> int | None:
         """SIGTERM a child, SIGKILL it if it has not exited after ``timeout``; returns its exit code."""
-        if child.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                child.process.send_signal(signal.SIGTERM)
-            try:
-                child.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop within %gs; killing it", child.name, timeout)
-                with contextlib.suppress(ProcessLookupError):
-                    child.process.kill()
-                child.process.wait()
+        code = stop_process(child.process, timeout, name=child.name)
         child.close_log()
-        return child.process.returncode
+        return code
 
     def stop_all(self) -> None:
         """Stop every child still running, newest first (workers before servers)."""
