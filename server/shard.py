@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -29,6 +30,8 @@ from ranger_ps.server.membership import Membership, WorkerRecord, WorkerSnapshot
 from ranger_ps.server.store import ShardStore
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,8 @@ class Shard:
         self.pulls_served = 0
         self.bytes_received = 0
         self.bytes_sent = 0
+        # Called with (seconds, blocks) after every update applied to the store (metrics hook).
+        self.apply_observers: list[Callable[[float, int], None]] = []
 
     # -- registration and initialization ---------------------------------------------------
 
@@ -308,8 +313,17 @@ class Shard:
             self._pending.setdefault(clock, {})[worker_id] = decoded
             await self._barrier_changed()
             return len(decoded), 0
-        applied, version_sum = store.apply(decoded)
+        applied, version_sum = self._timed_apply(store.apply, decoded)
         await self._notify()
+        return applied, version_sum
+
+    def _timed_apply(self, apply: Callable[[_T], tuple[int, int]], argument: _T) -> tuple[int, int]:
+        """Run one store update and tell :attr:`apply_observers` how long it took."""
+        started = time.perf_counter()
+        applied, version_sum = apply(argument)
+        elapsed = time.perf_counter() - started
+        for observer in self.apply_observers:
+            observer(elapsed, applied)
         return applied, version_sum
 
     def _record_staleness(self, record: WorkerRecord, clock: int, decoded: Sequence[tuple[int, torch.Tensor]]) -> None:
@@ -375,7 +389,7 @@ class Shard:
                     break
                 # Every live worker pushed this clock; a push acknowledged before its worker was
                 # dropped still counts (nothing acknowledged is lost).
-                self.store.apply_mean(list(pushes.values()))
+                self._timed_apply(self.store.apply_mean, list(pushes.values()))
                 del self._pending[clock]
                 self.applied_clock = clock
         await self._notify()
@@ -449,7 +463,7 @@ class Shard:
         applied = 0
         while self.store is not None and self._pending:
             clock = min(self._pending)
-            self.store.apply_mean(list(self._pending.pop(clock).values()))
+            self._timed_apply(self.store.apply_mean, list(self._pending.pop(clock).values()))
             self.applied_clock = max(self.applied_clock, clock)
             applied += 1
         return applied
