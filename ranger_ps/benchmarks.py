@@ -45,6 +45,7 @@ from typing import IO, Any
 
 import torch
 
+from ranger_ps.allocator import tune_allocator
 from ranger_ps.errors import ClusterError, UserError
 from ranger_ps.launcher import die_with_parent, stop_process
 
@@ -1500,6 +1501,7 @@ def plot_cost_model(scenarios: dict[str, list[dict[str, Any]]], path: Path) -> N
 def helper_main(argv: Sequence[str]) -> int:
     """Entry of the benchmark's helper processes (``python -c``): ``ROLE ARGS...``."""
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    tune_allocator()  # every process of a benchmark runs with the allocator ranger-ps's own processes use
     role, *rest = argv
     if role == "tcp-server":
         return _tcp_server(Path(rest[0]))

@@ -22,6 +22,7 @@ import grpc
 import torch
 
 from ranger_ps._proto import ranger_ps_pb2 as pb
+from ranger_ps.allocator import tune_allocator
 from ranger_ps.codec import bytes_to_tensor, codec_for_name, tensor_bytes
 from ranger_ps.errors import (
     ClusterError,
@@ -126,6 +127,7 @@ class ShardedClient:
     ) -> None:
         if not servers:
             raise UserError("at least one server address is needed")
+        tune_allocator()  # frame buffers reuse memory instead of faulting fresh pages in
         self.servers = list(servers)
         self.connect_timeout = connect_timeout
         self.retry_timeout = retry_timeout

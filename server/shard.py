@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
+OFF_LOOP_APPLY_BYTES = 1 << 20
+"""An async push carrying at least this many gradient bytes is applied in a worker thread."""
+
 
 @dataclass(frozen=True)
 class Registration:
@@ -133,6 +136,9 @@ class Shard:
         self.bytes_sent = 0
         # Called with (seconds, blocks) after every update applied to the store (metrics hook).
         self.apply_observers: list[Callable[[float, int], None]] = []
+        # Held while an update is applied (possibly in a thread): updates never overlap, and a
+        # checkpoint taken under it is a consistent cut.
+        self.apply_lock = asyncio.Lock()
 
     # -- registration and initialization ---------------------------------------------------
 
@@ -313,7 +319,12 @@ class Shard:
             self._pending.setdefault(clock, {})[worker_id] = decoded
             await self._barrier_changed()
             return len(decoded), 0
-        applied, version_sum = self._timed_apply(store.apply, decoded)
+        async with self.apply_lock:
+            if sum(g.nbytes for _, g in decoded) >= OFF_LOOP_APPLY_BYTES:
+                # Big updates run in a thread (torch releases the GIL), so the loop keeps serving.
+                applied, version_sum = await asyncio.to_thread(self._timed_apply, store.apply, decoded)
+            else:
+                applied, version_sum = self._timed_apply(store.apply, decoded)
         await self._notify()
         return applied, version_sum
 
