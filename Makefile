@@ -15,9 +15,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-## The main job: a local cluster (2 shards, 2 workers) trains an MLP on scikit-learn's digits.
+## The main job: a local cluster (2 shards, 2 workers) trains an MLP on scikit-learn's digits;
+## the report, the per-step CSVs and the plot land in runs/latest/.
+RUN_DIR ?= runs/latest
 run: $(STAMP)
-	$(BIN)/ranger-ps local $(ARGS)
+	$(BIN)/ranger-ps local --report $(RUN_DIR)/report.json $(ARGS)
 
 ## The whole test suite: linter, formatter check, type checker, then pytest.
 test: lint typecheck pytest

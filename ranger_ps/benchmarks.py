@@ -1129,9 +1129,8 @@ def _num_blocks(settings: TrainSettings) -> int:
 
 def _train_single(settings: TrainSettings) -> dict[str, Any]:
     """The same model, data and rule in one process with ``torch.optim.SGD`` (no servers)."""
-    from torch import nn
 
-    from ranger_ps.worker.train import build, evaluate
+    from ranger_ps.worker.train import batch_loss, build, evaluate
 
     config = _train_config(settings, num_workers=1)
     with _torch_threads(1):
@@ -1146,7 +1145,7 @@ def _train_single(settings: TrainSettings) -> dict[str, Any]:
             for first in range(0, len(order), config.batch_size):
                 batch = order[first : first + config.batch_size]
                 optimizer.zero_grad()
-                loss = nn.functional.cross_entropy(model(data.x_train[batch]), data.y_train[batch])
+                loss = batch_loss(model(data.prepare(data.x_train[batch])), data.y_train[batch])
                 loss.backward()  # type: ignore[no-untyped-call]
                 optimizer.step()
                 steps += 1
@@ -1241,12 +1240,11 @@ def _ddp_rank(
     port: int, rank: int, world: int, dataset: str, epochs: int, batch_size: int, rule: str, seed: int
 ) -> int:
     import torch.distributed as dist
-    from torch import nn
     from torch.nn.parallel import DistributedDataParallel
 
     from ranger_ps.config import TrainConfig
     from ranger_ps.worker.data import shard_indices
-    from ranger_ps.worker.train import build, evaluate
+    from ranger_ps.worker.train import batch_loss, build, evaluate
 
     torch.set_num_threads(1)
     config = TrainConfig(rule=rule, dataset=dataset, epochs=epochs, batch_size=batch_size, seed=seed)
@@ -1268,7 +1266,7 @@ def _ddp_rank(
             for i in range(steps_per_epoch):
                 batch = order[i * batch_size : (i + 1) * batch_size]
                 optimizer.zero_grad()
-                loss = nn.functional.cross_entropy(ddp(data.x_train[batch]), data.y_train[batch])
+                loss = batch_loss(ddp(data.prepare(data.x_train[batch])), data.y_train[batch])
                 loss.backward()  # type: ignore[no-untyped-call]
                 optimizer.step()
                 steps += 1

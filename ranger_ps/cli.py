@@ -13,13 +13,15 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Mapping, Sequence
+import tomllib
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from google.protobuf.message import Message
 
 from ranger_ps import __version__
+from ranger_ps.allocator import tune_allocator
 from ranger_ps.config import TrainConfig
 from ranger_ps.errors import ClusterError, UserError
 from ranger_ps.rpc import parse_servers
@@ -154,6 +156,31 @@ def _add_cluster(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_worker_watching(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("watching the run")
+    group.add_argument(
+        "--metrics-csv",
+        type=Path,
+        metavar="FILE.csv",
+        help="write per-step metrics here, evaluations beside it (and TensorBoard scalars when installed)",
+    )
+    group.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus metrics on this port (0: any free port; default: off)"
+    )
+    group.add_argument(
+        "--metrics-host", default="127.0.0.1", help="the address the metrics endpoint listens on (default: 127.0.0.1)"
+    )
+    group.add_argument(
+        "--ready-file", type=Path, help="with --metrics-port: write the bound metrics port here as JSON once it listens"
+    )
+
+
+def _write_json_atomically(path: Path, value: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging verbosity"
@@ -163,6 +190,13 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="run event loops on uvloop (default: on)",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE.toml",
+        help="read flags from a TOML file (keys are flag names: push-fraction = 0.05); "
+        "the environment and the command line win over it",
     )
 
 
@@ -278,6 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-shards", type=int, default=1, help="number of shards (default: 1)")
     p.add_argument("--ready-file", type=Path, help="write {host, port, pid} as JSON here once serving")
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on shutdown (default: 10)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics on http://METRICS_HOST:PORT/metrics; 0 picks a free port (default: off)",
+    )
+    p.add_argument(
+        "--metrics-host", default="127.0.0.1", help="address the metrics endpoint listens on (default: 127.0.0.1)"
+    )
     _add_checkpointing(p)
     _add_server_security(p)
     _add_cluster(p)
@@ -289,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", type=Path, help="write a JSON report here at the end")
     _add_train(p)
     _add_client_security(p)
+    _add_worker_watching(p)
     _add_common(p)
 
     p = sub.add_parser("local", help="run a whole cluster (shards and workers) on this machine and train")
@@ -303,6 +346,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(p, with_num_workers=False)
     p.add_argument(
         "--token-file", type=Path, help="run the cluster with this token (servers require it, workers send it)"
+    )
+    group = p.add_argument_group("watching the run")
+    group.add_argument(
+        "--metrics-port",
+        type=int,
+        help="Prometheus endpoints: shard i on PORT+i, worker j on PORT+shards+j; 0: any free ports (default: off)",
+    )
+    group.add_argument(
+        "--metrics-host", default="127.0.0.1", help="the address the metrics endpoints listen on (default: 127.0.0.1)"
+    )
+    group.add_argument(
+        "--metrics-dir",
+        type=Path,
+        help="keep the workers' per-step CSVs here (default: REPORT-steps/ beside --report, else not kept)",
+    )
+    group.add_argument(
+        "--plot",
+        type=Path,
+        metavar="FILE.png",
+        help="draw loss and accuracy against steps and bytes pushed here (default: REPORT.png beside --report)",
     )
     _add_common(p)
 
@@ -411,37 +474,51 @@ def _cmd_server(args: argparse.Namespace) -> int:
         max_workers=args.max_workers,
         max_streams=args.max_streams,
         max_message_mb=args.max_message_mb,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
     )
     return server_main(options, use_uvloop=args.uvloop)
 
 
+def _print_effective_config(command: str, config: dict[str, Any], config_file: Path | None) -> None:
+    """Log the settings a run uses (after the config file, the environment and the flags)."""
+    source = f" (config file {config_file})" if config_file is not None else ""
+    log.info("%s: effective config%s: %s", command, source, json.dumps(config, sort_keys=True))
+
+
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from ranger_ps.progress import Progress
     from ranger_ps.report import write_report
+    from ranger_ps.watch import RunWatcher
     from ranger_ps.worker.train import result_report, train
 
     config = train_config_from_args(args)
-    bar: Progress | None = None
-
-    def progress(done: int, total: int, loss: float) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = Progress(total, "worker")
-        bar.update(done, loss=f"{loss:.3f}")
-
+    _print_effective_config("worker", config.to_dict(), args.config_file)
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        raise UserError(f"--metrics-port must be in [0, 65535], got {args.metrics_port}")
     try:
+        watcher = RunWatcher(
+            f"worker {args.worker_id if args.worker_id is not None else ''}".strip(),
+            step_log=args.metrics_csv,
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
+            worker_id=args.worker_id if args.worker_id is not None else "",
+        )
+    except OSError as exc:
+        raise UserError(f"cannot open the metrics outputs: {exc}") from None
+    if watcher.metrics_port is not None and args.ready_file is not None:
+        _write_json_atomically(args.ready_file, {"metrics_port": watcher.metrics_port, "pid": os.getpid()})
+    with watcher:
         result = train(
             config,
             args.servers,
             worker_id=args.worker_id,
-            progress=progress,
+            on_step=watcher.on_step,
+            on_eval=watcher.on_eval,
             use_uvloop=args.uvloop,
             security=client_security(args),
         )
-    finally:
-        if bar is not None:
-            bar.close()
     report = result_report(result, config, args.servers)
+    report["config_file"] = str(args.config_file) if args.config_file is not None else None
     if args.report:
         write_report(args.report, report)
     print(
@@ -456,6 +533,10 @@ def _cmd_local(args: argparse.Namespace) -> int:
     from ranger_ps.cli_local import LocalOptions, run_local
 
     config = train_config_from_args(args, num_workers=args.workers)
+    _print_effective_config("local", config.to_dict(), args.config_file)
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535 - args.shards - args.workers:
+        raise UserError(f"--metrics-port must be in [0, {65535 - args.shards - args.workers}], got {args.metrics_port}")
+    plot = args.plot if args.plot is not None else (args.report.with_suffix(".png") if args.report else None)
     options = LocalOptions(
         workers=args.workers,
         shards=args.shards,
@@ -468,8 +549,13 @@ def _cmd_local(args: argparse.Namespace) -> int:
         wait_seconds=args.wait_timeout,
         token_file=args.token_file,
         token=_token(args),
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        step_log_dir=args.metrics_dir or (args.report.parent / f"{args.report.stem}-steps" if args.report else None),
+        plot=plot,
     )
     report = run_local(config, options)
+    report["config_file"] = str(args.config_file) if args.config_file is not None else None
     if args.report:
         from ranger_ps.report import write_report
 
@@ -692,39 +778,105 @@ def apply_environment(parser: argparse.ArgumentParser, environ: Mapping[str, str
     the command line still win. A value that does not parse is a usage error naming the variable
     (exit code 2).
     """
+    for sub, action, flag in _flag_actions(parser, argv):
+        name = env_var(flag)
+        if name in environ:
+            _set_default(sub, action, environ[name], f"{name}={environ[name]!r}")
+
+
+def _flag_actions(
+    parser: argparse.ArgumentParser, argv: Sequence[str]
+) -> Iterator[tuple[argparse.ArgumentParser, argparse.Action, str]]:
+    """(parser, action, ``--long-flag``) of every settable flag of the command ``argv`` runs."""
     for sub in _selected_parsers(parser, argv):
         for action in sub._actions:
             long = [o for o in action.option_strings if o.startswith("--") and not o.startswith("--no-")]
-            if not long or action.dest in ("help", "version"):
-                continue
-            name = env_var(long[0])
-            if name not in environ:
-                continue
-            raw = environ[name]
-            if isinstance(action, argparse.BooleanOptionalAction) or action.const is True:
-                if raw.strip().lower() not in _TRUE | _FALSE:
-                    sub.error(f"{name}={raw!r}: expected one of {', '.join(sorted(_TRUE | _FALSE))}")
-                value: Any = raw.strip().lower() in _TRUE
-            else:
-                try:
-                    value = action.type(raw) if callable(action.type) else raw
-                except (argparse.ArgumentTypeError, ValueError) as exc:
-                    sub.error(f"{name}={raw!r}: {exc}")
-                if action.choices is not None and value not in action.choices:
-                    sub.error(f"{name}={raw!r}: choose from {', '.join(map(str, action.choices))}")
-            action.default = value
-            action.required = False
+            if long and action.dest not in ("help", "version", "config"):
+                yield sub, action, long[0]
+
+
+def _set_default(sub: argparse.ArgumentParser, action: argparse.Action, raw: str, where: str) -> None:
+    """Make ``raw`` (text as a user wrote it) the flag's default; a bad value is a usage error (exit 2)."""
+    if isinstance(action, argparse.BooleanOptionalAction) or action.const is True:
+        if raw.strip().lower() not in _TRUE | _FALSE:
+            sub.error(f"{where}: expected one of {', '.join(sorted(_TRUE | _FALSE))}")
+        value: Any = raw.strip().lower() in _TRUE
+    else:
+        try:
+            value = action.type(raw) if callable(action.type) else raw
+        except (argparse.ArgumentTypeError, ValueError) as exc:
+            sub.error(f"{where}: {exc}")
+        if action.choices is not None and value not in action.choices:
+            sub.error(f"{where}: choose from {', '.join(map(str, action.choices))}")
+    action.default = value
+    action.required = False
+
+
+def _config_path(argv: Sequence[str], environ: Mapping[str, str]) -> Path | None:
+    """The ``--config FILE`` (or ``--config=FILE``, or ``RANGER_PS_CONFIG``) the command line asks for."""
+    for i, token in enumerate(argv):
+        if token == "--":
+            break
+        if token == "--config" and i + 1 < len(argv):
+            return Path(argv[i + 1])
+        if token.startswith("--config="):
+            return Path(token.partition("=")[2])
+    value = environ.get(ENV_PREFIX + "CONFIG", "").strip()
+    return Path(value) if value else None
+
+
+def _toml_text(value: Any) -> str:
+    """A TOML value as the text a user would type on the command line."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return ",".join(_toml_text(v) for v in value)
+    return str(value)
+
+
+def apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str], environ: Mapping[str, str]) -> Path | None:
+    """Let a TOML file (``--config FILE``) set the flags of the command ``argv`` runs.
+
+    Keys are flag names without the dashes (``push-fraction`` or ``push_fraction``); lists become
+    comma-separated values (``betas = [0.9, 0.999]``). The environment and the command line win over
+    the file. An unreadable file, a key that is not a flag of this command, or a bad value is a usage
+    error naming the file and key (exit code 2). Returns the file read, if any.
+    """
+    path = _config_path(argv, environ)
+    if path is None:
+        return None
+    chain = _selected_parsers(parser, argv)
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        chain[-1].error(f"--config {path}: cannot read it ({exc.strerror or exc})")
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        chain[-1].error(f"--config {path}: not valid TOML ({exc})")
+    flags = {flag.lstrip("-"): (sub, action) for sub, action, flag in _flag_actions(parser, argv)}
+    for key, value in table.items():
+        flag = key.replace("_", "-")
+        if flag not in flags:
+            known = ", ".join(sorted(flags))
+            chain[-1].error(f"--config {path}: {key!r} is not a flag of this command (known: {known})")
+        if isinstance(value, dict):
+            chain[-1].error(f"--config {path}: {key!r} must be a value, not a table")
+        sub, action = flags[flag]
+        _set_default(sub, action, _toml_text(value), f"--config {path}: {key} = {value!r}")
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ranger-ps`` console script; returns the exit code."""
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    apply_environment(parser, os.environ, argv)  # the one place the environment is read
+    config_file = apply_config_file(parser, argv, os.environ)
+    apply_environment(parser, os.environ, argv)  # the one place the environment is read (after the file: it wins)
     args = parser.parse_args(argv)
+    args.config_file = config_file
     # The token itself never travels in argv (process listings): only as a file or this variable.
     args.env_token = os.environ.get(ENV_PREFIX + "TOKEN")
     _configure_logging(args.log_level)
+    tune_allocator()
     try:
         return COMMANDS[args.command](args)
     except UserError as exc:

@@ -7,6 +7,7 @@ weights in this process (importing the worker package lazily, as the CLI may).
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import signal
@@ -48,6 +49,12 @@ class LocalOptions:
         wait_seconds: the longest a pull waits at a barrier.
         token_file: a token the servers require and the workers send (the path travels, never the token).
         token: the token itself when it came from ``RANGER_PS_TOKEN`` (the children inherit the variable).
+        metrics_port: Prometheus endpoints on every process: shard ``i`` on ``metrics_port + i``,
+            worker ``j`` on ``metrics_port + shards + j``; 0 lets each pick a free port (logged);
+            None: off.
+        metrics_host: the address the metrics endpoints listen on.
+        step_log_dir: where the workers' per-step CSVs go (``worker-N.csv``); default: the run folder.
+        plot: draw loss and accuracy against steps and bytes pushed into this PNG at the end.
     """
 
     workers: int = 2
@@ -63,6 +70,10 @@ class LocalOptions:
     wait_seconds: float = 120.0
     token_file: Path | None = None
     token: str | None = field(default=None, repr=False)
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    step_log_dir: Path | None = None
+    plot: Path | None = None
 
 
 def _planned_steps(config: TrainConfig, workers: int) -> int:
@@ -89,6 +100,8 @@ def run_local(config: TrainConfig, options: LocalOptions) -> dict[str, Any]:
     temporary = options.run_dir is None
     run_dir = Path(tempfile.mkdtemp(prefix="ranger-ps-")) if options.run_dir is None else options.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    step_log_dir = options.step_log_dir or run_dir
+    step_log_dir.mkdir(parents=True, exist_ok=True)
     common = ["--log-level", options.log_level, "--uvloop" if options.use_uvloop else "--no-uvloop"]
     if options.token_file is not None:
         common += ["--token-file", str(options.token_file)]
@@ -122,6 +135,7 @@ def run_local(config: TrainConfig, options: LocalOptions) -> dict[str, Any]:
                             repr(options.lease_seconds),
                             "--wait-timeout",
                             repr(options.wait_seconds),
+                            *_metrics_flags(options, shard),
                             *common,
                         ],
                     )
@@ -131,8 +145,15 @@ def run_local(config: TrainConfig, options: LocalOptions) -> dict[str, Any]:
                 host, port = cluster.wait_ready(child, run_dir / f"shard-{shard}.ready.json", options.startup_timeout)
                 addresses.append(f"{host}:{port}")
             log.info("servers up: %s (logs in %s)", ",".join(addresses), run_dir)
+            if options.metrics_port is not None:
+                for shard in range(options.shards):
+                    ready = json.loads((run_dir / f"shard-{shard}.ready.json").read_text())
+                    log.info(
+                        "shard %d metrics: http://%s:%s/metrics", shard, options.metrics_host, ready["metrics_port"]
+                    )
 
             worker_argv = train_config_to_argv(config, skip=("num_workers",))
+            step_logs = [step_log_dir / f"worker-{w}.csv" for w in range(options.workers)]
             workers = [
                 cluster.spawn(
                     f"worker-{w}",
@@ -146,6 +167,14 @@ def run_local(config: TrainConfig, options: LocalOptions) -> dict[str, Any]:
                         str(options.workers),
                         "--report",
                         str(run_dir / f"worker-{w}.json"),
+                        "--metrics-csv",
+                        str(step_logs[w]),
+                        *_metrics_flags(options, options.shards + w),
+                        *(
+                            ["--ready-file", str(run_dir / f"worker-{w}.ready.json")]
+                            if options.metrics_port is not None
+                            else []
+                        ),
                         *worker_argv,
                         *common,
                     ],
@@ -153,7 +182,7 @@ def run_local(config: TrainConfig, options: LocalOptions) -> dict[str, Any]:
                 for w in range(options.workers)
             ]
             bar = Progress(_planned_steps(config, options.workers), "training", enabled=options.progress)
-            watcher = _ProgressWatcher(addresses, bar, options.use_uvloop, security)
+            watcher = _ProgressWatcher(addresses, bar, options.use_uvloop, security, step_logs)
             try:
                 wait_all(cluster, workers, servers, poll=watcher.poll)
                 watcher.poll()
@@ -173,6 +202,7 @@ def run_local(config: TrainConfig, options: LocalOptions) -> dict[str, Any]:
                 if code not in (0, None):
                     log.warning("%s exited with code %s on shutdown (see %s)", child.name, code, child.log_path)
         per_worker = [read_report(run_dir / f"worker-{w}.json") for w in range(options.workers)]
+        plot = _plot(step_logs, options.plot, config) if options.plot is not None else None
         ok = True
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -205,17 +235,46 @@ def run_local(config: TrainConfig, options: LocalOptions) -> dict[str, Any]:
             {k: r[k] for k in ("worker_id", "steps", "test_accuracy", "bytes_pushed", "bytes_pulled", "wall_seconds")}
             for r in per_worker
         ],
+        "step_logs": [str(p) for p in step_logs] if options.step_log_dir is not None else [],
+        "plot": str(plot) if plot is not None else None,
     }
 
 
-class _ProgressWatcher:
-    """Turns the servers' view of worker clocks into progress (what the servers really applied)."""
+def _metrics_flags(options: LocalOptions, index: int) -> list[str]:
+    """``--metrics-port``/``--metrics-host`` for the ``index``-th process (shards first, then workers)."""
+    if options.metrics_port is None:
+        return []
+    port = options.metrics_port + index if options.metrics_port else 0
+    return ["--metrics-port", str(port), "--metrics-host", options.metrics_host]
 
-    def __init__(self, addresses: list[str], bar: Progress, use_uvloop: bool, security: ClientSecurity) -> None:
+
+def _plot(step_logs: list[Path], out: Path, config: TrainConfig) -> Path | None:
+    """Draw the run's curves; a failure to plot is reported, never fatal (the training is done)."""
+    from ranger_ps.plot import plot_run
+
+    title = f"{config.model} on {config.dataset}: {config.rule}, push fraction {config.push_fraction:g}"
+    try:
+        path = plot_run(step_logs, out, title=title)
+    except (OSError, ValueError) as exc:
+        log.warning("could not draw %s: %s", out, exc)
+        return None
+    log.info("plot of loss and accuracy written to %s", path)
+    return path
+
+
+class _ProgressWatcher:
+    """Progress of the whole run: steps the servers applied, and loss, rate and push ratio from the
+    workers' step logs (their last rows)."""
+
+    def __init__(
+        self, addresses: list[str], bar: Progress, use_uvloop: bool, security: ClientSecurity, step_logs: list[Path]
+    ) -> None:
         self.addresses = addresses
         self.security = security
         self.bar = bar
         self.use_uvloop = use_uvloop
+        self.step_logs = step_logs
+        self._started = time.monotonic()
         self._last = 0.0
 
     def poll(self) -> None:
@@ -230,4 +289,30 @@ class _ProgressWatcher:
         if isinstance(reply, str):
             return
         done = sum(w.clock for w in reply.workers if not w.observer)
-        self.bar.update(done, pushes=reply.pushes_applied)
+        rows = [row for row in map(_last_row, self.step_logs) if row is not None]
+        postfix: dict[str, object] = {"pushes": reply.pushes_applied}
+        if rows:
+            postfix["loss"] = f"{sum(float(r['loss']) for r in rows) / len(rows):.3f}"
+            dense = sum(int(r["bytes_pushed_dense"]) for r in rows)
+            if dense:
+                postfix["push"] = f"{sum(int(r['bytes_pushed']) for r in rows) / dense:.1%}"
+        postfix["steps_s"] = f"{done / max(1e-9, now - self._started):.0f}"
+        self.bar.update(done, **postfix)
+
+
+def _last_row(path: Path) -> dict[str, str] | None:
+    """The last complete row of a step log (CSV with a header), reading only the file's end."""
+    try:
+        with path.open("rb") as handle:
+            first = handle.readline()
+            header = first.decode().strip().split(",")
+            size = handle.seek(0, 2)
+            handle.seek(max(len(first), size - 4096))  # a whole row fits in far less
+            lines = handle.read().decode(errors="replace").split("\n")
+    except OSError:
+        return None
+    for line in reversed(lines[:-1]):  # the last piece is empty or a row still being written
+        cells = line.split(",")
+        if len(cells) == len(header) and cells[0].isdigit():
+            return dict(zip(header, cells, strict=True))
+    return None

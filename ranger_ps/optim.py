@@ -26,6 +26,7 @@ import torch
 from ranger_ps.layout import DEFAULT_BLOCK_SIZE, Layout
 from ranger_ps.rules import BlockState, RuleConfig, apply_update, state_dtype
 from ranger_ps.selection import ErrorFeedback, SelectionConfig, centralize_, choose_blocks, density_at
+from ranger_ps.transfer import PinnedStaging, needs_staging
 
 if TYPE_CHECKING:
     from ranger_ps.client import PulledBlock, ShardedClient
@@ -184,6 +185,7 @@ class Ranger(torch.optim.Optimizer):
         self.last_chosen: list[int] = []  # block ids updated by the last step
         self._pending: Future[list[PulledBlock]] | None = None
         self._cluster_rule: RuleConfig | None = None
+        self._staging: PinnedStaging | None = None
         if servers is not None:
             self._connect(
                 list(servers), worker_id, connect_timeout, use_uvloop, consistency or "", retry_timeout, security
@@ -250,6 +252,8 @@ class Ranger(torch.optim.Optimizer):
         if len(configs) != 1:
             raise ValueError("with servers, every param group must use the same rule settings")
         self._cluster_rule = configs.pop()
+        if needs_staging(self._params):  # a model on a GPU: the wire goes through pinned host buffers
+            self._staging = PinnedStaging(self.layout, [p.device for p in self._params])
         self.client = ShardedClient(
             servers,
             connect_timeout=connect_timeout,
@@ -277,7 +281,10 @@ class Ranger(torch.optim.Optimizer):
 
     def _apply_pulled(self, blocks: list[PulledBlock]) -> None:
         assert self.client is not None
-        self.client.apply_pulled(blocks, self._block_views())
+        if self._staging is not None:
+            self._staging.to_device(blocks, self._block_views())
+        else:
+            self.client.apply_pulled(blocks, self._block_views())
 
     def synchronize(self) -> None:
         """With servers: wait for the pull in flight (``overlap=True``) and swap it in."""
@@ -412,6 +419,8 @@ class Ranger(torch.optim.Optimizer):
             )
         self.synchronize()  # overlap: the previous step's pull lands before this push
         pushed = feedback.select_flat(grads, chosen)
+        if self._staging is not None:
+            pushed = self._staging.to_host(pushed, chosen)
         clock = self.client.start_clock + step  # the cluster's clock: a joining worker starts where it is
         handle = self.client.push(pushed, chosen, clock=clock)
         self.bytes_pushed_dense += self.client.push_wire_bytes(None, clock=clock)

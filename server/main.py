@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from ranger_ps import checkpoint
 from ranger_ps.consistency import parse_consistency
 from ranger_ps.errors import UserError
+from ranger_ps.metrics import MetricsEndpoint, ServerMetrics, start_metrics_server
 from ranger_ps.rpc import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES, SERVICE_NAME
 from ranger_ps.runtime import run_async
 from ranger_ps.security import ServerSecurity
@@ -54,6 +55,9 @@ class ServerOptions:
         max_workers: how many workers may be registered at once.
         max_streams: concurrent calls (HTTP/2 streams) per client connection.
         max_message_mb: the largest message accepted, in MiB.
+        metrics_port: serve Prometheus metrics on ``http://metrics_host:metrics_port/metrics``; None
+            (default) serves none, 0 picks a free port (written to the ready file as ``metrics_port``).
+        metrics_host: address the metrics endpoint listens on.
     """
 
     shard_id: int = 0
@@ -75,6 +79,8 @@ class ServerOptions:
     max_workers: int = 1024
     max_streams: int = 64
     max_message_mb: int = MAX_MESSAGE_BYTES >> 20
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if self.nan_policy not in ("reject", "skip"):
@@ -101,11 +107,18 @@ class ServerOptions:
             raise UserError(f"--shard-id must be in [0, {self.num_shards - 1}], got {self.shard_id}")
         if not 0 <= self.port <= 65535:
             raise UserError(f"--port must be in [0, 65535], got {self.port}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise UserError(f"--metrics-port must be in [0, 65535], got {self.metrics_port}")
+        if not self.metrics_host:
+            raise UserError("--metrics-host must not be empty")
 
 
-def _write_ready_file(path: Path, host: str, port: int) -> None:
+def _write_ready_file(path: Path, host: str, port: int, metrics_port: int | None = None) -> None:
+    info: dict[str, object] = {"host": host, "port": port, "pid": os.getpid()}
+    if metrics_port is not None:
+        info["metrics_port"] = metrics_port
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"host": host, "port": port, "pid": os.getpid()}))
+    tmp.write_text(json.dumps(info))
     os.replace(tmp, path)
 
 
@@ -144,19 +157,29 @@ async def serve(options: ServerOptions, stop: asyncio.Event | None = None) -> No
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    saver = _Checkpointer(shard, options) if options.checkpoint_dir is not None else None
+    try:
+        metrics = _start_metrics(shard, options, saver)
+    except OSError as exc:
+        await server.stop(None)
+        raise UserError(
+            f"cannot serve metrics on {options.metrics_host}:{options.metrics_port}: the port is in use or the "
+            f"address is not local ({exc})"
+        ) from None
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)  # before announcing readiness: a stop always checkpoints
     if options.ready_file is not None:
-        _write_ready_file(options.ready_file, options.host, port)
+        _write_ready_file(options.ready_file, options.host, port, metrics.port if metrics is not None else None)
     log.info(
         "shard %d of %d serving on %s:%d (%s, lease %gs, %s)",
         options.shard_id, options.num_shards, options.host, port, shard.mode, options.lease_seconds,
         options.security.describe(),
     )  # fmt: skip
+    if metrics is not None:
+        log.info("shard %d serves metrics on %s", options.shard_id, metrics.url)
     reaper = asyncio.create_task(_expire_leases(shard, options.lease_seconds / 4))
-    saver = _Checkpointer(shard, options) if options.checkpoint_dir is not None else None
     periodic = asyncio.create_task(saver.run()) if saver is not None else None
 
     try:
@@ -175,9 +198,25 @@ async def serve(options: ServerOptions, stop: asyncio.Event | None = None) -> No
         flushed = await shard.flush_pending()
         if flushed:
             log.info("shard %d applied %d incomplete bsp clocks before stopping", options.shard_id, flushed)
-        if saver is not None:
-            await saver.save("final")
+        try:
+            if saver is not None:
+                await saver.save("final")
+        finally:
+            if metrics is not None:
+                await asyncio.to_thread(metrics.close)  # last: a final scrape still sees the final state
         log.info("shard %d stopped: %d pushes applied", options.shard_id, shard.pushes_applied)
+
+
+def _start_metrics(shard: Shard, options: ServerOptions, saver: _Checkpointer | None) -> MetricsEndpoint | None:
+    """Serve the shard's Prometheus metrics when ``options.metrics_port`` is set (None otherwise)."""
+    if options.metrics_port is None:
+        return None
+    metrics = ServerMetrics(
+        shard.stats, shard_id=shard.shard_id, checkpoint_age=saver.age if saver is not None else None
+    )
+    endpoint, _ = start_metrics_server(metrics.registry, options.metrics_host, options.metrics_port)
+    shard.apply_observers.append(metrics.observe_apply)
+    return endpoint
 
 
 def _restore(shard: Shard, directory: Path) -> None:
@@ -224,6 +263,12 @@ class _Checkpointer:
         self.keep = options.keep
         self._saved_at_pushes = shard.pushes_applied
         self._lock = asyncio.Lock()
+        self._saved_at: float | None = None  # time.monotonic() of the last successful write
+
+    def age(self) -> float | None:
+        """Seconds since this process last wrote a checkpoint; None while it has written none."""
+        saved_at = self._saved_at
+        return None if saved_at is None else time.monotonic() - saved_at
 
     async def run(self) -> None:
         last = time.monotonic()
@@ -243,11 +288,13 @@ class _Checkpointer:
     async def save(self, why: str) -> None:
         """Snapshot on the event loop (a consistent cut), write in a thread (the loop keeps serving)."""
         async with self._lock:
-            snapshot = self.shard.checkpoint()
+            async with self.shard.apply_lock:  # no update is half-applied in a thread meanwhile
+                snapshot = self.shard.checkpoint()
             if snapshot is None:
                 return
             self._saved_at_pushes = self.shard.pushes_applied
             path = await asyncio.to_thread(checkpoint.write, snapshot, self.directory, keep=self.keep)
+            self._saved_at = time.monotonic()
             log.info("shard %d wrote %s checkpoint %s", self.shard.shard_id, why, path)
 
 

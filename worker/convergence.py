@@ -15,14 +15,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from ranger_ps.config import TrainConfig
 from ranger_ps.optim import Ranger
 from ranger_ps.placement import Placement
 from ranger_ps.pushes import push_wire_bytes
 from ranger_ps.selection import subsample_indices
-from ranger_ps.worker.train import build, evaluate
+from ranger_ps.worker.train import batch_loss, build, evaluate
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,7 @@ def run_case(config: TrainConfig, *, shards: int = 2) -> CaseResult:
             batch = order[start : start + config.batch_size]
             batch = batch[subsample_indices(len(batch), config.subsample, seed=config.seed, worker_id=0, step=step + 1)]
             optimizer.zero_grad()
-            loss = nn.functional.cross_entropy(model(data.x_train[batch].to(device)), data.y_train[batch].to(device))
+            loss = batch_loss(model(data.prepare(data.x_train[batch].to(device))), data.y_train[batch].to(device))
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             step += 1

@@ -28,8 +28,32 @@ from ranger_ps.worker.models import build_model
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[int, int, float], None]
-"""Called after each step with (steps done, steps planned, last loss)."""
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What one training step did, for progress bars, metrics and the step log.
+
+    Byte counts are running totals of this worker since it started.
+    """
+
+    step: int
+    planned: int
+    loss: float
+    batch_accuracy: float
+    wall_seconds: float
+    bytes_pushed: int
+    bytes_pulled: int
+    bytes_pushed_dense: int
+
+
+StepFn = Callable[[StepInfo], None]
+"""Called after each training step."""
+
+EvalFn = Callable[[int, int, "Evaluation"], None]
+"""Called after each epoch with (steps done, bytes pushed so far, evaluation of the worker's weights)."""
+
+EPOCH_EVAL_EXAMPLES = 2048
+"""The per-epoch evaluation (for curves) uses at most this many test examples; the final one uses all."""
 
 
 @dataclass(frozen=True)
@@ -86,20 +110,39 @@ def planned_steps(config: TrainConfig, num_examples: int, worker_index: int) -> 
     return math.ceil(mine / config.batch_size) * config.epochs
 
 
+def batch_loss(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy for classification (logits (B, C), y (B,)) and language models alike
+    (logits (B, T, V), y (B, T): every position predicts its next token)."""
+    return nn.functional.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction=reduction)
+
+
+def correct_predictions(logits: torch.Tensor, y: torch.Tensor) -> int:
+    """Predictions (examples, or tokens for a language model) whose arg-max is the target."""
+    return int((logits.argmax(dim=-1) == y).sum())
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Dataset, device: torch.device, batch_size: int = 1024) -> Evaluation:
-    """Accuracy and mean cross-entropy on the test split."""
+def evaluate(
+    model: nn.Module, data: Dataset, device: torch.device, batch_size: int = 1024, limit: int | None = None
+) -> Evaluation:
+    """Accuracy and mean cross-entropy on the test split (its first ``limit`` examples when given).
+
+    For a language model both are per predicted token.
+    """
     model.eval()
     correct = 0
     loss_sum = 0.0
-    for start in range(0, len(data.y_test), batch_size):
-        x = data.x_test[start : start + batch_size].to(device)
-        y = data.y_test[start : start + batch_size].to(device)
+    targets = 0
+    end = len(data.y_test) if limit is None else min(limit, len(data.y_test))
+    for start in range(0, end, batch_size):
+        x = data.prepare(data.x_test[start : min(start + batch_size, end)].to(device))
+        y = data.y_test[start : min(start + batch_size, end)].to(device)
         logits = model(x)
-        loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(dim=1) == y).sum())
+        loss_sum += float(batch_loss(logits, y, reduction="sum"))
+        correct += correct_predictions(logits, y)
+        targets += y.numel()
     model.train()
-    n = max(1, len(data.y_test))
+    n = max(1, targets)
     return Evaluation(correct / n, loss_sum / n)
 
 
@@ -108,11 +151,16 @@ def train(
     servers: list[str],
     *,
     worker_id: int | None = None,
-    progress: ProgressFn | None = None,
+    on_step: StepFn | None = None,
+    on_eval: EvalFn | None = None,
     use_uvloop: bool = True,
     security: ClientSecurity | None = None,
 ) -> TrainResult:
-    """Train against a cluster, then evaluate the final weights pulled from it."""
+    """Train against a cluster, then evaluate the final weights pulled from it.
+
+    ``on_step`` is called after every step; ``on_eval`` after every epoch with an evaluation of the
+    worker's current weights on (at most :data:`EPOCH_EVAL_EXAMPLES` of) the test split.
+    """
     data, model, device = build(config)
     started = time.monotonic()
     optimizer = Ranger(
@@ -145,15 +193,30 @@ def train(
                     len(batch), config.subsample, seed=config.seed, worker_id=worker_id, step=step + 1
                 )
                 batch = batch[keep]
-                x = data.x_train[batch].to(device, non_blocking=True)
+                x = data.prepare(data.x_train[batch].to(device, non_blocking=True))
                 y = data.y_train[batch].to(device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=False)
-                loss = nn.functional.cross_entropy(model(x), y)
+                logits = model(x)
+                loss = batch_loss(logits, y)
                 loss.backward()  # type: ignore[no-untyped-call]
                 optimizer.step()
                 step += 1
-                if progress is not None:
-                    progress(step, total, loss.item())
+                if on_step is not None:
+                    on_step(
+                        StepInfo(
+                            step=step,
+                            planned=total,
+                            loss=loss.item(),
+                            batch_accuracy=correct_predictions(logits.detach(), y) / max(1, y.numel()),
+                            wall_seconds=time.monotonic() - started,
+                            bytes_pushed=optimizer.client.bytes_pushed,
+                            bytes_pulled=optimizer.client.bytes_pulled,
+                            bytes_pushed_dense=optimizer.bytes_pushed_dense,
+                        )
+                    )
+            if on_eval is not None:
+                optimizer.synchronize()  # the weights this worker trains on now
+                on_eval(step, optimizer.client.bytes_pushed, evaluate(model, data, device, limit=EPOCH_EVAL_EXAMPLES))
         optimizer.refresh()  # the final weights: everything every worker pushed so far
         evaluation = evaluate(model, data, device)
         stats = optimizer.client.stats()
