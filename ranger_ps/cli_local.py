@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -109,7 +111,7 @@ def run_local(config: TrainConfig, options: LocalOptions) -> dict[str, Any]:
     previous = signal.signal(signal.SIGTERM, _terminate_on_sigterm)
     ok = False
     try:
-        with Cluster(run_dir, env={"OMP_NUM_THREADS": "1"}) as cluster:
+        with Cluster(run_dir, env=_child_environment(os.environ)) as cluster:
             servers: list[Child] = []
             for shard in range(options.shards):
                 ready = run_dir / f"shard-{shard}.ready.json"
@@ -238,6 +240,20 @@ def run_local(config: TrainConfig, options: LocalOptions) -> dict[str, Any]:
         "step_logs": [str(p) for p in step_logs] if options.step_log_dir is not None else [],
         "plot": str(plot) if plot is not None else None,
     }
+
+
+# Variables the children still read from the environment: the token (never put in argv) and the
+# allocator switch (not a flag). Every other RANGER_PS_ setting reached this process's own flags,
+# which are handed to each child explicitly; a variable meant for one command (RANGER_PS_CONFIG,
+# RANGER_PS_CHECKPOINT_DIR, ...) must not leak into the others.
+_INHERITED = {"RANGER_PS_TOKEN", "RANGER_PS_TUNE_MALLOC"}
+
+
+def _child_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment of the cluster's processes: this one's, without ranger-ps settings, one torch thread each."""
+    env = {k: v for k, v in environ.items() if not k.startswith("RANGER_PS_") or k in _INHERITED}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
 
 
 def _metrics_flags(options: LocalOptions, index: int) -> list[str]:

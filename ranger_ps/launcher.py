@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -72,11 +72,16 @@ class Child:
 
 
 class Cluster:
-    """Starts, watches and stops a set of child processes (use as a context manager)."""
+    """Starts, watches and stops a set of child processes (use as a context manager).
 
-    def __init__(self, run_dir: Path, *, env: dict[str, str] | None = None) -> None:
+    Args:
+        run_dir: where each child's log goes.
+        env: the children's whole environment (default: this process's).
+    """
+
+    def __init__(self, run_dir: Path, *, env: Mapping[str, str] | None = None) -> None:
         self.run_dir = run_dir
-        self.env = {**os.environ, **(env or {})}
+        self.env = dict(os.environ if env is None else env)
         self.children: list[Child] = []
 
     def __enter__(self) -> Cluster:
