@@ -551,9 +551,57 @@ def test_lint_rule_finds_what_it_is_meant_to_find() -> None:
     assert not any("planted.py:7" in f for f in found)  # weights_only=True is fine
 
 
+# The one module allowed to import pickle: it reads CIFAR-10's pickled batches with an unpickler whose
+# find_class admits only numpy's array constructors (tests/test_data.py proves a malicious pickle is refused).
+_RESTRICTED_UNPICKLER = "worker/file_formats.py"
+
+
+def _pickle_uses_outside_a_restricted_unpickler(source: str) -> list[str]:
+    """In the restricted-unpickler module: every ``pickle.X`` must be ``pickle.UnpicklingError`` or
+    ``pickle.Unpickler`` as the base of a class that overrides ``find_class``."""
+    tree = ast.parse(source)
+    bases: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef):
+            overrides = any(isinstance(b, ast.FunctionDef) and b.name == "find_class" for b in node.body)
+            for base in node.bases:
+                if overrides and isinstance(base, ast.Attribute) and base.attr == "Unpickler":
+                    bases.add(id(base))
+    bad = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "pickle":
+            if node.attr == "UnpicklingError" or id(node) in bases:
+                continue
+            bad.append(f"line {node.lineno}: pickle.{node.attr}")
+        elif isinstance(node, ast.ImportFrom) and node.module == "pickle":
+            bad.append(f"line {node.lineno}: from pickle import ...")
+    return bad
+
+
 def test_no_pickle_marshal_shelve_dill_or_unsafe_torch_load_in_library_code() -> None:
     files = list(_source_files())
     names = {p.relative_to(ROOT).as_posix() for p in files}
-    assert {"ranger_ps/checkpoint.py", "server/main.py", "worker/train.py"} <= names
-    found = [f for path in files for f in _unsafe_deserialization(path.read_text(), str(path.relative_to(ROOT)))]
+    assert {"ranger_ps/checkpoint.py", "server/main.py", "worker/train.py", _RESTRICTED_UNPICKLER} <= names
+    found = [
+        f
+        for path in files
+        if path.relative_to(ROOT).as_posix() != _RESTRICTED_UNPICKLER
+        for f in _unsafe_deserialization(path.read_text(), str(path.relative_to(ROOT)))
+    ]
     assert found == [], "unsafe deserialization in library code:\n" + "\n".join(found)
+    restricted = (ROOT / _RESTRICTED_UNPICKLER).read_text()
+    assert _pickle_uses_outside_a_restricted_unpickler(restricted) == []
+    unsafe = [f for f in _unsafe_deserialization(restricted, _RESTRICTED_UNPICKLER) if "pickle" not in f]
+    assert unsafe == []  # no marshal, dill or torch.load there either
+
+
+def test_restricted_unpickler_rule_finds_direct_pickle_use() -> None:
+    planted = (
+        "import pickle\nclass Safe(pickle.Unpickler):\n    def find_class(self, m, n): raise pickle.UnpicklingError\n"
+        "class Open(pickle.Unpickler):\n    pass\nx = pickle.loads(b'')\nfrom pickle import load\n"
+    )
+    assert sorted(_pickle_uses_outside_a_restricted_unpickler(planted)) == [
+        "line 4: pickle.Unpickler",
+        "line 6: pickle.loads",
+        "line 7: from pickle import ...",
+    ]
