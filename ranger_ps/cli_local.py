@@ -290,7 +290,7 @@ class _ProgressWatcher:
         self.bar = bar
         self.use_uvloop = use_uvloop
         self.step_logs = step_logs
-        self._started = time.monotonic()
+        self._first: tuple[float, int] | None = None  # (when, steps) of the first progress seen
         self._last = 0.0
 
     def poll(self) -> None:
@@ -312,7 +312,10 @@ class _ProgressWatcher:
             dense = sum(int(r["bytes_pushed_dense"]) for r in rows)
             if dense:
                 postfix["push"] = f"{sum(int(r['bytes_pushed']) for r in rows) / dense:.1%}"
-        postfix["steps_s"] = f"{done / max(1e-9, now - self._started):.0f}"
+        if self._first is None and done > 0:
+            self._first = (now, done)
+        if self._first is not None and now > self._first[0]:
+            postfix["steps_s"] = f"{(done - self._first[1]) / (now - self._first[0]):.0f}"
         self.bar.update(done, **postfix)
 
 

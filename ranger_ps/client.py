@@ -395,7 +395,11 @@ class ShardedClient:
         this returns, so the caller may reuse its gradient buffers at once; the returned future
         resolves when every shard has applied its part.
         """
-        future: Future[PushResult] = self._io.submit(self._push_all(self.encode_push(grads, block_ids, clock)))
+        frames_by_shard = self.encode_push(grads, block_ids, clock)
+        # Counted when handed to the wire (here, in the caller's thread), not when acknowledged, so
+        # a caller reading it right after push() sees this push.
+        self.bytes_pushed += sum(len(f) for frames in frames_by_shard for f in frames)
+        future: Future[PushResult] = self._io.submit(self._push_all(frames_by_shard))
         return future
 
     async def _push_all(self, frames_by_shard: list[list[bytes]]) -> PushResult:
@@ -407,7 +411,6 @@ class ShardedClient:
 
         sent = sum(len(f) for frames in frames_by_shard for f in frames)
         applied = await asyncio.gather(*(one(s, f) for s, f in zip(self._shards, frames_by_shard, strict=True)))
-        self.bytes_pushed += sent
         return PushResult(sum(applied), sent)
 
     def pull(self, after: Future[Any] | None = None) -> Future[list[PulledBlock]]:
