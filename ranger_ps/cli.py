@@ -211,8 +211,13 @@ def _betas(text: str) -> tuple[float, float]:
 # (field, type, help) for every training flag; the flag is the field with dashes. Booleans become
 # --x/--no-x. Defaults come from TrainConfig, so the help and the code cannot disagree.
 _TRAIN_FLAGS: tuple[tuple[str, Any, str], ...] = (
-    ("model", str, "model name"),
-    ("dataset", str, "dataset name"),
+    ("model", str, "mlp, cnn, vgg, charlm, or package.module:function returning an nn.Module"),
+    (
+        "dataset",
+        str,
+        "digits, synthetic[:k=v,...], cifar10:DIR, mnist:DIR, text:FILE, or package.module:function "
+        "returning (train, test) datasets",
+    ),
     ("epochs", int, "passes over the training set"),
     ("batch_size", int, "examples per step and worker"),
     ("rule", str, "server-side update rule: sgd, adamw or ranger (RAdam + Lookahead)"),
@@ -497,11 +502,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         raise UserError(f"--metrics-port must be in [0, 65535], got {args.metrics_port}")
     try:
         watcher = RunWatcher(
-            f"worker {args.worker_id if args.worker_id is not None else ''}".strip(),
-            step_log=args.metrics_csv,
-            metrics_port=args.metrics_port,
-            metrics_host=args.metrics_host,
-            worker_id=args.worker_id if args.worker_id is not None else "",
+            "worker", step_log=args.metrics_csv, metrics_port=args.metrics_port, metrics_host=args.metrics_host
         )
     except OSError as exc:
         raise UserError(f"cannot open the metrics outputs: {exc}") from None

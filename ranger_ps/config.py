@@ -23,8 +23,9 @@ class TrainConfig:
     construction, so the report shows effective values.
 
     Attributes:
-        model: model name (see ``ranger_ps.worker.models``).
-        dataset: dataset name (see ``ranger_ps.worker.data``).
+        model: a built-in model name or ``package.module:function`` (see ``ranger_ps.worker.models``).
+        dataset: a dataset spec such as ``digits``, ``mnist:DIR`` or ``package.module:function``
+            (see ``ranger_ps.worker.data``).
         epochs: passes over the worker's share of the training set.
         batch_size: examples per step and worker.
         rule: server-side update rule: ``sgd``, ``adamw`` or ``ranger``.

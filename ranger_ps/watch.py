@@ -12,6 +12,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from prometheus_client import CollectorRegistry
+
 from ranger_ps.metrics import MetricsEndpoint, WorkerMetrics, start_metrics_server
 from ranger_ps.progress import Progress
 from ranger_ps.steplog import StepLog
@@ -26,12 +28,13 @@ class RunWatcher:
     """Fans one worker's step and evaluation records out to the outputs asked for.
 
     Args:
-        description: label of the progress bar (e.g. ``worker 0``).
+        description: label of the progress bar (``worker``; the worker id is added).
         progress: show a bar on a terminal, log lines otherwise.
         step_log: write per-step rows to this CSV (evaluations go next to it).
-        metrics_port: serve Prometheus metrics on this port (0: any free port); None: off.
+        metrics_port: serve Prometheus metrics on this port (0: any free port); None: off. The
+            endpoint listens from the start; the worker's series appear with its first step, labelled
+            with the id the servers gave it.
         metrics_host: the address the metrics endpoint listens on.
-        worker_id: the ``worker`` label of the metrics.
     """
 
     def __init__(
@@ -42,7 +45,6 @@ class RunWatcher:
         step_log: Path | None = None,
         metrics_port: int | None = None,
         metrics_host: str = "127.0.0.1",
-        worker_id: int | str = "",
     ) -> None:
         self.description = description
         self._progress_enabled = progress
@@ -50,14 +52,13 @@ class RunWatcher:
         self._last_seconds = 0.0
         self.step_log = StepLog(step_log) if step_log is not None else None
         self.metrics: WorkerMetrics | None = None
+        self.registry: CollectorRegistry | None = None
         self.endpoint: MetricsEndpoint | None = None
         self.metrics_port: int | None = None
         if metrics_port is not None:
-            self.metrics = WorkerMetrics(worker_id)
+            self.registry = CollectorRegistry()
             try:
-                self.endpoint, self.metrics_port = start_metrics_server(
-                    self.metrics.registry, metrics_host, metrics_port
-                )
+                self.endpoint, self.metrics_port = start_metrics_server(self.registry, metrics_host, metrics_port)
             except BaseException:
                 self.close()
                 raise
@@ -68,7 +69,10 @@ class RunWatcher:
         step_seconds = info.wall_seconds - self._last_seconds
         self._last_seconds = info.wall_seconds
         if self._bar is None:
+            self.description = f"{self.description} {info.worker_id}"
             self._bar = Progress(info.planned, self.description, enabled=self._progress_enabled)
+        if self.registry is not None and self.metrics is None:
+            self.metrics = WorkerMetrics(info.worker_id, registry=self.registry)
         ratio = info.bytes_pushed / info.bytes_pushed_dense if info.bytes_pushed_dense else math.nan
         rate = info.step / info.wall_seconds if info.wall_seconds > 0 else math.nan
         self._bar.update(info.step, loss=f"{info.loss:.3f}", steps_s=f"{rate:.0f}", push=f"{ratio:.1%}")

@@ -36,6 +36,7 @@ class StepInfo:
     Byte counts are running totals of this worker since it started.
     """
 
+    worker_id: int
     step: int
     planned: int
     loss: float
@@ -204,6 +205,7 @@ def train(
                 if on_step is not None:
                     on_step(
                         StepInfo(
+                            worker_id=worker_id,
                             step=step,
                             planned=total,
                             loss=loss.item(),
