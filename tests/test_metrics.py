@@ -99,6 +99,7 @@ def _train(optimizer: Ranger, model: nn.Module, steps: int) -> None:
         loss = nn.functional.mse_loss(model(x), y)
         loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
+    optimizer.refresh()  # every push acknowledged (so applied) before anything is scraped
 
 
 @pytest.mark.integration
