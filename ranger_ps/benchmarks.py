@@ -47,7 +47,8 @@ import torch
 
 from ranger_ps.allocator import tune_allocator
 from ranger_ps.errors import ClusterError, UserError
-from ranger_ps.launcher import die_with_parent, stop_process
+from ranger_ps.files import write_text_atomically
+from ranger_ps.launcher import child_environment, die_with_parent, stop_process
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +136,7 @@ def _torch_threads(n: int) -> Iterator[None]:
 def _child_env() -> dict[str, str]:
     """The children's environment: one torch thread each (as ``ranger-ps local``), and none of the
     ``RANGER_PS_*`` settings (a token, TLS) meant for real clusters: benchmark clusters are plain loopback."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RANGER_PS_")}
-    return env | {"OMP_NUM_THREADS": "1"}
+    return child_environment(os.environ)
 
 
 @dataclass
@@ -521,9 +521,7 @@ def _tcp_server(ready: Path) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)
-        tmp = ready.with_name(ready.name + ".tmp")
-        tmp.write_text(json.dumps({"host": "127.0.0.1", "port": listener.getsockname()[1]}))
-        os.replace(tmp, ready)
+        write_text_atomically(ready, json.dumps({"host": "127.0.0.1", "port": listener.getsockname()[1]}))
         conn, _ = listener.accept()
         with conn:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -587,9 +585,7 @@ def _grpc_server(ready: Path, use_uvloop: bool) -> int:
         server.add_generic_rpc_handlers((handler,))
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
-        tmp = ready.with_name(ready.name + ".tmp")
-        tmp.write_text(json.dumps({"host": "127.0.0.1", "port": port}))
-        os.replace(tmp, ready)
+        write_text_atomically(ready, json.dumps({"host": "127.0.0.1", "port": port}))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)

@@ -175,12 +175,6 @@ def _add_worker_watching(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _write_json_atomically(path: Path, value: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, path)
-
-
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging verbosity"
@@ -507,7 +501,9 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UserError(f"cannot open the metrics outputs: {exc}") from None
     if watcher.metrics_port is not None and args.ready_file is not None:
-        _write_json_atomically(args.ready_file, {"metrics_port": watcher.metrics_port, "pid": os.getpid()})
+        from ranger_ps.files import write_text_atomically
+
+        write_text_atomically(args.ready_file, json.dumps({"metrics_port": watcher.metrics_port, "pid": os.getpid()}))
     with watcher:
         result = train(
             config,

@@ -14,7 +14,6 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -24,10 +23,11 @@ from ranger_ps.client import fetch_stats
 from ranger_ps.config import TrainConfig
 from ranger_ps.consistency import staleness_summary
 from ranger_ps.errors import ClusterError
-from ranger_ps.launcher import Child, Cluster, wait_all
+from ranger_ps.launcher import Child, Cluster, child_environment, wait_all
 from ranger_ps.progress import Progress
 from ranger_ps.report import read_report
 from ranger_ps.security import ClientSecurity, read_token
+from ranger_ps.steplog import read_last_step
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def run_local(config: TrainConfig, options: LocalOptions) -> dict[str, Any]:
     previous = signal.signal(signal.SIGTERM, _terminate_on_sigterm)
     ok = False
     try:
-        with Cluster(run_dir, env=_child_environment(os.environ)) as cluster:
+        with Cluster(run_dir, env=child_environment(os.environ, keep=_INHERITED)) as cluster:
             servers: list[Child] = []
             for shard in range(options.shards):
                 ready = run_dir / f"shard-{shard}.ready.json"
@@ -244,16 +244,8 @@ def run_local(config: TrainConfig, options: LocalOptions) -> dict[str, Any]:
 
 # Variables the children still read from the environment: the token (never put in argv) and the
 # allocator switch (not a flag). Every other RANGER_PS_ setting reached this process's own flags,
-# which are handed to each child explicitly; a variable meant for one command (RANGER_PS_CONFIG,
-# RANGER_PS_CHECKPOINT_DIR, ...) must not leak into the others.
-_INHERITED = {"RANGER_PS_TOKEN", "RANGER_PS_TUNE_MALLOC"}
-
-
-def _child_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """The environment of the cluster's processes: this one's, without ranger-ps settings, one torch thread each."""
-    env = {k: v for k, v in environ.items() if not k.startswith("RANGER_PS_") or k in _INHERITED}
-    env["OMP_NUM_THREADS"] = "1"
-    return env
+# which are handed to each child explicitly.
+_INHERITED = ("RANGER_PS_TOKEN", "RANGER_PS_TUNE_MALLOC")
 
 
 def _metrics_flags(options: LocalOptions, index: int) -> list[str]:
@@ -305,33 +297,15 @@ class _ProgressWatcher:
         if isinstance(reply, str):
             return
         done = sum(w.clock for w in reply.workers if not w.observer)
-        rows = [row for row in map(_last_row, self.step_logs) if row is not None]
+        rows = [row for row in map(read_last_step, self.step_logs) if row is not None]
         postfix: dict[str, object] = {"pushes": reply.pushes_applied}
         if rows:
-            postfix["loss"] = f"{sum(float(r['loss']) for r in rows) / len(rows):.3f}"
-            dense = sum(int(r["bytes_pushed_dense"]) for r in rows)
+            postfix["loss"] = f"{sum(r.loss for r in rows) / len(rows):.3f}"
+            dense = sum(r.bytes_pushed_dense for r in rows)
             if dense:
-                postfix["push"] = f"{sum(int(r['bytes_pushed']) for r in rows) / dense:.1%}"
+                postfix["push"] = f"{sum(r.bytes_pushed for r in rows) / dense:.1%}"
         if self._first is None and done > 0:
             self._first = (now, done)
         if self._first is not None and now > self._first[0]:
             postfix["steps_s"] = f"{(done - self._first[1]) / (now - self._first[0]):.0f}"
         self.bar.update(done, **postfix)
-
-
-def _last_row(path: Path) -> dict[str, str] | None:
-    """The last complete row of a step log (CSV with a header), reading only the file's end."""
-    try:
-        with path.open("rb") as handle:
-            first = handle.readline()
-            header = first.decode().strip().split(",")
-            size = handle.seek(0, 2)
-            handle.seek(max(len(first), size - 4096))  # a whole row fits in far less
-            lines = handle.read().decode(errors="replace").split("\n")
-    except OSError:
-        return None
-    for line in reversed(lines[:-1]):  # the last piece is empty or a row still being written
-        cells = line.split(",")
-        if len(cells) == len(header) and cells[0].isdigit():
-            return dict(zip(header, cells, strict=True))
-    return None

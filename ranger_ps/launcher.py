@@ -16,12 +16,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 from ranger_ps.errors import ClusterError
+from ranger_ps.files import write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,19 @@ class Child:
             self._log_file.close()
 
 
+def child_environment(environ: Mapping[str, str], *, keep: Iterable[str] = ()) -> dict[str, str]:
+    """The environment for a cluster's processes: ``environ`` without ``RANGER_PS_*`` settings (but
+    the names in ``keep``), and one torch thread each.
+
+    Children get their settings as explicit flags; a variable meant for one command
+    (``RANGER_PS_CONFIG``, ``RANGER_PS_CHECKPOINT_DIR``, ...) must not reach the others.
+    """
+    kept = set(keep)
+    env = {k: v for k, v in environ.items() if not k.startswith("RANGER_PS_") or k in kept}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
 class Cluster:
     """Starts, watches and stops a set of child processes (use as a context manager).
 
@@ -112,9 +126,7 @@ class Cluster:
     def _write_process_table(self) -> None:
         """Record ``name -> pid`` in ``RUN_DIR/processes.json`` (for operators and fault tests)."""
         table = {c.name: c.process.pid for c in self.children}
-        tmp = self.run_dir / "processes.json.tmp"
-        tmp.write_text(json.dumps(table, indent=1))
-        os.replace(tmp, self.run_dir / "processes.json")
+        write_text_atomically(self.run_dir / "processes.json", json.dumps(table, indent=1))
 
     def check(self, children: Sequence[Child] | None = None) -> None:
         """Raise :class:`ClusterError` if any child exited with a failure (or at all, for servers)."""

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from ranger_ps.files import write_text_atomically
 
 REQUIRED_KEYS = (
     "test_accuracy",
@@ -27,9 +28,7 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
     if missing:
         raise ValueError(f"report lacks keys {missing}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(report, indent=2, sort_keys=True) + "\n")
 
 
 def read_report(path: Path) -> dict[str, Any]:

@@ -31,6 +31,7 @@ import dataclasses
 import io
 import logging
 import math
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -330,21 +331,48 @@ def read_step_log(path: Path) -> list[StepRow]:
     rows = []
     for cells in _read(path, STEP_COLUMNS):
         try:
-            rows.append(
-                StepRow(
-                    step=int(cells["step"]),
-                    wall_seconds=_float(cells["wall_seconds"]),
-                    loss=_float(cells["loss"]),
-                    batch_accuracy=float(cells["batch_accuracy"]) if cells["batch_accuracy"] else None,
-                    bytes_pushed=int(cells["bytes_pushed"]),
-                    bytes_pulled=int(cells["bytes_pulled"]),
-                    bytes_pushed_dense=int(cells["bytes_pushed_dense"]),
-                    steps_per_second=_float(cells["steps_per_second"]),
-                )
-            )
+            rows.append(_step_row(cells))
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{path}: bad row {cells}: {exc}") from None
     return rows
+
+
+def _step_row(cells: dict[str, str]) -> StepRow:
+    return StepRow(
+        step=int(cells["step"]),
+        wall_seconds=_float(cells["wall_seconds"]),
+        loss=_float(cells["loss"]),
+        batch_accuracy=float(cells["batch_accuracy"]) if cells["batch_accuracy"] else None,
+        bytes_pushed=int(cells["bytes_pushed"]),
+        bytes_pulled=int(cells["bytes_pulled"]),
+        bytes_pushed_dense=int(cells["bytes_pushed_dense"]),
+        steps_per_second=_float(cells["steps_per_second"]),
+    )
+
+
+def read_last_step(path: Path, tail_bytes: int = 4096) -> StepRow | None:
+    """The last complete row of a step log that may still be growing, reading only its end.
+
+    For polling a live run cheaply: None when the file is missing, has no complete row yet, or its
+    last complete row does not parse (never raises for what a writer mid-row can leave behind).
+    """
+    try:
+        with Path(path).open("rb") as handle:
+            first = handle.readline()
+            size = handle.seek(0, os.SEEK_END)
+            handle.seek(max(len(first), size - tail_bytes))
+            pieces = handle.read().decode(errors="replace").split("\n")
+    except OSError:
+        return None
+    header = first.decode(errors="replace").strip().split(",")
+    for line in reversed(pieces[:-1]):  # the last piece is empty or a row still being written
+        cells = line.split(",")
+        if len(cells) == len(header) and cells[0].isdigit():
+            try:
+                return _step_row(dict(zip(header, cells, strict=True)))
+            except (KeyError, TypeError, ValueError):
+                return None
+    return None
 
 
 def read_eval_log(path: Path) -> list[EvalRow]:

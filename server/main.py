@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from ranger_ps import checkpoint
 from ranger_ps.consistency import parse_consistency
 from ranger_ps.errors import UserError
+from ranger_ps.files import write_text_atomically
 from ranger_ps.metrics import MetricsEndpoint, ServerMetrics, start_metrics_server
 from ranger_ps.rpc import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES, SERVICE_NAME
 from ranger_ps.runtime import run_async
@@ -117,9 +118,7 @@ def _write_ready_file(path: Path, host: str, port: int, metrics_port: int | None
     info: dict[str, object] = {"host": host, "port": port, "pid": os.getpid()}
     if metrics_port is not None:
         info["metrics_port"] = metrics_port
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(info))
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(info))
 
 
 async def serve(options: ServerOptions, stop: asyncio.Event | None = None) -> None:

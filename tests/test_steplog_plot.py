@@ -21,6 +21,7 @@ from ranger_ps.steplog import (
     StepRow,
     eval_log_path,
     read_eval_log,
+    read_last_step,
     read_step_log,
 )
 
@@ -246,3 +247,18 @@ def test_plot_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     _assert_png(tmp_path / "w.png", minimum=5_000)
     assert plot_main([str(tmp_path / "nope.csv"), "--out", str(tmp_path / "n.png")]) == 2
     assert "nope.csv: no such file" in capsys.readouterr().err
+
+
+def test_read_last_step_returns_the_last_complete_row_of_a_growing_log(tmp_path: Path) -> None:
+    path = tmp_path / "worker-0.csv"
+    assert read_last_step(path) is None  # not written yet
+    with StepLog(path, tensorboard=False) as log:
+        assert read_last_step(path) is None  # the header only
+        for step in range(1, 400):  # more than the tail that is read
+            log.log_step(step, 1.0 / step, bytes_pushed=10 * step, bytes_pulled=step, bytes_pushed_dense=20 * step)
+    last = read_last_step(path)
+    assert last is not None and (last.step, last.bytes_pushed, last.bytes_pushed_dense) == (399, 3990, 7980)
+    with path.open("a") as handle:
+        handle.write("400,0.5,0.2")  # a row the writer has not finished
+    again = read_last_step(path)
+    assert again is not None and again.step == 399
