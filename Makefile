@@ -29,7 +29,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check $(CODE)
 
 typecheck: $(STAMP)
-	$(BIN)/mypy ranger_ps tests
+	$(BIN)/python .ci/typecheck.py ranger_ps tests
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -1,10 +1,10 @@
 """Generate the Python protobuf module for the wire contract.
 
-Run as ``python proto/generate.py`` (``make proto``). The output, ``ranger_ps/_proto/ranger_ps_pb2.py``
+Run as ``python proto/generate.py`` (``make proto``). The output, ``ranger_ps/wire/_proto/ranger_ps_pb2.py``
 and its ``.pyi`` stub, is committed and never edited by hand; ``tests/test_proto.py`` regenerates it
 into a temporary folder and fails when the committed copy differs. Only message classes are
 generated: the service is served and called through generic handlers with identity serializers
-(see ``ranger_ps/rpc.py``), so no ``_pb2_grpc`` module is needed.
+(see ``ranger_ps/wire/rpc.py``), so no ``_pb2_grpc`` module is needed.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
 PROTO_FILE = Path("ranger_ps/v1/ranger_ps.proto")
-OUT_DIR = ROOT / "ranger_ps" / "_proto"
+OUT_DIR = ROOT / "ranger_ps" / "wire" / "_proto"
 GENERATED = ("ranger_ps_pb2.py", "ranger_ps_pb2.pyi")
 
 

@@ -23,14 +23,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ranger_ps.layout import DEFAULT_BLOCK_SIZE, Layout
-from ranger_ps.rules import BlockState, RuleConfig, apply_update, state_dtype
-from ranger_ps.selection import ErrorFeedback, SelectionConfig, centralize_, choose_blocks, density_at
-from ranger_ps.transfer import PinnedStaging, needs_staging
+from ranger_ps.algorithm.layout import DEFAULT_BLOCK_SIZE, Layout
+from ranger_ps.algorithm.rules import BlockState, RuleConfig, apply_update, state_dtype
+from ranger_ps.algorithm.selection import ErrorFeedback, SelectionConfig, centralize_, choose_blocks, density_at
+from ranger_ps.client.staging import PinnedStaging, needs_staging
 
 if TYPE_CHECKING:
-    from ranger_ps.client import PulledBlock, ShardedClient
-    from ranger_ps.security import ClientSecurity
+    from ranger_ps.client.sharded import PulledBlock, ShardedClient
+    from ranger_ps.wire.security import ClientSecurity
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class Ranger(torch.optim.Optimizer):
             for ``ranger`` (as the reference), off otherwise.
         push_fraction: fraction of blocks updated (pushed) per step; 1.0 = dense.
         error_feedback: keep the gradient of unchosen blocks for later steps (default on); off
-            drops it. No rescaling by ``1 / push_fraction`` (see :mod:`ranger_ps.selection`).
+            drops it. No rescaling by ``1 / push_fraction`` (see :mod:`ranger_ps.algorithm.selection`).
         warmup_steps: steps over which the push density decays geometrically from
             ``warmup_start`` to ``push_fraction`` (default 0: no warm-up).
         warmup_start: push density at the first step of the warm-up (default 1.0).
@@ -109,7 +109,7 @@ class Ranger(torch.optim.Optimizer):
             whatever they run (the servers' ``--consistency`` decides).
         retry_timeout: with servers, how long a push or pull keeps retrying a shard that went away
             (restarting, unreachable) before giving up with a clear error.
-        security: with servers, the token and TLS settings (:class:`ranger_ps.security.ClientSecurity`).
+        security: with servers, the token and TLS settings (:class:`ranger_ps.wire.security.ClientSecurity`).
     """
 
     def __init__(
@@ -246,7 +246,7 @@ class Ranger(torch.optim.Optimizer):
         retry_timeout: float,
         security: ClientSecurity | None,
     ) -> None:
-        from ranger_ps.client import ShardedClient
+        from ranger_ps.client.sharded import ShardedClient
 
         configs = {rule_config_from_group(g) for g in self.param_groups}
         if len(configs) != 1:

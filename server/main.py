@@ -15,16 +15,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ranger_ps import checkpoint
-from ranger_ps.consistency import parse_consistency
+from ranger_ps.algorithm.consistency import parse_consistency
 from ranger_ps.errors import UserError
 from ranger_ps.files import write_text_atomically
-from ranger_ps.metrics import MetricsEndpoint, ServerMetrics, start_metrics_server
-from ranger_ps.rpc import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES, SERVICE_NAME
-from ranger_ps.runtime import run_async
-from ranger_ps.security import ServerSecurity
+from ranger_ps.observability.metrics import MetricsEndpoint, ServerMetrics, start_metrics_server
 from ranger_ps.server.servicer import ParameterServerServicer
 from ranger_ps.server.shard import Shard
+from ranger_ps.storage import checkpoint
+from ranger_ps.wire.loop import run_async
+from ranger_ps.wire.rpc import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES, SERVICE_NAME
+from ranger_ps.wire.security import ServerSecurity
 
 log = logging.getLogger(__name__)
 

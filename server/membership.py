@@ -6,6 +6,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ranger_ps.wire.stats import WorkerStats
+
 
 @dataclass
 class WorkerRecord:
@@ -25,18 +27,6 @@ class WorkerRecord:
     # The view the worker last pulled: the slowest live clock then, and each block's version.
     view_clock: int = 0
     view_versions: dict[int, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class WorkerSnapshot:
-    """A read-only view of a worker record at one moment."""
-
-    worker_id: int
-    clock: int
-    pushes: int
-    seconds_since_seen: float
-    observer: bool
-    live: bool
 
 
 class Membership:
@@ -116,10 +106,10 @@ class Membership:
         """The smallest clock among live training workers (None when there are none)."""
         return min((r.clock for r in self.trainers()), default=None)
 
-    def snapshot(self) -> tuple[WorkerSnapshot, ...]:
+    def snapshot(self) -> tuple[WorkerStats, ...]:
         """Every known worker, by id, with how long ago it was last heard from."""
         now = self._now()
         return tuple(
-            WorkerSnapshot(r.worker_id, r.clock, r.pushes, now - r.last_seen, r.observer, r.live)
+            WorkerStats(r.worker_id, r.clock, r.pushes, now - r.last_seen, r.observer, r.live)
             for r in (self._workers[k] for k in sorted(self._workers))
         )

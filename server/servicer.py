@@ -15,14 +15,14 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from ranger_ps._proto import ranger_ps_pb2 as pb
+from ranger_ps.algorithm.layout import Layout
+from ranger_ps.algorithm.rules import RuleConfig
 from ranger_ps.errors import WireFormatError
-from ranger_ps.frames import WireBlock, chunk_frames, decode_frame, split_blocks
-from ranger_ps.layout import Layout
-from ranger_ps.rpc import ERROR_METADATA_KEY, SERVICE_NAME
-from ranger_ps.rules import RuleConfig
-from ranger_ps.server.errors import InvalidRequest, NotRegistered, RequestError
-from ranger_ps.server.shard import Shard, ShardStats
+from ranger_ps.server.shard import Shard
+from ranger_ps.wire._proto import ranger_ps_pb2 as pb
+from ranger_ps.wire.frames import WireBlock, chunk_frames, decode_frame, split_blocks
+from ranger_ps.wire.rpc import ERROR_METADATA_KEY, SERVICE_NAME
+from ranger_ps.wire.status import InvalidRequest, NotRegistered, RequestError
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class ParameterServerServicer:
     @_translating
     async def Stats(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         _parse(pb.StatsRequest, request)
-        return stats_to_proto(self.shard.stats()).SerializeToString()
+        return self.shard.stats().to_proto().SerializeToString()
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         """The handler to add to a ``grpc.aio`` server (identity serializers throughout)."""
@@ -172,40 +172,3 @@ class ParameterServerServicer:
                 "Leave": grpc.unary_unary_rpc_method_handler(self.Leave),
             },
         )
-
-
-def stats_to_proto(stats: ShardStats) -> pb.StatsReply:
-    """Translate a shard's stats snapshot to the wire message."""
-    return pb.StatsReply(
-        shard_id=stats.shard_id,
-        num_shards=stats.num_shards,
-        initialized=stats.initialized,
-        layout_fingerprint=stats.layout_fingerprint,
-        rule=stats.rule,
-        num_blocks=stats.num_blocks,
-        num_elements=stats.num_elements,
-        nbytes=stats.nbytes,
-        version_sum=stats.version_sum,
-        pushes_applied=stats.pushes_applied,
-        blocks_applied=stats.blocks_applied,
-        pulls_served=stats.pulls_served,
-        bytes_received=stats.bytes_received,
-        bytes_sent=stats.bytes_sent,
-        uptime_seconds=stats.uptime_seconds,
-        workers=[
-            pb.WorkerStats(
-                worker_id=w.worker_id,
-                clock=w.clock,
-                pushes=w.pushes,
-                seconds_since_seen=w.seconds_since_seen,
-                observer=w.observer,
-                live=w.live,
-            )
-            for w in stats.workers
-        ],
-        version=stats.version,
-        consistency=stats.consistency,
-        applied_clock=stats.applied_clock,
-        staleness_counts=stats.staleness_counts,
-        version_lag_counts=stats.version_lag_counts,
-    )

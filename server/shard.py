@@ -19,15 +19,16 @@ from typing import TypeVar
 import torch
 
 from ranger_ps import __version__
-from ranger_ps.checkpoint import ShardCheckpoint
-from ranger_ps.consistency import ConsistencyMode, Histogram, parse_consistency
-from ranger_ps.frames import WireBlock
-from ranger_ps.layout import Layout
-from ranger_ps.placement import Placement
-from ranger_ps.rules import RuleConfig
-from ranger_ps.server.errors import Exhausted, InvalidRequest, NonFinite, NotReady, NotRegistered, PreconditionFailed
-from ranger_ps.server.membership import Membership, WorkerRecord, WorkerSnapshot
+from ranger_ps.algorithm.consistency import ConsistencyMode, Histogram, parse_consistency
+from ranger_ps.algorithm.layout import Layout
+from ranger_ps.algorithm.placement import Placement
+from ranger_ps.algorithm.rules import RuleConfig
+from ranger_ps.server.membership import Membership, WorkerRecord
 from ranger_ps.server.store import ShardStore
+from ranger_ps.storage.checkpoint import ShardCheckpoint
+from ranger_ps.wire.frames import WireBlock
+from ranger_ps.wire.stats import ShardStats
+from ranger_ps.wire.status import Exhausted, InvalidRequest, NonFinite, NotReady, NotRegistered, PreconditionFailed
 
 log = logging.getLogger(__name__)
 
@@ -47,40 +48,13 @@ class Registration:
     clock: int
 
 
-@dataclass(frozen=True)
-class ShardStats:
-    """A snapshot of a shard's counters."""
-
-    shard_id: int
-    num_shards: int
-    initialized: bool
-    layout_fingerprint: str
-    rule: str
-    num_blocks: int
-    num_elements: int
-    nbytes: int
-    version_sum: int
-    pushes_applied: int
-    blocks_applied: int
-    pulls_served: int
-    bytes_received: int
-    bytes_sent: int
-    uptime_seconds: float
-    workers: tuple[WorkerSnapshot, ...]
-    version: str
-    consistency: str
-    applied_clock: int
-    staleness_counts: dict[int, int]
-    version_lag_counts: dict[int, int]
-
-
 class Shard:
     """The state and behaviour of one parameter-server shard.
 
     Args:
         shard_id: this shard's index, ``0 <= shard_id < num_shards``.
         num_shards: how many shards the model is spread over.
-        consistency: ``async``, ``ssp:K`` or ``bsp`` (see :mod:`ranger_ps.consistency`).
+        consistency: ``async``, ``ssp:K`` or ``bsp`` (see :mod:`ranger_ps.algorithm.consistency`).
         lease_seconds: a worker not heard from for this long leaves the barriers.
         wait_seconds: the longest a pull waits at a barrier before it fails with UNAVAILABLE.
         init_claim_seconds: how long the worker asked to initialize the shard has to do it

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ranger_ps.checkpoint import BlockRecord
-from ranger_ps.codec import bytes_to_tensor, codec_for_name, tensor_bytes
-from ranger_ps.frames import WireBlock
-from ranger_ps.layout import Block, Layout
-from ranger_ps.rules import BlockState, RuleConfig, apply_update, new_block_state
-from ranger_ps.server.errors import InvalidRequest, NonFinite, NotReady
+from ranger_ps.algorithm.layout import Block, Layout
+from ranger_ps.algorithm.rules import BlockState, RuleConfig, apply_update, new_block_state
+from ranger_ps.storage.checkpoint import BlockRecord
+from ranger_ps.wire.codec import bytes_to_tensor, codec_for_name, tensor_bytes
+from ranger_ps.wire.frames import WireBlock
+from ranger_ps.wire.status import InvalidRequest, NonFinite, NotReady
 
 
 @dataclass

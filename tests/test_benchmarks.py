@@ -1,7 +1,7 @@
 """Smoke tests of ``ranger-ps bench wire | apply | train``: each runs with tiny sizes and reports sane values.
 
 Benchmarks are not tests: nothing here asserts on speed. The subcommands are built the way the
-command line builds them (:func:`ranger_ps.benchmarks.add_bench_parsers` on a ``bench`` subparser
+command line builds them (:func:`ranger_ps.bench.suite.add_bench_parsers` on a ``bench`` subparser
 action) and dispatched through ``args.run(args)``.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from ranger_ps.benchmarks import Costs, add_bench_parsers, cost_model, helper_main, steady_rate
+from ranger_ps.bench.suite import Costs, add_bench_parsers, cost_model, helper_main, steady_rate
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 

@@ -18,17 +18,17 @@ import msgpack
 import pytest
 import torch
 
-from ranger_ps import checkpoint
-from ranger_ps.checkpoint import BlockRecord, CheckpointError, ShardCheckpoint
-from ranger_ps.codec import codec_for_name, tensor_bytes
+from ranger_ps.algorithm.layout import Layout
+from ranger_ps.algorithm.placement import Placement
+from ranger_ps.algorithm.rules import RuleConfig, new_block_state
 from ranger_ps.errors import UserError
-from ranger_ps.frames import WireBlock
-from ranger_ps.layout import Layout
-from ranger_ps.placement import Placement
-from ranger_ps.rules import RuleConfig, new_block_state
 from ranger_ps.server.main import _restore
 from ranger_ps.server.shard import Shard
 from ranger_ps.server.store import ShardStore
+from ranger_ps.storage import checkpoint
+from ranger_ps.storage.checkpoint import BlockRecord, CheckpointError, ShardCheckpoint
+from ranger_ps.wire.codec import codec_for_name, tensor_bytes
+from ranger_ps.wire.frames import WireBlock
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -409,7 +409,7 @@ def test_load_newest_falls_back_to_the_previous_good_file_with_a_warning(
     assert newest is not None and newest.counters["pushes_applied"] == 3
     data = paths[2].read_bytes()
     paths[2].write_bytes(data[: len(data) // 2])  # torn
-    with caplog.at_level(logging.WARNING, logger="ranger_ps.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="ranger_ps.storage.checkpoint"):
         fallback = checkpoint.load_newest(tmp_path, 0)
     assert fallback is not None and fallback.counters["pushes_applied"] == 2
     _assert_same(fallback, checkpoint.read(paths[1]))
@@ -418,7 +418,7 @@ def test_load_newest_falls_back_to_the_previous_good_file_with_a_warning(
     caplog.clear()
     at, size = _value_offset(paths[1])
     _flip(paths[1], at + size // 2)  # inside the first block's values
-    with caplog.at_level(logging.WARNING, logger="ranger_ps.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="ranger_ps.storage.checkpoint"):
         oldest = checkpoint.load_newest(tmp_path, 0)
         clustered = checkpoint.load_cluster(tmp_path)
     assert oldest is not None and oldest.counters["pushes_applied"] == 1
@@ -553,7 +553,7 @@ def test_lint_rule_finds_what_it_is_meant_to_find() -> None:
 
 # The one module allowed to import pickle: it reads CIFAR-10's pickled batches with an unpickler whose
 # find_class admits only numpy's array constructors (tests/test_data.py proves a malicious pickle is refused).
-_RESTRICTED_UNPICKLER = "worker/file_formats.py"
+_RESTRICTED_UNPICKLER = "ranger_ps/workloads/file_formats.py"
 
 
 def _pickle_uses_outside_a_restricted_unpickler(source: str) -> list[str]:
@@ -581,7 +581,7 @@ def _pickle_uses_outside_a_restricted_unpickler(source: str) -> list[str]:
 def test_no_pickle_marshal_shelve_dill_or_unsafe_torch_load_in_library_code() -> None:
     files = list(_source_files())
     names = {p.relative_to(ROOT).as_posix() for p in files}
-    assert {"ranger_ps/checkpoint.py", "server/main.py", "worker/train.py", _RESTRICTED_UNPICKLER} <= names
+    assert {"ranger_ps/storage/checkpoint.py", "server/main.py", "worker/train.py", _RESTRICTED_UNPICKLER} <= names
     found = [
         f
         for path in files

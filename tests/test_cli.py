@@ -20,8 +20,8 @@ from ranger_ps.cli import (
     train_config_from_args,
     train_config_to_argv,
 )
-from ranger_ps.config import TrainConfig
-from ranger_ps.report import REQUIRED_KEYS
+from ranger_ps.config.train import TrainConfig
+from ranger_ps.observability.report import REQUIRED_KEYS
 from tests.conftest import ServerFactory, pid_alive, ranger_ps_cmd, stop_process, wait_for_file
 
 pytestmark = pytest.mark.integration

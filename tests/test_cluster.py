@@ -7,12 +7,12 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ranger_ps._proto import ranger_ps_pb2 as pb
-from ranger_ps.client import ShardedClient
+from ranger_ps.algorithm.layout import Layout
+from ranger_ps.algorithm.rules import RuleConfig
+from ranger_ps.client.sharded import ShardedClient
 from ranger_ps.errors import LayoutMismatchError, ServerUnavailableError
-from ranger_ps.layout import Layout
-from ranger_ps.rpc import METHODS, method_path
-from ranger_ps.rules import RuleConfig
+from ranger_ps.wire._proto import ranger_ps_pb2 as pb
+from ranger_ps.wire.rpc import METHODS, method_path
 from tests.conftest import ServerFactory
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]

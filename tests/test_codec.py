@@ -1,12 +1,13 @@
-"""Tests for ranger_ps.codec: tensor <-> raw little-endian bytes."""
+"""Tests for ranger_ps.wire.codec: tensor <-> raw little-endian bytes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ranger_ps._proto import ranger_ps_pb2 as pb
-from ranger_ps.codec import (
+from ranger_ps.errors import WireFormatError
+from ranger_ps.wire._proto import ranger_ps_pb2 as pb
+from ranger_ps.wire.codec import (
     BY_NAME,
     BY_TORCH,
     BY_WIRE,
@@ -16,7 +17,6 @@ from ranger_ps.codec import (
     codec_for_wire,
     tensor_bytes,
 )
-from ranger_ps.errors import WireFormatError
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 

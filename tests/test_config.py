@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from ranger_ps.config import TrainConfig
+from ranger_ps.algorithm.rules import RuleConfig
+from ranger_ps.config.train import TrainConfig
 from ranger_ps.errors import UserError
-from ranger_ps.rules import RuleConfig
 
 
 def test_rule_defaults_are_resolved_so_reports_show_effective_values() -> None:

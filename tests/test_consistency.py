@@ -7,14 +7,14 @@ import asyncio
 import pytest
 import torch
 
-from ranger_ps.codec import tensor_bytes
-from ranger_ps.consistency import ConsistencyMode, Histogram, parse_consistency, staleness_summary
-from ranger_ps.frames import WireBlock
-from ranger_ps.layout import Layout
-from ranger_ps.rules import RuleConfig
-from ranger_ps.server.errors import InvalidRequest, NotReady, PreconditionFailed
+from ranger_ps.algorithm.consistency import ConsistencyMode, Histogram, parse_consistency, staleness_summary
+from ranger_ps.algorithm.layout import Layout
+from ranger_ps.algorithm.rules import RuleConfig
 from ranger_ps.server.membership import Membership
 from ranger_ps.server.shard import Shard
+from ranger_ps.wire.codec import tensor_bytes
+from ranger_ps.wire.frames import WireBlock
+from ranger_ps.wire.status import InvalidRequest, NotReady, PreconditionFailed
 
 FLOAT32 = 1  # the wire enum value
 

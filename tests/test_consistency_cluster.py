@@ -28,14 +28,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from ranger_ps._proto import ranger_ps_pb2 as pb
-from ranger_ps.client import ShardedClient, fetch_stats
-from ranger_ps.config import TrainConfig
+from ranger_ps.algorithm.layout import Layout
+from ranger_ps.algorithm.rules import RuleConfig
+from ranger_ps.client.admin import fetch_stats
+from ranger_ps.client.sharded import ShardedClient
+from ranger_ps.config.train import TrainConfig
 from ranger_ps.errors import LayoutMismatchError
-from ranger_ps.layout import Layout
 from ranger_ps.optim import Ranger
-from ranger_ps.rules import RuleConfig
-from ranger_ps.worker.train import build
+from ranger_ps.wire.stats import ShardStats, WorkerStats
+from ranger_ps.workloads.job import build
 from tests.conftest import ServerFactory, ranger_ps_cmd, stop_process
 
 pytestmark = pytest.mark.integration
@@ -49,14 +50,14 @@ STEPS_PER_EPOCH = 15
 # -- helpers -------------------------------------------------------------------------------------
 
 
-def _stats(servers: Sequence[str]) -> list[pb.StatsReply]:
+def _stats(servers: Sequence[str]) -> list[ShardStats]:
     replies = fetch_stats(servers, timeout=10.0)
     for address, reply in zip(servers, replies, strict=True):
         assert not isinstance(reply, str), f"stats from {address} failed: {reply}"
     return [r for r in replies if not isinstance(r, str)]
 
 
-def _workers(reply: pb.StatsReply) -> dict[int, pb.WorkerStats]:
+def _workers(reply: ShardStats) -> dict[int, WorkerStats]:
     return {w.worker_id: w for w in reply.workers if not w.observer}
 
 
@@ -333,7 +334,7 @@ def test_sigkilled_worker_is_dropped_the_others_finish_and_new_workers_join(
         processes += [p for p, _, _ in started]
         alive = [(p, log) for p, log, _ in started]
 
-        def on_every_shard(check: Callable[[dict[int, pb.WorkerStats]], bool]) -> Callable[[], bool]:
+        def on_every_shard(check: Callable[[dict[int, WorkerStats]], bool]) -> Callable[[], bool]:
             return lambda: all(check(_workers(s)) for s in _stats(servers))
 
         # The gate holds the barrier until all three have registered, so they start in lockstep

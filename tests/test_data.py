@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from ranger_ps.errors import UserError
-from ranger_ps.worker import file_formats
-from ranger_ps.worker.data import (
+from ranger_ps.workloads import file_formats
+from ranger_ps.workloads.data import (
     CONTEXT_LENGTH,
     DATASETS,
     SYNTHETIC_DEFAULTS,
@@ -25,7 +25,7 @@ from ranger_ps.worker.data import (
     shard_indices,
     text_minimum_length,
 )
-from ranger_ps.worker.file_formats import FormatError
+from ranger_ps.workloads.file_formats import FormatError
 
 BYO = "tests.byo_datasets"
 

@@ -47,8 +47,8 @@ import yaml
 from ranger_ps.cli import apply_environment, build_parser, env_var, train_config_from_args
 from ranger_ps.errors import UserError
 from ranger_ps.server.main import ServerOptions
-from ranger_ps.worker.data import DATASETS
-from ranger_ps.worker.models import MODELS
+from ranger_ps.workloads.data import DATASETS
+from ranger_ps.workloads.models import MODELS
 from tests.conftest import ROOT, stop_process
 
 pytestmark = [pytest.mark.integration]

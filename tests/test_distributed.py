@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ranger_ps.algorithm.selection import choose_blocks
 from ranger_ps.errors import LayoutMismatchError
 from ranger_ps.optim import Ranger
-from ranger_ps.selection import choose_blocks
 from tests.conftest import ServerFactory
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]

@@ -26,18 +26,20 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ranger_ps import checkpoint, cli
-from ranger_ps._proto import ranger_ps_pb2 as pb
-from ranger_ps.client import ShardedClient, fetch_stats
-from ranger_ps.codec import tensor_bytes
+from ranger_ps import cli
+from ranger_ps.algorithm.layout import Layout
+from ranger_ps.algorithm.placement import Placement
+from ranger_ps.algorithm.rules import RuleConfig
+from ranger_ps.client.admin import fetch_stats
+from ranger_ps.client.sharded import ShardedClient
 from ranger_ps.errors import ClusterError
-from ranger_ps.layout import Layout
-from ranger_ps.placement import Placement
-from ranger_ps.rpc import method_path
-from ranger_ps.rules import RuleConfig
-from ranger_ps.worker.data import load_dataset
-from ranger_ps.worker.models import build_model
-from ranger_ps.worker.train import evaluate
+from ranger_ps.storage import checkpoint
+from ranger_ps.wire.codec import tensor_bytes
+from ranger_ps.wire.rpc import method_path
+from ranger_ps.wire.stats import ShardStats
+from ranger_ps.workloads.data import load_dataset
+from ranger_ps.workloads.evaluation import evaluate
+from ranger_ps.workloads.models import build_model
 from tests.conftest import ranger_ps_cmd, stop_process
 
 pytestmark = pytest.mark.integration
@@ -179,10 +181,10 @@ def _wait_for_files(folder: Path, shard_id: int, count: int, timeout: float = 30
     return _poll(check, f"{count} checkpoint files of shard {shard_id}", timeout)
 
 
-def _stats(addresses: list[str]) -> list[pb.StatsReply]:
+def _stats(addresses: list[str]) -> list[ShardStats]:
     replies = fetch_stats(addresses, timeout=5)
-    assert all(isinstance(r, pb.StatsReply) for r in replies), replies
-    return [r for r in replies if isinstance(r, pb.StatsReply)]
+    assert all(isinstance(r, ShardStats) for r in replies), replies
+    return [r for r in replies if isinstance(r, ShardStats)]
 
 
 def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -354,7 +356,7 @@ class _FaultRun:
     report: dict[str, Any]
     worker_log: str
     evaluation: dict[str, Any]
-    stats: list[pb.StatsReply]
+    stats: list[ShardStats]
     pushes_at_kill: int
     checkpoints_at_kill: int
     restarted_log: str

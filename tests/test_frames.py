@@ -1,4 +1,4 @@
-"""Tests for ranger_ps.frames: protobuf Frames with zero-copy payloads."""
+"""Tests for ranger_ps.wire.frames: protobuf Frames with zero-copy payloads."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ranger_ps._proto import ranger_ps_pb2 as pb
 from ranger_ps.errors import WireFormatError
-from ranger_ps.frames import (
+from ranger_ps.wire._proto import ranger_ps_pb2 as pb
+from ranger_ps.wire.frames import (
     DEFAULT_CHUNK_BYTES,
     WireBlock,
     chunk_frames,

@@ -26,15 +26,15 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hypothesis import HealthCheck, Phase, event, given, note, settings
 from hypothesis import strategies as st
 
-from ranger_ps._proto import ranger_ps_pb2 as pb
-from ranger_ps.client import ShardedClient
-from ranger_ps.codec import codec_for_name
+from ranger_ps.algorithm.placement import Placement
+from ranger_ps.client.sharded import ShardedClient
 from ranger_ps.errors import WireFormatError
-from ranger_ps.frames import decode_frame, split_blocks
-from ranger_ps.placement import Placement
-from ranger_ps.rpc import METHODS, SERVICE_NAME
-from ranger_ps.server.errors import RequestError
 from ranger_ps.server.store import ShardStore
+from ranger_ps.wire._proto import ranger_ps_pb2 as pb
+from ranger_ps.wire.codec import codec_for_name
+from ranger_ps.wire.frames import decode_frame, split_blocks
+from ranger_ps.wire.rpc import METHODS, SERVICE_NAME
+from ranger_ps.wire.status import RequestError
 from tests.test_security import (
     CLIENT_STREAMING,
     INITIAL,
@@ -93,7 +93,7 @@ _REPLICA = ShardStore(LAYOUT, Placement.compute(LAYOUT, 1).blocks_by_shard[0], R
 def valid_push(method: str, messages: Sequence[bytes]) -> bool:
     """Whether a correct shard must apply this as a push of the registered worker (which never pushed).
 
-    Written from the wire contract, independently of ranger_ps.frames and the shard's checks: the
+    Written from the wire contract, independently of ranger_ps.wire.frames and the shard's checks: the
     frames parse, the first carries a push header of the registered worker, each header's block
     sizes add up to its payload, and every block is a block of the shard, once, with its dtype and
     length, and finite.

@@ -1,12 +1,12 @@
-"""Tests for ranger_ps.layout: parameters cut into blocks, fingerprints, wire round trip."""
+"""Tests for ranger_ps.algorithm.layout: parameters cut into blocks, fingerprints, wire round trip."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ranger_ps._proto import ranger_ps_pb2 as pb
-from ranger_ps.layout import DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, Block, Layout, ParamInfo
+from ranger_ps.algorithm.layout import DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, Block, Layout, ParamInfo
+from ranger_ps.wire._proto import ranger_ps_pb2 as pb
 
 
 def _layout(block_size: int = 4) -> Layout:

@@ -22,9 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
 from ranger_ps import Ranger
-from ranger_ps.client import fetch_stats
+from ranger_ps.client.admin import fetch_stats
 from ranger_ps.errors import UserError
-from ranger_ps.metrics import (
+from ranger_ps.observability.metrics import (
     APPLY_SECONDS_BUCKETS,
     ServerMetrics,
     WorkerMetrics,

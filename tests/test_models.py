@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ranger_ps.errors import UserError
-from ranger_ps.worker.models import MODELS, VGG_CHANNELS, CharLM, build_model, describe_model
+from ranger_ps.workloads.models import MODELS, VGG_CHANNELS, CharLM, build_model, describe_model
 
 BYO = "tests.byo_models"
 

@@ -39,7 +39,7 @@ def test_wheel_installs_in_a_fresh_venv_and_runs_a_cluster(tmp_path: Path) -> No
     )
     (wheel,) = dist.glob("ranger_ps-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for expected in ("ranger_ps/server/main.py", "ranger_ps/worker/train.py", "ranger_ps/_proto/ranger_ps_pb2.py"):
+    for expected in ("ranger_ps/server/main.py", "ranger_ps/worker/train.py", "ranger_ps/wire/_proto/ranger_ps_pb2.py"):
         assert expected in names
     assert not [n for n in names if n.startswith(("server/", "worker/", "tests/"))]
 

@@ -1,4 +1,4 @@
-"""Tests for ranger_ps.placement: deterministic byte-balanced block placement."""
+"""Tests for ranger_ps.algorithm.placement: deterministic byte-balanced block placement."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ranger_ps.layout import Layout, ParamInfo
-from ranger_ps.placement import Placement
+from ranger_ps.algorithm.layout import Layout, ParamInfo
+from ranger_ps.algorithm.placement import Placement
 
 
 def _layout() -> Layout:

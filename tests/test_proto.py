@@ -9,13 +9,13 @@ from types import ModuleType
 
 import pytest
 
-from ranger_ps import rpc
-from ranger_ps._proto import ranger_ps_pb2 as pb
+from ranger_ps.wire import rpc
+from ranger_ps.wire._proto import ranger_ps_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATE_PY = ROOT / "proto" / "generate.py"
 PROTO_FILE = ROOT / "proto" / "ranger_ps" / "v1" / "ranger_ps.proto"
-COMMITTED = ROOT / "ranger_ps" / "_proto"
+COMMITTED = ROOT / "ranger_ps" / "wire" / "_proto"
 
 
 def _load_generate() -> ModuleType:

@@ -1,4 +1,4 @@
-"""Tests for ranger_ps.rules: every rule against its reference, block states, and RuleConfig.
+"""Tests for ranger_ps.algorithm.rules: every rule against its reference, block states, and RuleConfig.
 
 States are always made by ``new_block_state`` and updates always go through ``apply_update``:
 that is the path the parameter server and the in-process optimizer take.
@@ -16,8 +16,8 @@ import msgpack
 import pytest
 import torch
 
-from ranger_ps.layout import Layout, ParamInfo
-from ranger_ps.rules import (
+from ranger_ps.algorithm.layout import Layout, ParamInfo
+from ranger_ps.algorithm.rules import (
     RULE_NAMES,
     RULES,
     BlockState,

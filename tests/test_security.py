@@ -34,16 +34,17 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from ranger_ps._proto import ranger_ps_pb2 as pb
-from ranger_ps.client import ShardedClient, check_health, fetch_stats
-from ranger_ps.codec import codec_for_name, tensor_bytes
+from ranger_ps.algorithm.layout import Layout
+from ranger_ps.algorithm.placement import Placement
+from ranger_ps.algorithm.rules import RuleConfig
+from ranger_ps.client.admin import check_health, fetch_stats
+from ranger_ps.client.sharded import ShardedClient
 from ranger_ps.errors import UserError
-from ranger_ps.frames import WireBlock, chunk_frames, decode_frame, encode_frame, split_blocks
-from ranger_ps.layout import Layout
-from ranger_ps.placement import Placement
-from ranger_ps.rpc import ERROR_METADATA_KEY, METHODS, SERVICE_NAME, method_path
-from ranger_ps.rules import RuleConfig
-from ranger_ps.security import ClientSecurity
+from ranger_ps.wire._proto import ranger_ps_pb2 as pb
+from ranger_ps.wire.codec import codec_for_name, tensor_bytes
+from ranger_ps.wire.frames import WireBlock, chunk_frames, decode_frame, encode_frame, split_blocks
+from ranger_ps.wire.rpc import ERROR_METADATA_KEY, METHODS, SERVICE_NAME, method_path
+from ranger_ps.wire.security import ClientSecurity
 from tests.conftest import pid_alive, ranger_ps_cmd, stop_process
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]

@@ -1,4 +1,4 @@
-"""Tests for ranger_ps.selection: seeds, block choice, subsample, warm-up, centralization, error feedback."""
+"""Tests for ranger_ps.algorithm.selection: seeds, block choice, subsample, warm-up, centralization, error feedback."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import torch
 
-from ranger_ps.layout import Layout, ParamInfo
-from ranger_ps.selection import (
+from ranger_ps.algorithm.layout import Layout, ParamInfo
+from ranger_ps.algorithm.selection import (
     ErrorFeedback,
     SelectionConfig,
     block_count,

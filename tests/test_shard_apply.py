@@ -10,12 +10,12 @@ import threading
 import pytest
 import torch
 
-from ranger_ps.checkpoint import ShardCheckpoint
-from ranger_ps.codec import tensor_bytes
-from ranger_ps.frames import WireBlock
-from ranger_ps.layout import Layout
-from ranger_ps.rules import RuleConfig
+from ranger_ps.algorithm.layout import Layout
+from ranger_ps.algorithm.rules import RuleConfig
 from ranger_ps.server.shard import OFF_LOOP_APPLY_BYTES, Shard
+from ranger_ps.storage.checkpoint import ShardCheckpoint
+from ranger_ps.wire.codec import tensor_bytes
+from ranger_ps.wire.frames import WireBlock
 
 FLOAT32 = 1  # the wire enum value
 

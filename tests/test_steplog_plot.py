@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from ranger_ps.plot import main as plot_main
-from ranger_ps.plot import plot_run
-from ranger_ps.steplog import (
+from ranger_ps.observability.plot import main as plot_main
+from ranger_ps.observability.plot import plot_run
+from ranger_ps.observability.steplog import (
     EVAL_COLUMNS,
     STEP_COLUMNS,
     EvalRow,
@@ -155,9 +155,9 @@ def test_without_tensorboard_installed_it_is_skipped_with_one_log_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails, as without the package
-    with caplog.at_level(logging.INFO, logger="ranger_ps.steplog"), StepLog(tmp_path / "w.csv") as log:
+    with caplog.at_level(logging.INFO, logger="ranger_ps.observability.steplog"), StepLog(tmp_path / "w.csv") as log:
         log.log_step(1, 1.0, bytes_pushed=1, bytes_pulled=1, bytes_pushed_dense=1)
-    lines = [r for r in caplog.records if r.name == "ranger_ps.steplog"]
+    lines = [r for r in caplog.records if r.name == "ranger_ps.observability.steplog"]
     assert len(lines) == 1 and "TensorBoard scalars skipped" in lines[0].getMessage()
     assert len(read_step_log(tmp_path / "w.csv")) == 1
     assert not (tmp_path / "tensorboard").exists()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ranger_ps.client import PulledBlock
-from ranger_ps.layout import Layout
-from ranger_ps.transfer import PinnedStaging, needs_staging
+from ranger_ps.algorithm.layout import Layout
+from ranger_ps.client.sharded import PulledBlock
+from ranger_ps.client.staging import PinnedStaging, needs_staging
 
 
 def _layout() -> Layout:

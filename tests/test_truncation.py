@@ -1,4 +1,4 @@
-"""Tests for ranger_ps.truncation: server-side truncation, residual and clipping of block gradients."""
+"""Tests for ranger_ps.algorithm.truncation: server-side truncation, residual and clipping of block gradients."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from ranger_ps.rules import RuleConfig, apply_update, new_block_state
-from ranger_ps.truncation import truncate
+from ranger_ps.algorithm.rules import RuleConfig, apply_update, new_block_state
+from ranger_ps.algorithm.truncation import truncate
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ranger_ps.steplog import eval_log_path, read_eval_log, read_step_log
-from ranger_ps.watch import RunWatcher
-from ranger_ps.worker.train import Evaluation, StepInfo
+from ranger_ps.observability.records import Evaluation, StepInfo
+from ranger_ps.observability.steplog import eval_log_path, read_eval_log, read_step_log
+from ranger_ps.observability.watch import RunWatcher
 
 
 def _step(step: int) -> StepInfo:

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from ranger_ps.steplog import eval_log_path
+from ranger_ps.observability.steplog import eval_log_path
 from tests.conftest import ROOT, ServerFactory, ranger_ps_cmd, stop_process
 
 pytestmark = pytest.mark.integration

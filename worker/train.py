@@ -8,61 +8,27 @@ selects blocks (error feedback), pushes them, and swaps in pulled weights (in th
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
-from ranger_ps.config import TrainConfig
-from ranger_ps.consistency import staleness_summary
-from ranger_ps.errors import UserError
+from ranger_ps.algorithm.consistency import staleness_summary
+from ranger_ps.algorithm.selection import subsample_indices
+from ranger_ps.config.train import TrainConfig
+from ranger_ps.observability.records import Evaluation, StepFn, StepInfo
 from ranger_ps.optim import Ranger
-from ranger_ps.security import ClientSecurity
-from ranger_ps.selection import subsample_indices
-from ranger_ps.worker.data import Dataset, load_dataset, shard_indices
-from ranger_ps.worker.models import build_model
+from ranger_ps.wire.security import ClientSecurity
+from ranger_ps.workloads.data import shard_indices
+from ranger_ps.workloads.evaluation import EPOCH_EVAL_EXAMPLES, evaluate
+from ranger_ps.workloads.job import batch_loss, build, correct_predictions, planned_steps
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class StepInfo:
-    """What one training step did, for progress bars, metrics and the step log.
-
-    Byte counts are running totals of this worker since it started.
-    """
-
-    worker_id: int
-    step: int
-    planned: int
-    loss: float
-    batch_accuracy: float
-    wall_seconds: float
-    bytes_pushed: int
-    bytes_pulled: int
-    bytes_pushed_dense: int
-
-
-StepFn = Callable[[StepInfo], None]
-"""Called after each training step."""
-
-EvalFn = Callable[[int, int, "Evaluation"], None]
+EvalFn = Callable[[int, int, Evaluation], None]
 """Called after each epoch with (steps done, bytes pushed so far, evaluation of the worker's weights)."""
-
-EPOCH_EVAL_EXAMPLES = 2048
-"""The per-epoch evaluation (for curves) uses at most this many test examples; the final one uses all."""
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """Loss and accuracy of a model on a dataset's test split."""
-
-    test_accuracy: float
-    test_loss: float
 
 
 @dataclass(frozen=True)
@@ -78,73 +44,6 @@ class TrainResult:
     evaluation: Evaluation
     staleness: dict[str, int]
     consistency: str
-
-
-def resolve_device(name: str) -> torch.device:
-    """Check a ``--device`` value against what this machine has."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device name (use cpu, cuda or cuda:N)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA devices here")
-    elif device.type != "cpu":
-        raise UserError(f"--device {name!r} is not supported (use cpu, cuda or cuda:N)")
-    return device
-
-
-def build(config: TrainConfig) -> tuple[Dataset, nn.Module, torch.device]:
-    """Load the data and build the model, identically initialized on every worker."""
-    device = resolve_device(config.device)
-    data = load_dataset(config.dataset)
-    torch.manual_seed(config.seed)
-    model = build_model(config.model, data.input_shape, data.num_classes).to(device)
-    return data, model, device
-
-
-def planned_steps(config: TrainConfig, num_examples: int, worker_index: int) -> int:
-    """Steps one worker takes over all epochs."""
-    mine = len(shard_indices(num_examples, worker_index, config.num_workers))
-    return math.ceil(mine / config.batch_size) * config.epochs
-
-
-def batch_loss(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy for classification (logits (B, C), y (B,)) and language models alike
-    (logits (B, T, V), y (B, T): every position predicts its next token)."""
-    return nn.functional.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction=reduction)
-
-
-def correct_predictions(logits: torch.Tensor, y: torch.Tensor) -> int:
-    """Predictions (examples, or tokens for a language model) whose arg-max is the target."""
-    return int((logits.argmax(dim=-1) == y).sum())
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, data: Dataset, device: torch.device, batch_size: int = 1024, limit: int | None = None
-) -> Evaluation:
-    """Accuracy and mean cross-entropy on the test split (its first ``limit`` examples when given).
-
-    For a language model both are per predicted token.
-    """
-    model.eval()
-    correct = 0
-    loss_sum = 0.0
-    targets = 0
-    end = len(data.y_test) if limit is None else min(limit, len(data.y_test))
-    for start in range(0, end, batch_size):
-        x = data.prepare(data.x_test[start : min(start + batch_size, end)].to(device))
-        y = data.y_test[start : min(start + batch_size, end)].to(device)
-        logits = model(x)
-        loss_sum += float(batch_loss(logits, y, reduction="sum"))
-        correct += correct_predictions(logits, y)
-        targets += y.numel()
-    model.train()
-    n = max(1, targets)
-    return Evaluation(correct / n, loss_sum / n)
 
 
 def train(
@@ -235,28 +134,6 @@ def train(
             ),
             consistency=optimizer.client.consistency,
         )
-
-
-def evaluate_cluster(
-    config: TrainConfig, servers: list[str], *, use_uvloop: bool = True, security: ClientSecurity | None = None
-) -> tuple[Evaluation, int]:
-    """Pull the current weights from a cluster as an observer (never a trainer) and evaluate them.
-
-    Returns:
-        The evaluation and the bytes pulled.
-    """
-    data, model, device = build(config)
-    with Ranger(
-        model.named_parameters(),
-        servers=servers,
-        observer=True,
-        security=security,
-        connect_timeout=config.connect_timeout,
-        use_uvloop=use_uvloop,
-        **config.optimizer_kwargs(),
-    ) as optimizer:
-        assert optimizer.client is not None
-        return evaluate(model, data, device), optimizer.client.bytes_pulled
 
 
 def result_report(result: TrainResult, config: TrainConfig, servers: list[str]) -> dict[str, Any]:

@@ -1,0 +1,179 @@
+"""The model as the servers see it: named parameters cut into fixed-size blocks.
+
+A :class:`Layout` is an ordered list of parameters (name, shape, dtype) and a block size. Each
+parameter is cut into consecutive blocks of at most ``block_size`` elements; a block never spans
+two parameters. Block ids count up from 0 in parameter order. The fingerprint is a hash of
+everything that decides the blocks, so servers and workers can prove they agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import msgpack
+import torch
+
+from ranger_ps.wire._proto import ranger_ps_pb2 as pb
+from ranger_ps.wire.codec import codec_for_name, codec_for_torch, codec_for_wire
+
+DEFAULT_BLOCK_SIZE = 65_536
+# One block must fit comfortably inside one gRPC message (see rpc.MAX_MESSAGE_BYTES).
+MAX_BLOCK_SIZE = 1 << 22
+# Bounds on what a layout may describe, checked before anything is built from it: a 37-byte
+# request must not make a server enumerate 2**40 blocks. 2**22 blocks of the default size is a
+# 1 TiB float32 model.
+MAX_BLOCKS = 1 << 22
+MAX_PARAMS = 1 << 16
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """One named parameter."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return codec_for_name(self.dtype).torch_dtype
+
+    @property
+    def itemsize(self) -> int:
+        return codec_for_name(self.dtype).itemsize
+
+
+@dataclass(frozen=True)
+class Block:
+    """A contiguous run of one parameter's flattened elements."""
+
+    block_id: int
+    param_index: int
+    offset: int
+    numel: int
+    dtype: str
+    itemsize: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Parameters and their blocks; immutable and hashable by fingerprint."""
+
+    params: tuple[ParamInfo, ...]
+    block_size: int = DEFAULT_BLOCK_SIZE
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.block_size <= MAX_BLOCK_SIZE:
+            raise ValueError(f"block_size must be in [1, {MAX_BLOCK_SIZE}], got {self.block_size}")
+        if len(self.params) > MAX_PARAMS:
+            raise ValueError(f"a layout may hold at most {MAX_PARAMS} parameters, got {len(self.params)}")
+        blocks = sum(-(-p.numel // self.block_size) for p in self.params if all(d >= 0 for d in p.shape))
+        if blocks > MAX_BLOCKS:
+            raise ValueError(f"a layout may cut into at most {MAX_BLOCKS} blocks, got {blocks} (raise block_size)")
+        names = [p.name for p in self.params]
+        if len(set(names)) != len(names):
+            raise ValueError("parameter names must be unique")
+        for p in self.params:
+            codec_for_name(p.dtype)
+            if any(d < 0 for d in p.shape):
+                raise ValueError(f"parameter {p.name!r} has a negative dimension: {p.shape}")
+
+    @classmethod
+    def from_named_tensors(
+        cls, named: Iterable[tuple[str, torch.Tensor]], block_size: int = DEFAULT_BLOCK_SIZE
+    ) -> Layout:
+        """Build the layout of ``model.named_parameters()`` (or any named tensors)."""
+        params = tuple(
+            ParamInfo(name, tuple(int(d) for d in t.shape), codec_for_torch(t.dtype).name) for name, t in named
+        )
+        return cls(params, block_size)
+
+    @cached_property
+    def blocks(self) -> tuple[Block, ...]:
+        out: list[Block] = []
+        for index, param in enumerate(self.params):
+            itemsize = param.itemsize
+            for offset in range(0, param.numel, self.block_size):
+                numel = min(self.block_size, param.numel - offset)
+                out.append(Block(len(out), index, offset, numel, param.dtype, itemsize))
+        return tuple(out)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel for p in self.params)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.numel * p.itemsize for p in self.params)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A short hash of names, shapes, dtypes and block size (order matters)."""
+        canonical = msgpack.packb(
+            [1, self.block_size, [[p.name, list(p.shape), p.dtype] for p in self.params]], use_bin_type=True
+        )
+        return hashlib.sha256(canonical).hexdigest()[:16]
+
+    def to_proto(self) -> pb.LayoutSpec:
+        return pb.LayoutSpec(
+            params=[
+                pb.ParamSpec(name=p.name, shape=list(p.shape), dtype=codec_for_name(p.dtype).wire) for p in self.params
+            ],
+            block_size=self.block_size,
+            fingerprint=self.fingerprint,
+        )
+
+    @classmethod
+    def from_proto(cls, spec: pb.LayoutSpec) -> Layout:
+        """Rebuild a layout from the wire, checking its fingerprint.
+
+        Raises:
+            ValueError: the spec is malformed or its fingerprint does not match its content.
+        """
+        layout = cls(
+            tuple(ParamInfo(p.name, tuple(int(d) for d in p.shape), codec_for_wire(p.dtype).name) for p in spec.params),
+            int(spec.block_size),
+        )
+        if spec.fingerprint and spec.fingerprint != layout.fingerprint:
+            raise ValueError(
+                f"layout fingerprint {spec.fingerprint!r} does not match its content ({layout.fingerprint!r})"
+            )
+        return layout
+
+    def flat_views(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Flat views of tensors aligned with ``params`` (each of the parameter's shape, or already flat).
+
+        Raises:
+            ValueError: a count or shape differs, or a tensor is not contiguous (a flat copy would
+                silently lose writes made through it).
+        """
+        if len(tensors) != len(self.params):
+            raise ValueError(f"expected {len(self.params)} tensors, got {len(tensors)}")
+        views = []
+        for param, tensor in zip(self.params, tensors, strict=True):
+            if tuple(tensor.shape) != param.shape and tuple(tensor.shape) != (param.numel,):
+                raise ValueError(f"{param.name}: shape {tuple(tensor.shape)} != layout {param.shape}")
+            if not tensor.is_contiguous():
+                raise ValueError(f"{param.name}: tensor is not contiguous")
+            views.append(tensor.view(-1))
+        return views
+
+    def block_views(self, flats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Slice flat per-parameter tensors into per-block views (no copies)."""
+        return [flats[b.param_index][b.offset : b.offset + b.numel] for b in self.blocks]

@@ -1,0 +1,537 @@
+"""The worker's side of the wire: one client that talks to every shard concurrently.
+
+All network I/O runs on an event loop in a background thread, so a training loop can start a
+push and a pull and go on computing; ``push`` and ``pull`` return futures (handles), and waiting
+is a separate step. Bytes are copied once on the way out (when frames are encoded, inside
+``push``, so the caller may reuse its gradient buffers as soon as ``push`` returns) and not at all
+on the way in (pulled blocks are tensors over the received messages).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import torch
+
+from ranger_ps.algorithm.layout import Layout
+from ranger_ps.algorithm.placement import Placement
+from ranger_ps.algorithm.rules import RuleConfig
+from ranger_ps.errors import (
+    ClusterError,
+    LayoutMismatchError,
+    ServerUnavailableError,
+    UserError,
+    WireFormatError,
+)
+from ranger_ps.wire._proto import ranger_ps_pb2 as pb
+from ranger_ps.wire.allocator import tune_allocator
+from ranger_ps.wire.codec import bytes_to_tensor, codec_for_name, tensor_bytes
+from ranger_ps.wire.frames import (
+    DEFAULT_CHUNK_BYTES,
+    WireBlock,
+    chunk_frames,
+    decode_frame,
+    split_blocks,
+)
+from ranger_ps.wire.loop import LoopThread
+from ranger_ps.wire.pushes import group_by_shard, push_header, push_wire_bytes
+from ranger_ps.wire.rpc import CHANNEL_OPTIONS, ERROR_METADATA_KEY, describe_rpc_error, method_path
+from ranger_ps.wire.security import ClientSecurity
+from ranger_ps.wire.stats import ShardStats
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Retried while a cluster is coming up: the server is not listening yet, or still initializing.
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+@dataclass(frozen=True)
+class PulledBlock:
+    """A block received from a shard; ``values`` is flat and shares memory with the message."""
+
+    block_id: int
+    version: int
+    values: torch.Tensor
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What the shards acknowledged for one push."""
+
+    blocks_applied: int
+    bytes_sent: int
+
+
+def _marker(exc: grpc.aio.AioRpcError) -> str | None:
+    """The ``ranger-ps-error`` trailing metadata of a refusal, if any."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == ERROR_METADATA_KEY:
+            return str(value)
+    return None
+
+
+class _Shard:
+    """One shard's channel and bookkeeping (used only on the I/O thread)."""
+
+    def __init__(self, index: int, address: str, security: ClientSecurity) -> None:
+        self.index = index
+        self.address = address
+        self.channel = security.channel(address, CHANNEL_OPTIONS)
+        self.register = self.channel.unary_unary(method_path("Register"))
+        self.init = self.channel.stream_unary(method_path("Init"))
+        self.push = self.channel.stream_unary(method_path("Push"))
+        self.pull = self.channel.unary_stream(method_path("Pull"))
+        self.stats = self.channel.unary_unary(method_path("Stats"))
+        self.heartbeat = self.channel.unary_unary(method_path("Heartbeat"))
+        self.leave = self.channel.unary_unary(method_path("Leave"))
+        self.block_ids: tuple[int, ...] = ()
+        self.known: list[int] = []
+
+
+class ShardedClient:
+    """Registers with every shard, pushes gradients of chosen blocks and pulls fresh blocks.
+
+    Args:
+        servers: ``HOST:PORT`` of each shard, in shard order.
+        connect_timeout: how long registration keeps retrying unreachable servers (seconds).
+        retry_timeout: how long a push or pull keeps retrying a shard that went away (seconds).
+        call_timeout: deadline of each push, pull and stats call (seconds).
+        chunk_bytes: payload size of streamed frames.
+        use_uvloop: run the I/O loop on uvloop.
+        security: token and TLS settings (default: plaintext, no token).
+    """
+
+    def __init__(
+        self,
+        servers: Sequence[str],
+        *,
+        connect_timeout: float = 30.0,
+        retry_timeout: float = 60.0,
+        call_timeout: float = 120.0,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        use_uvloop: bool = True,
+        security: ClientSecurity | None = None,
+    ) -> None:
+        if not servers:
+            raise UserError("at least one server address is needed")
+        tune_allocator()  # frame buffers reuse memory instead of faulting fresh pages in
+        self.servers = list(servers)
+        self.connect_timeout = connect_timeout
+        self.retry_timeout = retry_timeout
+        self.call_timeout = call_timeout
+        self.chunk_bytes = chunk_bytes
+        self.security = security or ClientSecurity()
+        self._md = self.security.metadata  # the token rides on every call
+        self._io = LoopThread(use_uvloop=use_uvloop)
+        self._shards: list[_Shard] = self._io.run(self._open())
+        self.layout: Layout | None = None
+        self.placement: Placement | None = None
+        self.worker_id: int | None = None
+        self.observer = False
+        self.start_clock = 0
+        self.lease_seconds = 0.0
+        self.consistency = ""
+        self.bytes_pushed = 0
+        self.bytes_pulled = 0
+        self._heartbeats: asyncio.Task[None] | None = None
+        self._register_template: pb.RegisterRequest | None = None
+        self._live_values: Sequence[torch.Tensor] = ()
+
+    async def _open(self) -> list[_Shard]:
+        return [_Shard(i, address, self.security) for i, address in enumerate(self.servers)]
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Leave the cluster (a training worker stops counting for barriers at once), close the channels."""
+        if self._io.loop.is_closed():
+            return
+
+        async def _close() -> None:
+            if self._heartbeats is not None:
+                self._heartbeats.cancel()
+            if self.worker_id is not None and not self.observer:
+                leave = pb.LeaveRequest(worker_id=self.worker_id).SerializeToString()
+                results = await asyncio.gather(
+                    *(s.leave(leave, timeout=5, metadata=self._md) for s in self._shards), return_exceptions=True
+                )
+                for shard, result in zip(self._shards, results, strict=True):
+                    if isinstance(result, Exception):
+                        log.warning("leaving shard %d at %s failed: %s", shard.index, shard.address, result)
+            await asyncio.gather(*(s.channel.close() for s in self._shards), return_exceptions=True)
+
+        try:
+            self._io.run(_close(), timeout=10)
+        finally:
+            self._io.close()
+
+    def __enter__(self) -> ShardedClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- registration -------------------------------------------------------------------------
+
+    def register(
+        self,
+        layout: Layout,
+        rule: RuleConfig,
+        initial_values: Sequence[torch.Tensor],
+        worker_id: int | None = None,
+        *,
+        observer: bool = False,
+        consistency: str = "",
+    ) -> int:
+        """Register with every shard and initialize the shards that ask for it.
+
+        Shard 0 assigns the worker id when ``worker_id`` is None; the other shards are then told
+        that id. ``initial_values`` (one tensor per layout parameter) are sent only to shards that
+        have not been initialized yet. An ``observer`` (an evaluator, a monitor) may pull but does
+        not count as a training worker. ``consistency`` (e.g. ``"bsp"``) is checked against what
+        the shards run; empty accepts theirs. Afterwards :attr:`start_clock` is the clock this
+        worker starts from (its next push carries ``start_clock + 1``), and a background task renews
+        the worker's lease with heartbeats.
+
+        Returns:
+            The worker id.
+
+        Raises:
+            ServerUnavailableError: a server did not answer within ``connect_timeout``.
+            LayoutMismatchError: a server holds another model or update rule.
+        """
+        flats = layout.flat_views([t.detach().to("cpu").contiguous() for t in initial_values])
+        self._live_values = initial_values  # read again if a shard comes back empty and must be re-initialized
+        self.layout = layout
+        self.placement = Placement.compute(layout, len(self._shards))
+        self.observer = observer
+        self.worker_id = self._io.run(
+            self._register_all(layout, rule, flats, -1 if worker_id is None else worker_id, observer, consistency)
+        )
+        return self.worker_id
+
+    async def _register_all(
+        self,
+        layout: Layout,
+        rule: RuleConfig,
+        flats: list[torch.Tensor],
+        worker_id: int,
+        observer: bool,
+        consistency: str,
+    ) -> int:
+        request = pb.RegisterRequest(
+            observer=observer,
+            consistency=consistency,
+            layout=layout.to_proto(),
+            rule=pb.RuleSpec(msgpack=rule.to_msgpack()),
+            expected_num_shards=len(self._shards),
+        )
+        self._register_template = request
+        deadline = time.monotonic() + self.connect_timeout
+        first = await self._register_one(self._shards[0], request, worker_id, deadline)
+        worker_id = first.worker_id
+        rest = await asyncio.gather(*(self._register_one(s, request, worker_id, deadline) for s in self._shards[1:]))
+        await asyncio.gather(
+            *(
+                self._initialize(shard, reply, flats)
+                for shard, reply in zip(self._shards, [first, *rest], strict=True)
+                if reply.must_initialize
+            )
+        )
+        replies = [first, *rest]
+        # Shards may disagree by a clock while pushes are in flight: start after the latest.
+        self.start_clock = max(r.clock for r in replies)
+        self.lease_seconds = min(r.lease_seconds for r in replies)
+        self.consistency = first.consistency
+        if self._heartbeats is None and self.lease_seconds > 0:
+            self._heartbeats = asyncio.create_task(self._heartbeat_loop(worker_id, self.lease_seconds / 3))
+        return worker_id
+
+    async def _heartbeat_loop(self, worker_id: int, every: float) -> None:
+        """Renew the lease while the caller computes (pushes and pulls renew it too)."""
+        request = pb.HeartbeatRequest(worker_id=worker_id).SerializeToString()
+        while True:
+            await asyncio.sleep(every)
+            for shard in self._shards:
+                try:
+                    await shard.heartbeat(request, timeout=max(1.0, every), metadata=self._md)
+                except grpc.aio.AioRpcError as exc:
+                    log.warning(
+                        "heartbeat to shard %d at %s failed: %s", shard.index, shard.address, describe_rpc_error(exc)
+                    )
+
+    async def _register_one(
+        self, shard: _Shard, template: pb.RegisterRequest, worker_id: int, deadline: float
+    ) -> pb.RegisterReply:
+        request = pb.RegisterRequest()
+        request.CopyFrom(template)
+        request.worker_id = worker_id
+        request.expected_shard_id = shard.index
+        payload = request.SerializeToString()
+        attempt = 0
+        delay = 0.1
+        while True:
+            attempt += 1
+            try:
+                raw = await shard.register(
+                    payload, timeout=max(1.0, deadline - time.monotonic()) + 60.0, metadata=self._md
+                )
+                break
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    raise LayoutMismatchError(f"server {shard.address} refused registration: {exc.details()}") from None
+                if exc.code() not in _RETRYABLE:
+                    raise UserError(f"server {shard.address} refused registration: {describe_rpc_error(exc)}") from None
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ServerUnavailableError(
+                        f"could not reach parameter server {shard.address} (shard {shard.index}) within "
+                        f"{self.connect_timeout:g}s after {attempt} attempts: {exc.details()}"
+                    ) from None
+                log.warning(
+                    "server %s (shard %d) not ready (attempt %d: %s); retrying in %.1fs",
+                    shard.address,
+                    shard.index,
+                    attempt,
+                    exc.code().name,
+                    min(delay, remaining),
+                )
+                await asyncio.sleep(min(delay, remaining))
+                delay = min(delay * 2, 2.0) * (0.8 + 0.4 * random.random())
+        reply = pb.RegisterReply.FromString(raw)
+        assert self.placement is not None
+        expected = self.placement.blocks_by_shard[shard.index]
+        if tuple(reply.block_ids) != expected:
+            raise LayoutMismatchError(
+                f"server {shard.address} holds blocks {list(reply.block_ids)[:5]}..., but this worker places "
+                f"{list(expected)[:5]}... there: placement disagrees"
+            )
+        shard.block_ids = expected
+        shard.known = [0] * len(expected)
+        return reply
+
+    async def _initialize(self, shard: _Shard, reply: pb.RegisterReply, flats: list[torch.Tensor]) -> None:
+        assert self.layout is not None
+        blocks = self._wire_blocks(shard.block_ids, flats, version=0)
+        frames = list(
+            chunk_frames(
+                blocks,
+                chunk_bytes=self.chunk_bytes,
+                first_header=pb.FrameHeader(init=pb.InitHeader(worker_id=reply.worker_id)),
+                always_one=True,
+            )
+        )
+        try:
+            await shard.init(iter(frames), timeout=self.call_timeout, metadata=self._md)
+        except grpc.aio.AioRpcError as exc:
+            raise ClusterError(
+                f"initializing shard {shard.index} at {shard.address} failed: {describe_rpc_error(exc)}"
+            ) from None
+        log.info("initialized shard %d (%d blocks)", shard.index, len(shard.block_ids))
+
+    def _wire_blocks(self, block_ids: Iterable[int], flats: Sequence[torch.Tensor], version: int) -> list[WireBlock]:
+        assert self.layout is not None
+        out = []
+        for block_id in block_ids:
+            block = self.layout.blocks[block_id]
+            values = flats[block.param_index][block.offset : block.offset + block.numel]
+            out.append(WireBlock(block_id, version, codec_for_name(block.dtype).wire, tensor_bytes(values)))
+        return out
+
+    # -- training traffic -----------------------------------------------------------------------
+
+    def encode_push(
+        self, grads: Sequence[torch.Tensor], block_ids: Iterable[int] | None, clock: int
+    ) -> list[list[bytes]]:
+        """The frames, per shard, of a push of ``block_ids`` (all blocks when None).
+
+        Every shard gets at least one frame (an empty push when none of its blocks was chosen), so
+        each shard sees every clock tick of every worker.
+        """
+        layout, placement, worker_id = self._require_registered()
+        flats = layout.flat_views(
+            [g.detach().to("cpu", p.torch_dtype).contiguous() for g, p in zip(grads, layout.params, strict=True)]
+        )
+        header = push_header(worker_id, clock)
+        return [
+            list(
+                chunk_frames(
+                    self._wire_blocks(ids, flats, version=0),
+                    chunk_bytes=self.chunk_bytes,
+                    first_header=header,
+                    always_one=True,
+                )
+            )
+            for ids in group_by_shard(layout, placement, block_ids)
+        ]
+
+    def push_wire_bytes(self, block_ids: Iterable[int] | None, clock: int) -> int:
+        """Exactly what :meth:`push` would send for these blocks at this clock, headers included.
+
+        Nothing is copied, so this is cheap enough to call every step (it gives the report's
+        ``bytes_pushed_dense`` with ``block_ids=None``).
+        """
+        layout, placement, worker_id = self._require_registered()
+        return push_wire_bytes(
+            layout, placement, block_ids, worker_id=worker_id, clock=clock, chunk_bytes=self.chunk_bytes
+        )
+
+    def push(self, grads: Sequence[torch.Tensor], block_ids: Iterable[int] | None, clock: int) -> Future[PushResult]:
+        """Send the gradients of ``block_ids`` (all blocks when None) to their shards.
+
+        ``grads`` holds one tensor per layout parameter (its shape or flat; converted to the
+        parameter's dtype). The bytes are copied into frames before
+        this returns, so the caller may reuse its gradient buffers at once; the returned future
+        resolves when every shard has applied its part.
+        """
+        frames_by_shard = self.encode_push(grads, block_ids, clock)
+        # Counted when handed to the wire (here, in the caller's thread), not when acknowledged, so
+        # a caller reading it right after push() sees this push.
+        self.bytes_pushed += sum(len(f) for frames in frames_by_shard for f in frames)
+        future: Future[PushResult] = self._io.submit(self._push_all(frames_by_shard))
+        return future
+
+    async def _push_all(self, frames_by_shard: list[list[bytes]]) -> PushResult:
+        async def one(shard: _Shard, frames: list[bytes]) -> int:
+            raw = await self._retrying(
+                shard, "push to", lambda: shard.push(iter(frames), timeout=self.call_timeout, metadata=self._md)
+            )
+            return pb.PushReply.FromString(raw).blocks_applied
+
+        sent = sum(len(f) for frames in frames_by_shard for f in frames)
+        applied = await asyncio.gather(*(one(s, f) for s, f in zip(self._shards, frames_by_shard, strict=True)))
+        return PushResult(sum(applied), sent)
+
+    def pull(self, after: Future[Any] | None = None) -> Future[list[PulledBlock]]:
+        """Fetch every block whose version moved since the last pull (all blocks the first time).
+
+        With ``after`` (e.g. a push handle), the pull starts once that future is done, so it sees
+        the push applied. The caller must apply the result (:meth:`apply_pulled`): the client
+        records the new versions as held.
+        """
+        self._require_registered()
+        future: Future[list[PulledBlock]] = self._io.submit(self._pull_all(after))
+        return future
+
+    async def _pull_all(self, after: Future[Any] | None) -> list[PulledBlock]:
+        if after is not None:
+            await asyncio.wait([asyncio.wrap_future(after)])
+        parts = await asyncio.gather(*(self._pull_one(s) for s in self._shards))
+        return [block for part in parts for block in part]
+
+    async def _pull_one(self, shard: _Shard) -> list[PulledBlock]:
+        return await self._retrying(shard, "pull from", lambda: self._pull_attempt(shard))
+
+    async def _pull_attempt(self, shard: _Shard) -> list[PulledBlock]:
+        assert self.layout is not None
+        request = pb.PullRequest(worker_id=self.worker_id, known_versions=shard.known).SerializeToString()
+        position = {block_id: i for i, block_id in enumerate(shard.block_ids)}
+        out: list[PulledBlock] = []
+        try:
+            async for message in shard.pull(request, timeout=self.call_timeout, metadata=self._md):
+                self.bytes_pulled += len(message)
+                header, payload = decode_frame(message)
+                for wire in split_blocks(header, payload):
+                    if wire.block_id not in position:
+                        raise WireFormatError(f"shard sent block {wire.block_id}, which it does not hold")
+                    block = self.layout.blocks[wire.block_id]
+                    codec = codec_for_name(block.dtype)
+                    if wire.dtype != codec.wire or wire.data.nbytes != block.nbytes:
+                        raise WireFormatError(f"shard sent block {wire.block_id} with the wrong dtype or size")
+                    out.append(PulledBlock(wire.block_id, wire.version, bytes_to_tensor(wire.data, codec.torch_dtype)))
+        except WireFormatError as exc:
+            raise ClusterError(f"pull from shard {shard.index} at {shard.address}: {exc}") from None
+        for pulled in out:
+            i = position[pulled.block_id]
+            shard.known[i] = max(shard.known[i], pulled.version)
+        return out
+
+    async def _retrying(self, shard: _Shard, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Run a call, riding through a shard that restarts or is briefly unreachable.
+
+        Unreachable (UNAVAILABLE, DEADLINE_EXCEEDED): retry with capped exponential backoff and
+        jitter until ``retry_timeout``. The shard no longer knows this worker (it restarted, or the
+        lease lapsed): register again (initializing the shard from this worker's current weights
+        if it came back empty), forget the versions held so the next pull fetches everything, and
+        retry. A retried push is never applied twice: the shard recognises (worker id, clock).
+        """
+        deadline = time.monotonic() + self.retry_timeout
+        delay = 0.2
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await call()
+            except grpc.aio.AioRpcError as exc:
+                if _marker(exc) == "not-registered" and time.monotonic() < deadline:
+                    log.warning(
+                        "shard %d at %s forgot worker %s; registering again", shard.index, shard.address, self.worker_id
+                    )
+                    await self._reregister(shard, deadline)
+                    continue
+                if exc.code() not in _RETRYABLE:
+                    raise ClusterError(
+                        f"{what} shard {shard.index} at {shard.address} failed: {describe_rpc_error(exc)}"
+                    ) from None
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ClusterError(
+                        f"{what} shard {shard.index} at {shard.address}: gave up after {self.retry_timeout:g}s "
+                        f"and {attempt} attempts: {describe_rpc_error(exc)}"
+                    ) from None
+                pause = min(delay, remaining)
+                log.warning(
+                    "%s shard %d at %s failed (attempt %d: %s); retrying in %.1fs",
+                    what, shard.index, shard.address, attempt, exc.code().name, pause,
+                )  # fmt: skip
+                await asyncio.sleep(pause)
+                delay = min(delay * 2, 5.0) * (0.8 + 0.4 * random.random())
+
+    async def _reregister(self, shard: _Shard, deadline: float) -> None:
+        assert self._register_template is not None and self.layout is not None and self.worker_id is not None
+        reply = await self._register_one(shard, self._register_template, self.worker_id, deadline)
+        if reply.must_initialize:
+            flats = self.layout.flat_views([t.detach().to("cpu").contiguous() for t in self._live_values])
+            await self._initialize(shard, reply, flats)
+
+    def apply_pulled(self, blocks: Iterable[PulledBlock], block_views: Sequence[torch.Tensor]) -> int:
+        """Copy pulled blocks into ``block_views`` (from :meth:`Layout.block_views`); returns the count."""
+        count = 0
+        with torch.no_grad():
+            for block in blocks:
+                block_views[block.block_id].copy_(block.values)
+                count += 1
+        return count
+
+    def stats(self) -> list[ShardStats]:
+        """Every shard's stats, in shard order."""
+        return self._io.run(self._stats_all(), timeout=self.call_timeout + 5)
+
+    async def _stats_all(self) -> list[ShardStats]:
+        async def one(shard: _Shard) -> ShardStats:
+            try:
+                raw = await shard.stats(
+                    pb.StatsRequest().SerializeToString(), timeout=self.call_timeout, metadata=self._md
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise ClusterError(
+                    f"stats from shard {shard.index} at {shard.address} failed: {describe_rpc_error(exc)}"
+                ) from None
+            return ShardStats.from_proto(pb.StatsReply.FromString(raw))
+
+        return list(await asyncio.gather(*(one(s) for s in self._shards)))
+
+    def _require_registered(self) -> tuple[Layout, Placement, int]:
+        if self.layout is None or self.placement is None or self.worker_id is None:
+            raise RuntimeError("register() first")
+        return self.layout, self.placement, self.worker_id

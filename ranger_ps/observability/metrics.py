@@ -1,0 +1,397 @@
+"""Prometheus metrics: a shard's counters, a worker's progress, and the HTTP endpoint serving them.
+
+Every process keeps its metrics in its own :class:`~prometheus_client.CollectorRegistry` (never
+prometheus_client's global default registry), so several shards or workers can live in one process
+(tests, ``ranger-ps local``) without their series colliding.
+
+- **Server side** (:class:`ServerMetrics`): a custom collector reads :meth:`Shard.stats
+  <ranger_ps.wire.stats.ShardStats>` at scrape time, so the counters are exactly what the
+  ``Stats`` RPC reports and never drift from it; the apply latency is a histogram fed by the
+  shard's ``apply_observers`` hook (:meth:`ServerMetrics.observe_apply`).
+- **Worker side** (:class:`WorkerMetrics`): the training loop calls
+  :meth:`WorkerMetrics.record_step` after every step (byte counts are running totals).
+- :func:`start_metrics_server` serves a registry on ``http://HOST:PORT/metrics`` from a daemon
+  thread; :meth:`MetricsEndpoint.close` stops it.
+
+The metric names, types and labels are listed in ``docs/observability.md``.
+
+Threading: the endpoint answers scrapes on prometheus_client's HTTP threads while a shard lives on
+an asyncio loop in the main thread. :meth:`Shard.stats` only reads ints and copies dicts; a copy
+that races with the loop can fail with "dictionary changed size during iteration", so the collector
+retries it a few times instead of locking the loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from ranger_ps.wire.stats import ShardStats, WorkerStats
+
+log = logging.getLogger(__name__)
+
+PREFIX = "ranger_ps"
+
+#: Apply-latency buckets (seconds): 10 us .. 1 s, about three per decade.
+APPLY_SECONDS_BUCKETS: tuple[float, ...] = (
+    1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0,
+)  # fmt: skip
+
+#: Staleness buckets (clocks behind, and block versions behind): exact for small values, then powers of 2.
+STALENESS_BUCKETS: tuple[int, ...] = (0, 1, 2, 3, 4, 8, 16, 32, 64, 128)
+
+#: Worker step-duration buckets (seconds): 1 ms .. 60 s.
+STEP_SECONDS_BUCKETS: tuple[float, ...] = (
+    1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+
+_STATS_ATTEMPTS = 5
+
+
+def bucketize(counts: Mapping[int, int], bounds: Sequence[float]) -> tuple[list[tuple[str, float]], float]:
+    """Exact value counts as cumulative Prometheus buckets (``+Inf`` last) and the sum of the values.
+
+    Args:
+        counts: value -> how many times it was seen (a :class:`ranger_ps.algorithm.consistency.Histogram`'s counts).
+        bounds: the buckets' upper bounds, increasing.
+
+    Returns:
+        ``([(le, cumulative count), ..., ("+Inf", total)], sum of value * count)``.
+    """
+    buckets = []
+    for bound in bounds:
+        buckets.append((str(float(bound)), float(sum(c for v, c in counts.items() if v <= bound))))
+    buckets.append(("+Inf", float(sum(counts.values()))))
+    return buckets, float(sum(v * c for v, c in counts.items()))
+
+
+class ServerMetrics(Collector):
+    """A shard's metrics: a collector over ``Shard.stats()`` plus the apply-latency histogram.
+
+    Registers itself (and the histogram) in ``registry`` (a new private one when None). Wire it to
+    a shard with ``shard.apply_observers.append(metrics.observe_apply)``.
+
+    Args:
+        stats: returns the shard's current :class:`~ranger_ps.wire.stats.ShardStats`
+            (``shard.stats``); called on the HTTP thread at every scrape.
+        shard_id: this shard's index (the ``shard`` label of the apply histogram).
+        registry: where to register; default: a new private :class:`CollectorRegistry`.
+        checkpoint_age: seconds since the shard last wrote a checkpoint, or None while it has
+            written none (the gauge is then NaN). Leave it None when checkpointing is off: the
+            gauge is then not exported at all.
+    """
+
+    def __init__(
+        self,
+        stats: Callable[[], ShardStats],
+        *,
+        shard_id: int,
+        registry: CollectorRegistry | None = None,
+        checkpoint_age: Callable[[], float | None] | None = None,
+    ) -> None:
+        self._stats = stats
+        self._shard_label = str(shard_id)
+        self._checkpoint_age = checkpoint_age
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._apply = Histogram(
+            f"{PREFIX}_apply_seconds",
+            "Time to apply one update (a push, or a bsp clock's combined pushes) to the shard's store.",
+            ["shard"],
+            registry=self.registry,
+            buckets=APPLY_SECONDS_BUCKETS,
+        ).labels(shard=self._shard_label)
+        self.registry.register(self)
+
+    def observe_apply(self, seconds: float, blocks: int) -> None:
+        """The shard's apply observer: record one store update's duration (``blocks`` is unused)."""
+        del blocks  # counted by the blocks-applied counter, read from the shard's stats
+        self._apply.observe(seconds)
+
+    def snapshot(self) -> ShardStats:
+        """The shard's stats, retried if a dict changed size under the copy (scrape vs event loop)."""
+        for attempt in range(_STATS_ATTEMPTS):
+            try:
+                return self._stats()
+            except (RuntimeError, KeyError):
+                if attempt == _STATS_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.001 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def describe(self) -> Iterable[Metric]:
+        """The families this collector yields, without samples (lets the registry check names)."""
+        return list(self._families(None))
+
+    def collect(self) -> Iterable[Metric]:
+        """Read the shard's stats and yield every family (called by the registry at each scrape)."""
+        return list(self._families(self.snapshot()))
+
+    def _families(self, stats: ShardStats | None) -> Iterator[Metric]:
+        labels = ["shard"]
+        values = [self._shard_label]
+        for kind, name, doc, read in _SHARD_SCALARS:
+            family = _scalar_family(kind, f"{PREFIX}_{name}", doc, labels)
+            if stats is not None:
+                family.add_metric(values, float(read(stats)))
+            yield family
+        for name, doc, counts_of in _SHARD_HISTOGRAMS:
+            histogram = HistogramMetricFamily(f"{PREFIX}_{name}", doc, labels=labels)
+            if stats is not None:
+                buckets, total = bucketize(counts_of(stats), STALENESS_BUCKETS)
+                histogram.add_metric(values, buckets, total)
+            yield histogram
+        if self._checkpoint_age is not None:
+            age = GaugeMetricFamily(
+                f"{PREFIX}_checkpoint_age_seconds",
+                "Seconds since the shard last wrote a checkpoint (NaN while it has written none).",
+                labels=labels,
+            )
+            if stats is not None:
+                seconds = self._checkpoint_age()
+                age.add_metric(values, math.nan if seconds is None else seconds)
+            yield age
+        info = InfoMetricFamily(f"{PREFIX}_shard", "What the shard runs (value always 1).", labels=labels)
+        if stats is not None:
+            info.add_metric(
+                values,
+                {
+                    "num_shards": str(stats.num_shards),
+                    "version": stats.version,
+                    "consistency": stats.consistency,
+                    "rule": stats.rule,
+                    "layout": stats.layout_fingerprint,
+                },
+            )
+        yield info
+
+
+def _scalar_family(kind: str, name: str, doc: str, labels: list[str]) -> CounterMetricFamily | GaugeMetricFamily:
+    if kind == "counter":
+        return CounterMetricFamily(name, doc, labels=labels)
+    return GaugeMetricFamily(name, doc, labels=labels)
+
+
+def _trainers(stats: ShardStats) -> list[WorkerStats]:
+    return [w for w in stats.workers if not w.observer]
+
+
+# (type, name, help, how to read it from the stats); counters get "_total" appended on the wire.
+_SHARD_SCALARS: tuple[tuple[str, str, str, Callable[[ShardStats], float]], ...] = (
+    ("counter", "pushes", "Pushes the shard accepted (applied, or queued for a bsp clock).",
+     lambda s: s.pushes_applied),
+    ("counter", "pulls", "Pulls the shard served.", lambda s: s.pulls_served),
+    ("counter", "bytes_received", "Bytes of push and init messages received.", lambda s: s.bytes_received),
+    ("counter", "bytes_sent", "Bytes of pull replies sent.", lambda s: s.bytes_sent),
+    ("counter", "blocks_applied", "Block updates applied to the shard's store.", lambda s: s.blocks_applied),
+    ("gauge", "uptime_seconds", "Seconds since the shard started.", lambda s: s.uptime_seconds),
+    ("gauge", "num_shards", "How many shards the model is spread over.", lambda s: s.num_shards),
+    ("gauge", "initialized", "1 once the shard holds initialized weights, else 0.", lambda s: s.initialized),
+    ("gauge", "blocks", "Blocks this shard holds.", lambda s: s.num_blocks),
+    ("gauge", "model_bytes", "Bytes of weights this shard holds.", lambda s: s.nbytes),
+    ("gauge", "applied_clock", "bsp: the last clock applied; otherwise the slowest live worker's clock.",
+     lambda s: s.applied_clock),
+    ("gauge", "live_workers", "Live training workers (observers excluded): the ones the barriers wait for.",
+     lambda s: sum(1 for w in _trainers(s) if w.live)),
+    ("gauge", "registered_workers", "Training workers the shard knows, live or not.", lambda s: len(_trainers(s))),
+    ("gauge", "live_observers", "Live observers (evaluators that only pull).",
+     lambda s: sum(1 for w in s.workers if w.observer and w.live)),
+)  # fmt: skip
+
+_SHARD_HISTOGRAMS: tuple[tuple[str, str, Callable[[ShardStats], Mapping[int, int]]], ...] = (
+    ("staleness_clocks", "Per push: how many clocks the pushing worker's view was behind its own clock.",
+     lambda s: s.staleness_counts),
+    ("version_lag", "Per pushed block: updates the block received between the worker's pull and its push.",
+     lambda s: s.version_lag_counts),
+)  # fmt: skip
+
+
+class WorkerMetrics(Collector):
+    """A training worker's progress, for the training loop to update after every step.
+
+    Registers itself in ``registry`` (a new private one when None). Every series carries the
+    label ``worker`` (the worker id). Thread-safe: the loop records, the HTTP thread reads.
+
+    Args:
+        worker_id: this worker's id (the ``worker`` label).
+        registry: where to register; default: a new private :class:`CollectorRegistry`.
+        window: steps over which ``steps_per_second`` is averaged.
+    """
+
+    def __init__(self, worker_id: int | str, *, registry: CollectorRegistry | None = None, window: int = 20) -> None:
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.worker_id = str(worker_id)
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._lock = threading.Lock()
+        self._state = WorkerProgress()
+        self._recent: deque[float] = deque(maxlen=window)
+        self._step_seconds = Histogram(
+            f"{PREFIX}_worker_step_seconds",
+            "Wall time of one training step (forward, backward, push and pull).",
+            ["worker"],
+            registry=self.registry,
+            buckets=STEP_SECONDS_BUCKETS,
+        ).labels(worker=self.worker_id)
+        self.registry.register(self)
+
+    def record_step(
+        self, loss: float, step_seconds: float, bytes_pushed: int, bytes_pulled: int, bytes_pushed_dense: int
+    ) -> None:
+        """One training step is done.
+
+        Args:
+            loss: the step's training loss.
+            step_seconds: the step's wall time.
+            bytes_pushed: bytes this worker pushed so far (a running total, not this step's).
+            bytes_pulled: bytes this worker pulled so far (a running total).
+            bytes_pushed_dense: bytes it would have pushed so far sending every block (a running total).
+        """
+        self._step_seconds.observe(step_seconds)
+        with self._lock:
+            self._recent.append(step_seconds)
+            elapsed = sum(self._recent)
+            self._state = dataclasses.replace(
+                self._state,
+                steps=self._state.steps + 1,
+                loss=float(loss),
+                steps_per_second=len(self._recent) / elapsed if elapsed > 0 else math.nan,
+                bytes_pushed=bytes_pushed,
+                bytes_pulled=bytes_pulled,
+                bytes_pushed_dense=bytes_pushed_dense,
+            )
+
+    def record_evaluation(self, test_loss: float, test_accuracy: float) -> None:
+        """The latest evaluation on held-out data (accuracy in [0, 1])."""
+        with self._lock:
+            self._state = dataclasses.replace(
+                self._state, test_loss=float(test_loss), test_accuracy=float(test_accuracy)
+            )
+
+    @property
+    def state(self) -> WorkerProgress:
+        """The values as of the last record (immutable)."""
+        with self._lock:
+            return self._state
+
+    def describe(self) -> Iterable[Metric]:
+        """The families this collector yields, without samples."""
+        return list(self._families(None))
+
+    def collect(self) -> Iterable[Metric]:
+        """The current values (called by the registry at each scrape)."""
+        return list(self._families(self.state))
+
+    def _families(self, state: WorkerProgress | None) -> Iterator[Metric]:
+        labels = ["worker"]
+        for kind, name, doc, read in _WORKER_SCALARS:
+            family = _scalar_family(kind, f"{PREFIX}_worker_{name}", doc, labels)
+            if state is not None:
+                family.add_metric([self.worker_id], float(read(state)))
+            yield family
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerProgress:
+    """A worker's values as of its last :meth:`WorkerMetrics.record_step` / ``record_evaluation``."""
+
+    steps: int = 0
+    loss: float = math.nan
+    steps_per_second: float = math.nan
+    bytes_pushed: int = 0
+    bytes_pulled: int = 0
+    bytes_pushed_dense: int = 0
+    test_loss: float = math.nan
+    test_accuracy: float = math.nan
+
+    @property
+    def push_ratio(self) -> float:
+        """Bytes pushed / bytes a dense push would have sent (NaN before any push)."""
+        return self.bytes_pushed / self.bytes_pushed_dense if self.bytes_pushed_dense > 0 else math.nan
+
+
+_WORKER_SCALARS: tuple[tuple[str, str, str, Callable[[WorkerProgress], float]], ...] = (
+    ("counter", "steps", "Training steps done.", lambda s: s.steps),
+    ("gauge", "loss", "Training loss of the last step.", lambda s: s.loss),
+    ("gauge", "steps_per_second", "Steps per second over the last few steps.", lambda s: s.steps_per_second),
+    ("counter", "bytes_pushed", "Bytes of gradients pushed.", lambda s: s.bytes_pushed),
+    ("counter", "bytes_pulled", "Bytes of weights pulled.", lambda s: s.bytes_pulled),
+    ("counter", "bytes_pushed_dense", "Bytes the pushes would have taken sending every block.",
+     lambda s: s.bytes_pushed_dense),
+    ("gauge", "push_ratio", "Bytes pushed / bytes a dense push would have sent (NaN before any).",
+     lambda s: s.push_ratio),
+    ("gauge", "test_loss", "Loss of the last evaluation (NaN: none yet).", lambda s: s.test_loss),
+    ("gauge", "test_accuracy", "Accuracy of the last evaluation, 0..1 (NaN: none yet).", lambda s: s.test_accuracy),
+)  # fmt: skip
+
+
+class MetricsEndpoint:
+    """A running ``/metrics`` HTTP endpoint (see :func:`start_metrics_server`); close() stops it."""
+
+    def __init__(self, server: WSGIServer, thread: threading.Thread) -> None:
+        self.server = server
+        self.thread = thread
+        self.host = str(server.server_address[0])
+        self.port = int(server.server_address[1])
+        self._closed = False
+
+    @property
+    def url(self) -> str:
+        """``http://HOST:PORT/metrics`` (IPv6 hosts bracketed)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop serving, release the port and wait for the serving thread; idempotent. Blocks up to ~0.5 s."""
+        if self._closed:
+            return
+        self._closed = True
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout)
+
+    def __enter__(self) -> MetricsEndpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def start_metrics_server(registry: CollectorRegistry, host: str, port: int) -> tuple[MetricsEndpoint, int]:
+    """Serve ``registry`` on ``http://host:port/metrics`` from a daemon thread.
+
+    Args:
+        registry: the process's private registry.
+        host: address to listen on (``127.0.0.1``; ``0.0.0.0`` in containers).
+        port: port to listen on; 0 picks a free one.
+
+    Returns:
+        The endpoint (``close()`` it to stop) and the port it is bound to.
+
+    Raises:
+        OSError: the port is taken or the address is not local.
+        ValueError: ``port`` is outside [0, 65535].
+    """
+    if not 0 <= port <= 65535:
+        raise ValueError(f"metrics port must be in [0, 65535], got {port}")
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    endpoint = MetricsEndpoint(server, thread)
+    log.debug("metrics served on %s", endpoint.url)
+    return endpoint, endpoint.port

@@ -1,0 +1,311 @@
+"""``ranger-ps local``: a whole cluster on this machine, trained end to end, with one report.
+
+Part of the command-line edge: it starts shards and workers as subprocesses (see
+:mod:`ranger_ps.orchestration.launcher`) and, once every worker has finished, evaluates the servers' final
+weights in this process (importing the worker package lazily, as the CLI may).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from ranger_ps.algorithm.consistency import staleness_summary
+from ranger_ps.client.admin import fetch_stats
+from ranger_ps.config.train import TrainConfig
+from ranger_ps.errors import ClusterError
+from ranger_ps.observability.progress import Progress
+from ranger_ps.observability.report import read_report
+from ranger_ps.observability.steplog import read_last_step
+from ranger_ps.orchestration.launcher import Child, Cluster, child_environment, wait_all
+from ranger_ps.wire.security import ClientSecurity, read_token
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LocalOptions:
+    """How to lay out the local cluster.
+
+    Attributes:
+        workers: worker processes.
+        shards: server processes.
+        host: loopback address the servers listen on.
+        run_dir: where process logs and per-process reports go (a temporary folder, removed after
+            a successful run, when None; kept on failure).
+        startup_timeout: seconds for the servers to come up.
+        use_uvloop: pass ``--uvloop``/``--no-uvloop`` to the children.
+        log_level: the children's log level.
+        progress: show progress.
+        consistency: the servers' consistency model (``async``, ``ssp:K``, ``bsp``).
+        lease_seconds: the servers' worker lease.
+        wait_seconds: the longest a pull waits at a barrier.
+        token_file: a token the servers require and the workers send (the path travels, never the token).
+        token: the token itself when it came from ``RANGER_PS_TOKEN`` (the children inherit the variable).
+        metrics_port: Prometheus endpoints on every process: shard ``i`` on ``metrics_port + i``,
+            worker ``j`` on ``metrics_port + shards + j``; 0 lets each pick a free port (logged);
+            None: off.
+        metrics_host: the address the metrics endpoints listen on.
+        step_log_dir: where the workers' per-step CSVs go (``worker-N.csv``); default: the run folder.
+        plot: draw loss and accuracy against steps and bytes pushed into this PNG at the end.
+    """
+
+    workers: int = 2
+    shards: int = 2
+    host: str = "127.0.0.1"
+    run_dir: Path | None = None
+    startup_timeout: float = 60.0
+    use_uvloop: bool = True
+    log_level: str = "INFO"
+    progress: bool = True
+    consistency: str = "async"
+    lease_seconds: float = 5.0
+    wait_seconds: float = 120.0
+    token_file: Path | None = None
+    token: str | None = field(default=None, repr=False)
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    step_log_dir: Path | None = None
+    plot: Path | None = None
+
+
+def _planned_steps(config: TrainConfig, workers: int) -> int:
+    from ranger_ps.workloads.data import load_dataset
+    from ranger_ps.workloads.job import planned_steps
+
+    n = len(load_dataset(config.dataset).y_train)
+    return sum(planned_steps(config, n, w) for w in range(workers))
+
+
+def _terminate_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def run_local(config: TrainConfig, options: LocalOptions) -> dict[str, Any]:
+    """Start the cluster, train, evaluate the final weights, stop everything; returns the report."""
+    from ranger_ps.cli import train_config_to_argv  # the flags must match the worker's parser
+    from ranger_ps.workloads.job import build
+
+    if options.workers < 1 or options.shards < 1:
+        raise ClusterError("--workers and --shards must be >= 1")
+    build(config)  # fail fast on an unknown model, dataset or device, before any process starts
+    started = time.monotonic()
+    temporary = options.run_dir is None
+    run_dir = Path(tempfile.mkdtemp(prefix="ranger-ps-")) if options.run_dir is None else options.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    step_log_dir = options.step_log_dir or run_dir
+    step_log_dir.mkdir(parents=True, exist_ok=True)
+    common = ["--log-level", options.log_level, "--uvloop" if options.use_uvloop else "--no-uvloop"]
+    if options.token_file is not None:
+        common += ["--token-file", str(options.token_file)]
+    security = ClientSecurity(token=read_token(options.token_file) if options.token_file else options.token)
+    previous = signal.signal(signal.SIGTERM, _terminate_on_sigterm)
+    ok = False
+    try:
+        with Cluster(run_dir, env=child_environment(os.environ, keep=_INHERITED)) as cluster:
+            servers: list[Child] = []
+            for shard in range(options.shards):
+                ready = run_dir / f"shard-{shard}.ready.json"
+                ready.unlink(missing_ok=True)
+                servers.append(
+                    cluster.spawn(
+                        f"shard-{shard}",
+                        [
+                            "server",
+                            "--host",
+                            options.host,
+                            "--port",
+                            "0",
+                            "--shard-id",
+                            str(shard),
+                            "--num-shards",
+                            str(options.shards),
+                            "--ready-file",
+                            str(ready),
+                            "--consistency",
+                            options.consistency,
+                            "--lease-seconds",
+                            repr(options.lease_seconds),
+                            "--wait-timeout",
+                            repr(options.wait_seconds),
+                            *_metrics_flags(options, shard),
+                            *common,
+                        ],
+                    )
+                )
+            addresses = []
+            for shard, child in enumerate(servers):
+                host, port = cluster.wait_ready(child, run_dir / f"shard-{shard}.ready.json", options.startup_timeout)
+                addresses.append(f"{host}:{port}")
+            log.info("servers up: %s (logs in %s)", ",".join(addresses), run_dir)
+            if options.metrics_port is not None:
+                for shard in range(options.shards):
+                    ready = json.loads((run_dir / f"shard-{shard}.ready.json").read_text())
+                    log.info(
+                        "shard %d metrics: http://%s:%s/metrics", shard, options.metrics_host, ready["metrics_port"]
+                    )
+
+            worker_argv = train_config_to_argv(config, skip=("num_workers",))
+            step_logs = [step_log_dir / f"worker-{w}.csv" for w in range(options.workers)]
+            workers = [
+                cluster.spawn(
+                    f"worker-{w}",
+                    [
+                        "worker",
+                        "--servers",
+                        ",".join(addresses),
+                        "--worker-id",
+                        str(w),
+                        "--num-workers",
+                        str(options.workers),
+                        "--report",
+                        str(run_dir / f"worker-{w}.json"),
+                        "--metrics-csv",
+                        str(step_logs[w]),
+                        *_metrics_flags(options, options.shards + w),
+                        *(
+                            ["--ready-file", str(run_dir / f"worker-{w}.ready.json")]
+                            if options.metrics_port is not None
+                            else []
+                        ),
+                        *worker_argv,
+                        *common,
+                    ],
+                )
+                for w in range(options.workers)
+            ]
+            bar = Progress(_planned_steps(config, options.workers), "training", enabled=options.progress)
+            watcher = _ProgressWatcher(addresses, bar, options.use_uvloop, security, step_logs)
+            try:
+                wait_all(cluster, workers, servers, poll=watcher.poll)
+                watcher.poll()
+            finally:
+                bar.close()
+
+            from ranger_ps.workloads.evaluation import evaluate_cluster
+
+            evaluation, _ = evaluate_cluster(config, addresses, use_uvloop=options.use_uvloop, security=security)
+            replies = fetch_stats(addresses, use_uvloop=options.use_uvloop, security=security)
+            stats = [r for r in replies if not isinstance(r, str)]
+            staleness = staleness_summary(
+                [dict(s.staleness_counts) for s in stats], [dict(s.version_lag_counts) for s in stats]
+            )
+            for child in servers:
+                code = cluster.stop(child)
+                if code not in (0, None):
+                    log.warning("%s exited with code %s on shutdown (see %s)", child.name, code, child.log_path)
+        per_worker = [read_report(run_dir / f"worker-{w}.json") for w in range(options.workers)]
+        plot = _plot(step_logs, options.plot, config) if options.plot is not None else None
+        ok = True
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if temporary and ok:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        elif not ok:
+            log.error("process logs kept in %s", run_dir)
+
+    return {
+        "test_accuracy": evaluation.test_accuracy,
+        "test_loss": evaluation.test_loss,
+        "steps": sum(int(r["steps"]) for r in per_worker),
+        "wall_seconds": time.monotonic() - started,
+        "bytes_pushed": sum(int(r["bytes_pushed"]) for r in per_worker),
+        "bytes_pushed_dense": sum(int(r["bytes_pushed_dense"]) for r in per_worker),
+        "bytes_pulled": sum(int(r["bytes_pulled"]) for r in per_worker),
+        "workers": options.workers,
+        "shards": options.shards,
+        "consistency": options.consistency,
+        **staleness,
+        "config": {
+            **config.to_dict(),
+            "workers": options.workers,
+            "shards": options.shards,
+            "consistency": options.consistency,
+            "lease_seconds": options.lease_seconds,
+            "wait_timeout": options.wait_seconds,
+        },
+        "per_worker": [
+            {k: r[k] for k in ("worker_id", "steps", "test_accuracy", "bytes_pushed", "bytes_pulled", "wall_seconds")}
+            for r in per_worker
+        ],
+        "step_logs": [str(p) for p in step_logs] if options.step_log_dir is not None else [],
+        "plot": str(plot) if plot is not None else None,
+    }
+
+
+# Variables the children still read from the environment: the token (never put in argv) and the
+# allocator switch (not a flag). Every other RANGER_PS_ setting reached this process's own flags,
+# which are handed to each child explicitly.
+_INHERITED = ("RANGER_PS_TOKEN", "RANGER_PS_TUNE_MALLOC")
+
+
+def _metrics_flags(options: LocalOptions, index: int) -> list[str]:
+    """``--metrics-port``/``--metrics-host`` for the ``index``-th process (shards first, then workers)."""
+    if options.metrics_port is None:
+        return []
+    port = options.metrics_port + index if options.metrics_port else 0
+    return ["--metrics-port", str(port), "--metrics-host", options.metrics_host]
+
+
+def _plot(step_logs: list[Path], out: Path, config: TrainConfig) -> Path | None:
+    """Draw the run's curves; a failure to plot is reported, never fatal (the training is done)."""
+    from ranger_ps.observability.plot import plot_run
+
+    title = f"{config.model} on {config.dataset}: {config.rule}, push fraction {config.push_fraction:g}"
+    try:
+        path = plot_run(step_logs, out, title=title)
+    except (OSError, ValueError) as exc:
+        log.warning("could not draw %s: %s", out, exc)
+        return None
+    log.info("plot of loss and accuracy written to %s", path)
+    return path
+
+
+class _ProgressWatcher:
+    """Progress of the whole run: steps the servers applied, and loss, rate and push ratio from the
+    workers' step logs (their last rows)."""
+
+    def __init__(
+        self, addresses: list[str], bar: Progress, use_uvloop: bool, security: ClientSecurity, step_logs: list[Path]
+    ) -> None:
+        self.addresses = addresses
+        self.security = security
+        self.bar = bar
+        self.use_uvloop = use_uvloop
+        self.step_logs = step_logs
+        self._first: tuple[float, int] | None = None  # (when, steps) of the first progress seen
+        self._last = 0.0
+
+    def poll(self) -> None:
+        now = time.monotonic()
+        if now - self._last < 0.5:
+            return
+        self._last = now
+        from ranger_ps.client.admin import fetch_stats
+
+        replies = fetch_stats(self.addresses[:1], timeout=2.0, use_uvloop=self.use_uvloop, security=self.security)
+        reply = replies[0]
+        if isinstance(reply, str):
+            return
+        done = sum(w.clock for w in reply.workers if not w.observer)
+        rows = [row for row in map(read_last_step, self.step_logs) if row is not None]
+        postfix: dict[str, object] = {"pushes": reply.pushes_applied}
+        if rows:
+            postfix["loss"] = f"{sum(r.loss for r in rows) / len(rows):.3f}"
+            dense = sum(r.bytes_pushed_dense for r in rows)
+            if dense:
+                postfix["push"] = f"{sum(r.bytes_pushed for r in rows) / dense:.1%}"
+        if self._first is None and done > 0:
+            self._first = (now, done)
+        if self._first is not None and now > self._first[0]:
+            postfix["steps_s"] = f"{(done - self._first[1]) / (now - self._first[0]):.0f}"
+        self.bar.update(done, **postfix)
