@@ -21,7 +21,6 @@ This module knows nothing else of ranger-ps: it is the foundation the other laye
 from __future__ import annotations
 
 import dataclasses
-import functools
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -145,9 +144,8 @@ class Spec:
             parts = [p.strip() for p in stripped.split(",") if p.strip()]
             if self.kind.length is not None and len(parts) != self.kind.length:
                 raise ValueError(f"expected {self.kind.describe()}, got {text!r}")
-            value = tuple(_scalar(self.kind.base, p, text, self.kind) for p in parts)
-            if not self.kind.length:
-                value = list(value)
+            items = [_scalar(self.kind.base, p, text, self.kind) for p in parts]
+            value = tuple(items) if self.kind.length else items
         else:
             value = _scalar(self.kind.base, stripped, text, self.kind)
         if self.info.choices is not None and value not in self.info.choices:
@@ -208,24 +206,29 @@ def _kind(hint: Any, where: str) -> Kind:
         hint = args[0]
         origin = typing.get_origin(hint)
     if origin in (tuple, list):
-        args = typing.get_args(hint)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(set(args)) != 1:
+        items = typing.get_args(hint)
+        if origin is tuple and items and items[-1] is not Ellipsis:
+            if len(set(items)) != 1:
                 raise TypeError(f"{where}: tuple settings hold one type, got {hint}")
-            return Kind(args[0], optional, length=len(args), sequence=True)
-        return Kind(args[0], optional, sequence=True)
+            return Kind(items[0], optional, length=len(items), sequence=True)
+        return Kind(items[0], optional, sequence=True)
     if hint not in (bool, int, float, str, Path):
         raise TypeError(f"{where}: unsupported setting type {hint}")
     return Kind(hint, optional)
 
 
-@functools.cache
+_SPECS: dict[type, tuple[Spec, ...]] = {}
+
+
 def specs(cls: type) -> tuple[Spec, ...]:
     """Every setting of a settings dataclass, in field order (inherited fields first).
 
     Raises:
         TypeError: a field is not declared with :func:`setting`, or its type is not supported.
     """
+    cached = _SPECS.get(cls)
+    if cached is not None:
+        return cached
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls.__name__} is not a dataclass")
     hints = typing.get_type_hints(cls)
@@ -239,7 +242,8 @@ def specs(cls: type) -> tuple[Spec, ...]:
     keys = [s.key for s in out]
     if len(set(keys)) != len(keys):
         raise TypeError(f"{cls.__name__}: two settings share a key: {sorted(k for k in keys if keys.count(k) > 1)}")
-    return tuple(out)
+    _SPECS[cls] = result = tuple(out)
+    return result
 
 
 def spec_by_key(cls: type) -> Mapping[str, Spec]:
@@ -271,3 +275,23 @@ def from_keys(cls: type[T], values: Mapping[str, Any]) -> T:
     if unknown:
         raise TypeError(f"unknown settings: {', '.join(unknown)}")
     return cls(**{by_key[k].name: v for k, v in values.items()})
+
+
+def to_argv(settings: object, *, skip: tuple[str, ...] = ()) -> list[str]:
+    """The flags that give a command these settings (for a child process); ``None`` values are left out.
+
+    The inverse of parsing the flags: ``--x``/``--no-x`` for booleans, ``--x a,b`` for sequences,
+    ``repr`` for floats (so a value survives the round trip exactly).
+    """
+    argv: list[str] = []
+    for spec in specs(type(settings)):
+        value = getattr(settings, spec.name)
+        if spec.key in skip or value is None or not spec.info.cli:
+            continue
+        if isinstance(value, bool):
+            argv.append(spec.flag if value else "--no-" + spec.flag[2:])
+        elif isinstance(value, tuple | list):
+            argv += [spec.flag, ",".join(repr(v) if isinstance(v, float) else str(v) for v in value)]
+        else:
+            argv += [spec.flag, repr(value) if isinstance(value, float) else str(value)]
+    return argv
