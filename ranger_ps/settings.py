@@ -26,9 +26,10 @@ import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 T = TypeVar("T")
+S = TypeVar("S", bound="Settings")
 
 ENV_PREFIX = "RANGER_PS_"
 """Every setting of a command can come from ``RANGER_PS_<FLAG>`` (dashes as underscores, upper case)."""
@@ -38,6 +39,25 @@ FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 NONE_WORDS = frozenset({"", "none", "null", "off"})
 
 _META = "ranger_ps.setting"
+
+
+class Settings:
+    """Base of every settings dataclass: validation that composes.
+
+    A settings class validates (and resolves the defaults of) its own fields in ``__post_init__``
+    and then calls ``super().__post_init__()``, so a class built from several of them (a command's
+    whole configuration) runs every check once. ``title`` heads the class's flags in ``--help``.
+    """
+
+    title: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        """The end of the chain: nothing left to check."""
+
+    @classmethod
+    def from_settings(cls: type[S], other: object) -> S:
+        """This class's settings taken from a larger settings object that holds them all."""
+        return cls(**{f.name: getattr(other, f.name) for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -66,7 +86,7 @@ class SettingInfo:
 
 
 def setting(
-    default: T,
+    default: Any,
     help: str,
     *,
     flag: str | None = None,
@@ -75,11 +95,25 @@ def setting(
     choices: tuple[str, ...] | None = None,
     default_text: str | None = None,
     cli: bool = True,
-) -> T:
-    """Declare a setting: a dataclass field with its default and help (see :class:`SettingInfo`)."""
+) -> Any:
+    """Declare a setting: a dataclass field with its default and help (see :class:`SettingInfo`).
+
+    The default may be ``None`` for a field typed without ``None`` when ``__post_init__`` resolves
+    it (``lr``: "the rule's default"); after construction the field always holds its type.
+    """
     info = SettingInfo(help, flag, parse, metavar, choices, default_text, cli)
-    result: T = dataclasses.field(default=default, metadata={_META: info})
-    return result
+    return dataclasses.field(default=default, metadata={_META: info})
+
+
+def redefault(owner: type, name: str, default: Any) -> Any:
+    """Re-declare an inherited setting with another default and nothing else changed.
+
+    For a command whose sensible default differs from the library's (the worker overlaps pulls with
+    compute, the Python optimizer does not unless asked): the help, flag and parser stay the
+    owner's declaration.
+    """
+    field = next(f for f in dataclasses.fields(owner) if f.name == name)
+    return dataclasses.field(default=default, metadata=field.metadata)
 
 
 @dataclass(frozen=True)
@@ -295,3 +329,16 @@ def to_argv(settings: object, *, skip: tuple[str, ...] = ()) -> list[str]:
         else:
             argv += [spec.flag, repr(value) if isinstance(value, float) else str(value)]
     return argv
+
+
+def message_with_flag(cls: type, message: str) -> str:
+    """Turn a setting key that starts a message into its flag (``push_fraction ...`` -> ``--push-fraction ...``).
+
+    Settings classes raise ``ValueError`` naming keys (the Python keywords); the command line shows
+    the same message with the flag a user typed.
+    """
+    head, sep, rest = message.partition(" ")
+    key = head.split("[")[0]
+    if sep and key in spec_by_key(cls) and head == head.lower():
+        return f"--{key.replace('_', '-')}{head[len(key) :]} {rest}"
+    return message

@@ -18,14 +18,15 @@ from typing import TypeVar
 
 import torch
 
-from ranger_ps import __version__
 from ranger_ps.algorithm.consistency import ConsistencyMode, Histogram, parse_consistency
 from ranger_ps.algorithm.layout import Layout
 from ranger_ps.algorithm.placement import Placement
 from ranger_ps.algorithm.rules import RuleConfig
+from ranger_ps.config.server import ShardSettings
 from ranger_ps.server.membership import Membership, WorkerRecord
 from ranger_ps.server.store import ShardStore
 from ranger_ps.storage.checkpoint import ShardCheckpoint
+from ranger_ps.version import __version__
 from ranger_ps.wire.frames import WireBlock
 from ranger_ps.wire.stats import ShardStats
 from ranger_ps.wire.status import Exhausted, InvalidRequest, NonFinite, NotReady, NotRegistered, PreconditionFailed
@@ -54,45 +55,25 @@ class Shard:
     Args:
         shard_id: this shard's index, ``0 <= shard_id < num_shards``.
         num_shards: how many shards the model is spread over.
-        consistency: ``async``, ``ssp:K`` or ``bsp`` (see :mod:`ranger_ps.algorithm.consistency`).
-        lease_seconds: a worker not heard from for this long leaves the barriers.
-        wait_seconds: the longest a pull waits at a barrier before it fails with UNAVAILABLE.
-        init_claim_seconds: how long the worker asked to initialize the shard has to do it
-            before another worker may take over.
-        register_wait_seconds: how long a registration waits for an initialization under way.
-        nan_policy: ``reject`` (INVALID_ARGUMENT) or ``skip`` (acknowledge, apply nothing, count it)
-            a push whose gradient holds NaN or Inf; either way no block of it is applied.
-        max_workers: how many workers (trainers and observers) may be registered.
+        settings: consistency, leases, limits (:class:`~ranger_ps.config.server.ShardSettings`).
     """
 
-    def __init__(
-        self,
-        shard_id: int,
-        num_shards: int,
-        *,
-        consistency: str = "async",
-        lease_seconds: float = 5.0,
-        wait_seconds: float = 120.0,
-        init_claim_seconds: float = 30.0,
-        register_wait_seconds: float = 60.0,
-        nan_policy: str = "reject",
-        max_workers: int = 1024,
-    ) -> None:
+    def __init__(self, shard_id: int, num_shards: int, settings: ShardSettings | None = None) -> None:
         if not 0 <= shard_id < num_shards:
             raise ValueError(f"shard id {shard_id} is outside [0, {num_shards})")
-        if nan_policy not in ("reject", "skip"):
-            raise ValueError(f"nan_policy must be reject or skip, got {nan_policy!r}")
+        settings = settings or ShardSettings()
+        self.settings = settings
         self.shard_id = shard_id
         self.num_shards = num_shards
-        self.nan_policy = nan_policy
-        self.max_workers = max_workers
+        self.nan_policy = settings.nan_policy
+        self.max_workers = settings.max_workers
         self.pushes_skipped = 0
-        self.mode: ConsistencyMode = parse_consistency(consistency)
-        self.wait_seconds = wait_seconds
-        self.init_claim_seconds = init_claim_seconds
-        self.register_wait_seconds = register_wait_seconds
+        self.mode: ConsistencyMode = parse_consistency(settings.consistency)
+        self.wait_seconds = settings.wait_seconds
+        self.init_claim_seconds = settings.init_claim_seconds
+        self.register_wait_seconds = settings.register_wait_seconds
         self.store: ShardStore | None = None
-        self.membership = Membership(lease_seconds)
+        self.membership = Membership(settings.lease_seconds)
         self._claim: tuple[int, float] | None = None  # (worker id, deadline)
         self._initialized = asyncio.Event()
         self._changed = asyncio.Condition()
@@ -149,7 +130,7 @@ class Shard:
                 self.store = ShardStore(layout, placement.blocks_by_shard[self.shard_id], rule)
                 log.info(
                     "shard %d adopted layout %s (%d blocks here, rule %s, %s)",
-                    self.shard_id, layout.fingerprint, len(self.store.block_ids), rule.name, self.mode,
+                    self.shard_id, layout.fingerprint, len(self.store.block_ids), rule.rule, self.mode,
                 )  # fmt: skip
                 return await self._grant_claim(worker_id, observer)
             self._check_match(layout, rule)
@@ -460,7 +441,7 @@ class Shard:
             num_shards=self.num_shards,
             initialized=bool(store and store.initialized),
             layout_fingerprint=store.layout.fingerprint if store else "",
-            rule=store.rule.name if store else "",
+            rule=store.rule.rule if store else "",
             num_blocks=len(store.block_ids) if store else 0,
             num_elements=store.num_elements if store else 0,
             nbytes=store.nbytes if store else 0,

@@ -22,7 +22,7 @@ from ranger_ps.algorithm.layout import Layout
 from ranger_ps.algorithm.placement import Placement
 from ranger_ps.algorithm.rules import RuleConfig, new_block_state
 from ranger_ps.errors import UserError
-from ranger_ps.server.main import _restore
+from ranger_ps.server.checkpointer import restore
 from ranger_ps.server.shard import Shard
 from ranger_ps.server.store import ShardStore
 from ranger_ps.storage import checkpoint
@@ -32,7 +32,7 @@ from ranger_ps.wire.frames import WireBlock
 
 ROOT = Path(__file__).resolve().parent.parent
 
-ADAMW = RuleConfig(name="adamw", lr=0.01, weight_decay=0.01, truncate_below=1e-3, truncation_residual=True)
+ADAMW = RuleConfig(rule="adamw", lr=0.01, weight_decay=0.01, truncate_below=1e-3, truncation_residual=True)
 
 
 def _params(seed: int = 0) -> list[tuple[str, torch.Tensor]]:
@@ -162,9 +162,9 @@ def _flip(path: Path, offset: int, mask: int = 0x01) -> None:
     "rule",
     [
         ADAMW,
-        RuleConfig(name="ranger", lr=0.01, truncate_below=1e-2, truncation_residual=True),
-        RuleConfig(name="sgd", lr=0.1, momentum=0.9, truncate_below=1e-2, truncation_residual=True),
-        RuleConfig(name="sgd", lr=0.1),  # no state at all
+        RuleConfig(rule="ranger", lr=0.01, truncate_below=1e-2, truncation_residual=True),
+        RuleConfig(rule="sgd", lr=0.1, momentum=0.9, truncate_below=1e-2, truncation_residual=True),
+        RuleConfig(rule="sgd", lr=0.1, momentum=0.0),  # no state at all
     ],
     ids=["adamw", "ranger", "sgd-momentum", "sgd-plain"],
 )
@@ -178,7 +178,7 @@ def test_write_read_round_trip_is_exact(tmp_path: Path, rule: RuleConfig) -> Non
 
 
 def test_round_trip_of_low_precision_blocks_with_a_residual_and_no_rule_state(tmp_path: Path) -> None:
-    rule = RuleConfig(name="sgd", lr=0.1, truncate_below=1e-2, truncation_residual=True)
+    rule = RuleConfig(rule="sgd", lr=0.1, truncate_below=1e-2, truncation_residual=True, momentum=0.0)
     saved = _checkpoint(rule)
     assert any(b.residual is not None and b.residual.dtype != b.value.dtype for b in saved.blocks)
     _assert_same(checkpoint.read(checkpoint.write(saved, tmp_path)), saved)
@@ -473,28 +473,28 @@ def _write_cluster(directory: Path, num_shards: int, pushes: int) -> None:
 def test_a_cluster_resharded_down_in_place_restarts_from_its_own_checkpoints(tmp_path: Path) -> None:
     _write_cluster(tmp_path, 3, pushes=5)
     for shard_id in range(2):  # the 2 new shards start on the folder and restore (resharding)...
-        _restore(Shard(shard_id, 2), tmp_path)
+        restore(Shard(shard_id, 2), tmp_path)
     _write_cluster(tmp_path, 2, pushes=9)  # ...train, and write their own checkpoints
     shard = Shard(0, 2)
-    _restore(shard, tmp_path)  # a plain restart of shard 0 of 2
+    restore(shard, tmp_path)  # a plain restart of shard 0 of 2
     assert shard.pushes_applied == 9
 
 
 def test_restore_on_start_takes_its_own_file_or_reshards_all_of_them(tmp_path: Path) -> None:
     _write_cluster(tmp_path, 2, pushes=4)
     same = Shard(1, 2)
-    _restore(same, tmp_path)
+    restore(same, tmp_path)
     assert same.pushes_applied == 4  # restored as itself: counters carry over
     assert same.store is not None and same.store.block_ids == Placement.compute(_layout(), 2).blocks_by_shard[1]
     grown = Shard(2, 3)
-    _restore(grown, tmp_path)
+    restore(grown, tmp_path)
     assert grown.store is not None and grown.store.block_ids == Placement.compute(_layout(), 3).blocks_by_shard[2]
     empty = Shard(0, 1)
-    _restore(empty, tmp_path / "nothing-here")
+    restore(empty, tmp_path / "nothing-here")
     assert empty.store is None
     (tmp_path / "shard-1-00000001.ckpt").unlink()
     with pytest.raises(UserError, match=r"2-shard checkpoints of shards \[0\]"):
-        _restore(Shard(2, 3), tmp_path)
+        restore(Shard(2, 3), tmp_path)
 
 
 # -- no pickle -------------------------------------------------------------------------------------------------

@@ -12,16 +12,10 @@ from typing import Any
 
 import pytest
 
-from ranger_ps.cli import (
-    _TRAIN_FLAGS,
-    apply_environment,
-    build_parser,
-    env_var,
-    train_config_from_args,
-    train_config_to_argv,
-)
+from ranger_ps.cli import apply_environment, build_parser, env_var, train_config_from_args
 from ranger_ps.config.train import TrainConfig
 from ranger_ps.observability.report import REQUIRED_KEYS
+from ranger_ps.settings import specs, to_argv
 from tests.conftest import ServerFactory, pid_alive, ranger_ps_cmd, stop_process, wait_for_file
 
 pytestmark = pytest.mark.integration
@@ -41,7 +35,7 @@ def _one_line_error(result: subprocess.CompletedProcess[str], code: int = 2) -> 
 
 def test_train_flags_round_trip() -> None:
     config = TrainConfig(epochs=3, lr=0.125, overlap=False, block_size=1000, num_workers=3, connect_timeout=2.5)
-    args = build_parser().parse_args(["worker", "--servers", "h:1", *train_config_to_argv(config)])
+    args = build_parser().parse_args(["worker", "--servers", "h:1", *to_argv(config)])
     assert train_config_from_args(args) == config
 
 
@@ -236,9 +230,8 @@ def test_every_flag_can_come_from_the_environment_and_argv_wins() -> None:
     )
     assert (server.host, server.shard_id, server.uvloop) == ("0.0.0.0", 1, False)
     # every training flag has its variable
-    for name, _, _ in _TRAIN_FLAGS:
-        flag = "--" + name.replace("_", "-")
-        assert env_var(flag) == "RANGER_PS_" + name.upper()
+    for spec in specs(TrainConfig):
+        assert env_var(spec.flag) == spec.env_var == "RANGER_PS_" + spec.key.upper()
 
 
 @pytest.mark.parametrize(

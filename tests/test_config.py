@@ -33,12 +33,12 @@ def test_rule_and_selection_configs_carry_every_knob() -> None:
     )  # fmt: skip
     rule = config.rule_config()
     assert rule == RuleConfig(
-        name="ranger", lr=0.2, weight_decay=0.1, alpha=0.4, k=3, truncate_below=1e-4, truncation_residual=True,
-        clip_value=2.0, clip_norm=3.0,
+        rule="ranger", lr=0.2, weight_decay=0.1, alpha=0.4, k=3, truncate_below=1e-4, truncation_residual=True,
+        clip_value=2.0, clip_norm=3.0, momentum=0.0,
     )  # fmt: skip
     selection = config.selection_config()
     assert (selection.push_fraction, selection.error_feedback, selection.warmup_steps) == (0.1, False, 5)
-    assert (selection.warmup_start, selection.subsample, selection.seed) == (0.5, 0.5, 7)
+    assert (selection.warmup_start, selection.seed, config.subsample) == (0.5, 7, 0.5)
     kwargs = config.optimizer_kwargs()
     assert kwargs["rule"] == "ranger" and kwargs["push_fraction"] == 0.1 and kwargs["clip_norm"] == 3.0
 

@@ -193,7 +193,7 @@ def test_bsp_pulls_equal_the_mean_gradient_sgd_result_exactly(start_servers: Ser
     assert num_blocks == 7
     initial = [t for _, t in params]
     shapes = [t.shape for t in initial]
-    rule = RuleConfig(lr=0.1)
+    rule = RuleConfig(lr=0.1, momentum=0.0)
     workers, steps = 3, 5
 
     # The expected weights after each clock: per block, the sum of the workers' gradients for it
@@ -270,7 +270,7 @@ def test_ssp_pull_blocks_while_more_than_k_clocks_ahead_of_the_slowest(start_ser
     params = _float_params()
     layout = Layout.from_named_tensors(params, block_size=64)
     initial = [t for _, t in params]
-    rule = RuleConfig(lr=0.1)
+    rule = RuleConfig(lr=0.1, momentum=0.0)
     ones = [torch.ones_like(t) for t in initial]
     with ShardedClient(servers) as a, ShardedClient(servers) as b:
         a_id = a.register(layout, rule, initial, consistency="ssp:1")

@@ -45,8 +45,8 @@ import pytest
 import yaml
 
 from ranger_ps.cli import apply_environment, build_parser, env_var, train_config_from_args
+from ranger_ps.config.server import ServerConfig
 from ranger_ps.errors import UserError
-from ranger_ps.server.main import ServerOptions
 from ranger_ps.workloads.data import DATASETS
 from ranger_ps.workloads.models import MODELS
 from tests.conftest import ROOT, stop_process
@@ -128,7 +128,7 @@ def check_invocation(argv: list[str], env: Mapping[str, str], *, where: str, che
         assert config.model in MODELS, f"{where}: unknown model {config.model!r}"
         assert config.dataset in DATASETS, f"{where}: unknown dataset {config.dataset!r}"
     if args.command == "server":
-        ServerOptions(shard_id=args.shard_id, num_shards=args.num_shards, host=args.host, port=args.port)
+        ServerConfig(shard_id=args.shard_id, num_shards=args.num_shards, host=args.host, port=args.port)
 
 
 def parsed(argv: list[str], env: Mapping[str, str]) -> argparse.Namespace:

@@ -23,6 +23,7 @@ from torch import nn
 
 from ranger_ps import Ranger
 from ranger_ps.client.admin import fetch_stats
+from ranger_ps.config.server import ServerConfig
 from ranger_ps.errors import UserError
 from ranger_ps.observability.metrics import (
     APPLY_SECONDS_BUCKETS,
@@ -31,7 +32,6 @@ from ranger_ps.observability.metrics import (
     bucketize,
     start_metrics_server,
 )
-from ranger_ps.server.main import ServerOptions
 from ranger_ps.server.shard import Shard
 from tests.conftest import ranger_ps_cmd, stop_process, wait_for_file
 
@@ -218,12 +218,12 @@ def test_a_taken_metrics_port_exits_2_with_a_message() -> None:
 
 
 def test_server_options_validate_the_metrics_port() -> None:
-    assert ServerOptions(metrics_port=0).metrics_port == 0
-    assert ServerOptions().metrics_port is None
+    assert ServerConfig(metrics_port=0).metrics_port == 0
+    assert ServerConfig().metrics_port is None
     with pytest.raises(UserError, match="--metrics-port"):
-        ServerOptions(metrics_port=65536)
+        ServerConfig(metrics_port=65536)
     with pytest.raises(UserError, match="--metrics-host"):
-        ServerOptions(metrics_port=0, metrics_host="")
+        ServerConfig(metrics_port=0, metrics_host="")
 
 
 @pytest.mark.timeout(30)

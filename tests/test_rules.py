@@ -196,7 +196,7 @@ def test_update_leaves_gradients_untouched(settings: dict[str, Any], name: str) 
         settings = {"weight_decay": settings["weight_decay"]}
     init, grads = _data(seed=6)
     originals = [g.clone() for g in grads]
-    config = RuleConfig(name=name, lr=0.1, **settings)
+    config = RuleConfig(rule=name, lr=0.1, **settings)
     param = init.clone().view(-1)
     state = new_block_state(config, NUMEL, param.dtype)
     for grad in grads[:8]:
@@ -206,7 +206,7 @@ def test_update_leaves_gradients_untouched(settings: dict[str, Any], name: str) 
 
 
 def test_sgd_plain_step_exact() -> None:
-    config = RuleConfig(lr=0.5)
+    config = RuleConfig(lr=0.5, momentum=0.0)
     param = torch.tensor([1.0, 2.0, -3.0])
     state = new_block_state(config, 3, param.dtype)
     apply_update(config, [param], [torch.tensor([2.0, -2.0, 0.0])], [state])
@@ -217,7 +217,7 @@ def test_sgd_plain_step_exact() -> None:
 
 
 def test_apply_update_rejects_mismatched_lengths() -> None:
-    config = RuleConfig()
+    config = RuleConfig(lr=0.01, momentum=0.0)
     state = new_block_state(config, 2, torch.float32)
     with pytest.raises(ValueError):
         apply_update(config, [torch.zeros(2)], [torch.zeros(2), torch.zeros(2)], [state])
@@ -226,16 +226,16 @@ def test_apply_update_rejects_mismatched_lengths() -> None:
 
 
 def test_apply_update_with_no_blocks_is_a_no_op() -> None:
-    apply_update(RuleConfig(), [], [], [])
+    apply_update(RuleConfig(lr=0.01, momentum=0.0), [], [], [])
 
 
 def test_rule_registry() -> None:
     assert set(RULES) == set(RULE_NAMES) == {"sgd", "adamw", "ranger"}
-    assert RULES["sgd"] is sgd
-    assert RULES["adamw"] is adamw
-    assert RULES["ranger"] is ranger
-    with pytest.raises(ValueError, match="unknown rule"):
-        RuleConfig(name="adam")
+    assert RULES["sgd"].update is sgd
+    assert RULES["adamw"].update is adamw
+    assert RULES["ranger"].update is ranger
+    with pytest.raises(ValueError, match="rule must be one of sgd, adamw, ranger"):
+        RuleConfig(rule="adam", lr=0.01)
 
 
 # --- block states --------------------------------------------------------------------------
@@ -244,10 +244,10 @@ def test_rule_registry() -> None:
 @pytest.mark.parametrize(
     ("config", "names"),
     [
-        (RuleConfig(), ()),
-        (RuleConfig(momentum=0.9), ("momentum_buffer",)),
-        (RuleConfig(name="adamw"), ("exp_avg", "exp_avg_sq")),
-        (RuleConfig(name="ranger"), ("exp_avg", "exp_avg_sq", "slow_buffer")),
+        (RuleConfig(lr=0.01, momentum=0.0), ()),
+        (RuleConfig(momentum=0.9, lr=0.01), ("momentum_buffer",)),
+        (RuleConfig(rule="adamw", lr=0.01), ("exp_avg", "exp_avg_sq")),
+        (RuleConfig(rule="ranger", lr=0.01), ("exp_avg", "exp_avg_sq", "slow_buffer")),
     ],
     ids=["sgd", "sgd-momentum", "adamw", "ranger"],
 )
@@ -287,10 +287,10 @@ def test_block_state_counter_advances_in_place() -> None:
 
 @pytest.mark.parametrize("name", RULE_NAMES)
 def test_rule_functions_do_not_advance_the_counter(name: str) -> None:
-    config = RuleConfig(name=name, lr=0.1)
+    config = RuleConfig(rule=name, lr=0.1)
     param = torch.randn(6, generator=torch.Generator().manual_seed(7))
     state = new_block_state(config, 6, param.dtype)
-    RULES[name](config, param, torch.ones(6), state)
+    RULES[name].update(config, param, torch.ones(6), state)
     assert state.step == 0
     apply_update(config, [param], [torch.ones(6)], [state])
     assert state.step == 1
@@ -298,7 +298,7 @@ def test_rule_functions_do_not_advance_the_counter(name: str) -> None:
 
 def test_block_state_views_are_updated_in_place() -> None:
     # The in-process optimizer keeps state tensors as views into per-parameter tensors.
-    config = RuleConfig(name="adamw", lr=0.1)
+    config = RuleConfig(rule="adamw", lr=0.1)
     exp_avg, exp_avg_sq = torch.zeros(8), torch.zeros(8)
     counters = torch.zeros(2, dtype=torch.int64)
     states = [
@@ -325,7 +325,7 @@ def test_adamw_matches_torch(weight_decay: float, betas: tuple[float, float]) ->
     init, grads = _data(seed=8, steps=steps)
     param_t = torch.nn.Parameter(init.clone())
     optimizer = torch.optim.AdamW([param_t], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=False)
-    config = RuleConfig(name="adamw", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    config = RuleConfig(rule="adamw", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     layout = Layout((ParamInfo("w", SHAPE, "float32"),), block_size=12)
     assert layout.num_blocks == 3
     param = init.clone()
@@ -344,9 +344,9 @@ def test_adamw_matches_torch(weight_decay: float, betas: tuple[float, float]) ->
 
 
 def test_adamw_defaults() -> None:
-    config = RuleConfig(name="adamw")
-    assert config.resolved_betas == (0.9, 0.999)
-    assert config.resolved_eps == 1e-8
+    config = RuleConfig(rule="adamw", lr=0.01)
+    assert config.betas == (0.9, 0.999)
+    assert config.eps == 1e-8
 
 
 # --- Ranger --------------------------------------------------------------------------------
@@ -467,9 +467,9 @@ def test_ranger_matches_reference(use_gc: bool, weight_decay: float) -> None:
     grads = [[torch.randn(t.shape, generator=gen) for t in inits] for _ in range(steps)]
     params_t = [torch.nn.Parameter(t.clone()) for t in inits]
     reference = ReferenceRanger(params_t, lr=lr, weight_decay=weight_decay, use_gc=use_gc)
-    config = RuleConfig(name="ranger", lr=lr, weight_decay=weight_decay)
-    assert config.resolved_betas == (0.95, 0.999)
-    assert config.resolved_eps == 1e-5
+    config = RuleConfig(rule="ranger", lr=lr, weight_decay=weight_decay)
+    assert config.betas == (0.95, 0.999)
+    assert config.eps == 1e-5
     layout = Layout.from_named_tensors([("weight", inits[0]), ("bias", inits[1])], block_size=16)
     assert [b.numel for b in layout.blocks] == [16, 16, 8, 5]
     params = [t.clone() for t in inits]
@@ -509,7 +509,7 @@ def test_ranger_gradient_centralization_matters() -> None:
 
 
 def test_ranger_lookahead_syncs_every_k_updates() -> None:
-    config = RuleConfig(name="ranger", lr=0.1, k=3, alpha=0.5)
+    config = RuleConfig(rule="ranger", lr=0.1, k=3, alpha=0.5)
     init = torch.tensor([1.0, -2.0, 3.0])
     param = init.clone()
     state = new_block_state(config, 3, param.dtype)
@@ -560,7 +560,7 @@ def test_low_precision_sgd_momentum(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_low_precision_adaptive_rules_keep_dtype(dtype: torch.dtype, name: str) -> None:
     init, grads = _data(seed=12, steps=8)
-    config = RuleConfig(name=name, lr=0.01, weight_decay=0.01)
+    config = RuleConfig(rule=name, lr=0.01, weight_decay=0.01)
     param = init.to(dtype).view(-1)
     reference = init.to(dtype).view(-1)
     state = new_block_state(config, NUMEL, dtype)
@@ -580,14 +580,16 @@ def test_low_precision_adaptive_rules_keep_dtype(dtype: torch.dtype, name: str) 
 
 
 CONFIGS = [
-    RuleConfig(),
+    RuleConfig(lr=0.01, momentum=0.0),
     RuleConfig(lr=0.3, momentum=0.9, nesterov=True, weight_decay=1e-4),
     RuleConfig(lr=1e-5, momentum=0.5, dampening=0.25),
-    RuleConfig(lr=2.0, dampening=1.0),
-    RuleConfig(name="adamw", lr=1e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.01),
-    RuleConfig(name="ranger"),
-    RuleConfig(name="ranger", alpha=0.8, k=5, n_sma_threshold=4.0, truncate_below=1e-3, truncation_residual=True),
-    RuleConfig(clip_value=1.5, clip_norm=10.0),
+    RuleConfig(lr=2.0, dampening=1.0, momentum=0.0),
+    RuleConfig(rule="adamw", lr=1e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.01),
+    RuleConfig(rule="ranger", lr=0.01),
+    RuleConfig(
+        rule="ranger", alpha=0.8, k=5, n_sma_threshold=4.0, truncate_below=1e-3, truncation_residual=True, lr=0.01
+    ),
+    RuleConfig(clip_value=1.5, clip_norm=10.0, lr=0.01, momentum=0.0),
 ]
 
 
@@ -603,7 +605,7 @@ def test_msgpack_round_trip(config: RuleConfig) -> None:
 
 
 def test_msgpack_is_a_plain_map() -> None:
-    raw = msgpack.unpackb(RuleConfig(lr=0.5).to_msgpack(), raw=False)
+    raw = msgpack.unpackb(RuleConfig(lr=0.5, momentum=0.0).to_msgpack(), raw=False)
     assert raw == {
         "name": "sgd",
         "lr": 0.5,
@@ -621,29 +623,31 @@ def test_msgpack_is_a_plain_map() -> None:
         "clip_value": None,
         "clip_norm": None,
     }
-    assert RuleConfig(lr=0.5).to_dict() == raw
-    assert set(raw) == {f.name for f in dataclasses.fields(RuleConfig)}
+    assert RuleConfig(lr=0.5, momentum=0.0).to_dict() == raw
+    assert set(raw) == {f.name for f in dataclasses.fields(RuleConfig)} - {"rule"} | {"name"}
 
 
 def test_from_msgpack_fills_defaults_for_missing_keys() -> None:
     assert RuleConfig.from_msgpack(msgpack.packb({})) == RuleConfig()
     assert RuleConfig.from_msgpack(msgpack.packb({"lr": 0.5})) == RuleConfig(lr=0.5)
+    # None is "the rule's default" on the wire as in Python and on the command line.
+    assert RuleConfig.from_msgpack(msgpack.packb({"name": "adamw", "lr": None})).lr == RuleConfig(rule="adamw").lr
     ranger_config = RuleConfig.from_msgpack(msgpack.packb({"name": "ranger"}))
-    assert ranger_config.resolved_betas == (0.95, 0.999)
-    assert ranger_config.resolved_eps == 1e-5
+    assert ranger_config.betas == (0.95, 0.999)
+    assert ranger_config.eps == 1e-5
     explicit = RuleConfig.from_msgpack(msgpack.packb({"name": "adamw", "betas": None, "eps": None}))
-    assert explicit == RuleConfig(name="adamw", betas=(0.9, 0.999), eps=1e-8)
+    assert explicit == RuleConfig(rule="adamw", betas=(0.9, 0.999), eps=1e-8)
 
 
 def test_from_msgpack_accepts_integers_for_floats() -> None:
     config = RuleConfig.from_msgpack(
-        msgpack.packb({"lr": 1, "weight_decay": 0, "betas": [0, 0], "clip_norm": 2, "eps": 0})
+        msgpack.packb({"lr": 1, "momentum": 0, "weight_decay": 0, "betas": [0, 0], "clip_norm": 2, "eps": 0})
     )
-    assert config == RuleConfig(lr=1.0, weight_decay=0.0, betas=(0.0, 0.0), clip_norm=2.0, eps=0.0)
+    assert config == RuleConfig(lr=1.0, weight_decay=0.0, betas=(0.0, 0.0), clip_norm=2.0, eps=0.0, momentum=0.0)
     assert type(config.lr) is float
     assert type(config.weight_decay) is float
     assert type(config.clip_norm) is float
-    assert all(type(b) is float for b in config.resolved_betas)
+    assert all(type(b) is float for b in config.betas)
 
 
 @pytest.mark.parametrize(
@@ -692,7 +696,6 @@ def test_unknown_key_is_named() -> None:
         ("lr", "0.1"),
         ("lr", True),
         ("lr", False),
-        ("lr", None),
         ("lr", [0.1]),
         ("lr", b"\x00"),
         ("momentum", "0.9"),
@@ -747,7 +750,7 @@ def test_from_msgpack_rejects_wrong_types(key: str, value: object) -> None:
         {"weight_decay": -1e-3},
         {"weight_decay": math.nan},
         {"weight_decay": math.inf},
-        {"nesterov": True},
+        {"nesterov": True, "momentum": 0.0},
         {"nesterov": True, "momentum": 0.9, "dampening": 0.1},
         {"name": "adam"},
         {"name": ""},
@@ -786,7 +789,7 @@ def test_from_msgpack_rejects_wrong_types(key: str, value: object) -> None:
 )
 def test_invalid_values_raise(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
-        RuleConfig(**kwargs)
+        RuleConfig(**{"rule" if key == "name" else key: value for key, value in kwargs.items()})
     # The same values arriving over the wire are refused too.
     with pytest.raises(ValueError):
         RuleConfig.from_msgpack(msgpack.packb(kwargs))
@@ -794,29 +797,29 @@ def test_invalid_values_raise(kwargs: dict[str, Any]) -> None:
 
 def test_nan_weight_decay_is_rejected() -> None:
     with pytest.raises(ValueError, match="weight_decay"):
-        RuleConfig(weight_decay=math.nan)
+        RuleConfig(weight_decay=math.nan, lr=0.01, momentum=0.0)
 
 
 def test_valid_edge_values() -> None:
-    RuleConfig(momentum=0.0, dampening=1.0)
-    RuleConfig(momentum=0.999999, nesterov=True)
-    RuleConfig(lr=1e-12)
-    RuleConfig(name="adamw", betas=(0.0, 0.0), eps=0.0)
-    RuleConfig(name="ranger", alpha=0.0, k=1)
-    RuleConfig(name="ranger", alpha=1.0, n_sma_threshold=0.0)
-    RuleConfig(truncate_below=0.0, clip_value=1e-12, clip_norm=1e-12)
+    RuleConfig(momentum=0.0, dampening=1.0, lr=0.01)
+    RuleConfig(momentum=0.999999, nesterov=True, lr=0.01)
+    RuleConfig(lr=1e-12, momentum=0.0)
+    RuleConfig(rule="adamw", betas=(0.0, 0.0), eps=0.0, lr=0.01)
+    RuleConfig(rule="ranger", alpha=0.0, k=1, lr=0.01)
+    RuleConfig(rule="ranger", alpha=1.0, n_sma_threshold=0.0, lr=0.01)
+    RuleConfig(truncate_below=0.0, clip_value=1e-12, clip_norm=1e-12, lr=0.01, momentum=0.0)
 
 
 def test_config_is_frozen() -> None:
-    config = RuleConfig()
+    config = RuleConfig(lr=0.01, momentum=0.0)
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.lr = 1.0  # type: ignore[misc]
 
 
 def test_rule_defaults_resolve() -> None:
-    assert RuleConfig(name="ranger") == RuleConfig(name="ranger", betas=(0.95, 0.999), eps=1e-5)
-    assert RuleConfig(name="adamw") == RuleConfig(name="adamw", betas=(0.9, 0.999), eps=1e-8)
-    assert RuleConfig(name="ranger", betas=(0.9, 0.99)).resolved_betas == (0.9, 0.99)
+    assert RuleConfig(rule="ranger", lr=0.01) == RuleConfig(rule="ranger", betas=(0.95, 0.999), eps=1e-5, lr=0.01)
+    assert RuleConfig(rule="adamw", lr=0.01) == RuleConfig(rule="adamw", betas=(0.9, 0.999), eps=1e-8, lr=0.01)
+    assert RuleConfig(rule="ranger", betas=(0.9, 0.99), lr=0.01).betas == (0.9, 0.99)
 
 
 def _keys(differences: list[str]) -> list[str]:
@@ -835,14 +838,16 @@ def test_differences_lists_exactly_the_differing_keys() -> None:
 
 
 def test_differences_between_rules_include_resolved_defaults() -> None:
-    adam, rang = RuleConfig(name="adamw"), RuleConfig(name="ranger")
-    assert _keys(adam.differences(rang)) == ["name", "betas", "eps"]
-    assert RuleConfig(name="adamw", betas=(0.95, 0.999), eps=1e-5).differences(rang) == ["name: 'adamw' != 'ranger'"]
+    adam, rang = RuleConfig(rule="adamw", lr=0.01), RuleConfig(rule="ranger", lr=0.01)
+    assert _keys(adam.differences(rang)) == ["rule", "betas", "eps"]
+    assert RuleConfig(rule="adamw", betas=(0.95, 0.999), eps=1e-5, lr=0.01).differences(rang) == [
+        "rule: 'adamw' != 'ranger'"
+    ]
 
 
 def test_differences_show_both_values() -> None:
-    ours = RuleConfig(lr=0.1)
-    theirs = RuleConfig(lr=0.2)
+    ours = RuleConfig(lr=0.1, momentum=0.0)
+    theirs = RuleConfig(lr=0.2, momentum=0.0)
     assert ours.differences(theirs) == ["lr: 0.1 != 0.2"]
     assert theirs.differences(ours) == ["lr: 0.2 != 0.1"]
 
@@ -882,11 +887,11 @@ _CHANGED_VALUES: dict[str, Any] = {
 
 
 def test_value_tables_cover_every_field() -> None:
-    fields = {f.name for f in dataclasses.fields(RuleConfig)} - {"name"}
+    fields = {f.name for f in dataclasses.fields(RuleConfig)} - {"rule"}
     assert set(_BASE_VALUES) == set(_CHANGED_VALUES) == fields
 
 
-@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(RuleConfig) if f.name != "name"])
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(RuleConfig) if f.name != "rule"])
 def test_each_field_is_compared(field: str) -> None:
     base = RuleConfig(**_BASE_VALUES)
     other = RuleConfig(**{**_BASE_VALUES, field: _CHANGED_VALUES[field]})
@@ -898,7 +903,7 @@ def test_each_field_is_compared(field: str) -> None:
 def test_batched_sgd_is_bitwise_the_per_block_rule(settings: dict[str, Any]) -> None:
     """apply_update's one-call-per-operation sgd path equals the per-block function exactly,
     with some blocks seen before and some fresh (momentum buffers initialized by copy)."""
-    config = RuleConfig(name="sgd", **settings)
+    config = RuleConfig(rule="sgd", **settings)
     generator = torch.Generator().manual_seed(7)
     sizes = (5, 64, 1, 33)
     batched = [torch.randn(n, generator=generator) for n in sizes]

@@ -9,12 +9,13 @@ from typing import Any
 import pytest
 import torch
 
+from ranger_ps.algorithm.feedback import ErrorFeedback
 from ranger_ps.algorithm.layout import Layout, ParamInfo
 from ranger_ps.algorithm.selection import (
-    ErrorFeedback,
     SelectionConfig,
     block_count,
     centralize_,
+    check_fraction,
     choose_blocks,
     density_at,
     derive_seed,
@@ -47,7 +48,7 @@ def _grads(gen: torch.Generator, layout: Layout = LAYOUT) -> list[torch.Tensor]:
 
 def test_config_defaults_are_dense() -> None:
     config = SelectionConfig()
-    assert config.push_fraction == 1.0 and config.subsample == 1.0 and config.error_feedback
+    assert config.push_fraction == 1.0 and config.error_feedback
     assert density_at(1, config) == 1.0
     assert type(density_at(1, SelectionConfig(push_fraction=1, warmup_start=1))) is float
 
@@ -61,9 +62,6 @@ def test_config_defaults_are_dense() -> None:
         ({"push_fraction": math.nan}, "push_fraction"),
         ({"push_fraction": True}, "push_fraction"),
         ({"error_feedback": 1}, "error_feedback"),
-        ({"subsample": 0.0}, "subsample"),
-        ({"subsample": 2}, "subsample"),
-        ({"subsample": math.nan}, "subsample"),
         ({"warmup_steps": -1}, "warmup_steps"),
         ({"warmup_steps": 2.0}, "warmup_steps"),
         ({"push_fraction": 0.5, "warmup_start": 0.4}, "warmup_start"),
@@ -78,13 +76,19 @@ def test_config_validation_names_the_field(kwargs: dict[str, Any], field: str) -
         SelectionConfig(**kwargs)
 
 
+@pytest.mark.parametrize("value", [0.0, 2, math.nan, True])
+def test_subsample_fractions_are_checked(value: object) -> None:
+    with pytest.raises(ValueError, match=r"^subsample must be in \(0, 1\]"):
+        check_fraction("subsample", value)
+
+
 def test_config_push_fraction_message() -> None:
     with pytest.raises(ValueError, match=r"^push_fraction must be in \(0, 1\], got 0$"):
         SelectionConfig(push_fraction=0)
 
 
 def test_config_accepts_edges() -> None:
-    SelectionConfig(push_fraction=1, subsample=1, warmup_steps=0, warmup_start=1, seed=(1 << 63) - 1)
+    SelectionConfig(push_fraction=1, warmup_steps=0, warmup_start=1, seed=(1 << 63) - 1)
     SelectionConfig(push_fraction=0.01, warmup_start=0.01, warmup_steps=10)
 
 

@@ -12,6 +12,7 @@ import torch
 
 from ranger_ps.algorithm.layout import Layout
 from ranger_ps.algorithm.rules import RuleConfig
+from ranger_ps.config.server import ShardSettings
 from ranger_ps.server.shard import OFF_LOOP_APPLY_BYTES, Shard
 from ranger_ps.storage.checkpoint import ShardCheckpoint
 from ranger_ps.wire.codec import tensor_bytes
@@ -25,9 +26,9 @@ def _blocks(values: dict[int, torch.Tensor]) -> list[WireBlock]:
 
 
 async def _shard_with(layout: Layout, workers: int) -> Shard:
-    shard = Shard(0, 1, lease_seconds=60.0)
+    shard = Shard(0, 1, ShardSettings(lease_seconds=60.0))
     for worker in range(workers):
-        registration = await shard.register(worker, layout, RuleConfig(lr=1.0), 0, 1)
+        registration = await shard.register(worker, layout, RuleConfig(lr=1.0, momentum=0.0), 0, 1)
         if registration.must_initialize:
             zeros = {b.block_id: torch.zeros(b.numel) for b in layout.blocks}
             await shard.initialize(worker, _blocks(zeros))

@@ -75,7 +75,6 @@ def train(
         **config.optimizer_kwargs(),
     )
     with optimizer:
-        assert optimizer.client is not None
         worker_id = optimizer.worker_id
         log.info(
             "worker %d registered with %d shards (layout %s, %d blocks)",
@@ -102,6 +101,7 @@ def train(
                 optimizer.step()
                 step += 1
                 if on_step is not None:
+                    traffic = optimizer.traffic
                     on_step(
                         StepInfo(
                             worker_id=worker_id,
@@ -110,29 +110,30 @@ def train(
                             loss=loss.item(),
                             batch_accuracy=correct_predictions(logits.detach(), y) / max(1, y.numel()),
                             wall_seconds=time.monotonic() - started,
-                            bytes_pushed=optimizer.client.bytes_pushed,
-                            bytes_pulled=optimizer.client.bytes_pulled,
-                            bytes_pushed_dense=optimizer.bytes_pushed_dense,
+                            bytes_pushed=traffic.bytes_pushed,
+                            bytes_pulled=traffic.bytes_pulled,
+                            bytes_pushed_dense=traffic.bytes_pushed_dense,
                         )
                     )
             if on_eval is not None:
                 optimizer.synchronize()  # the weights this worker trains on now
-                on_eval(step, optimizer.client.bytes_pushed, evaluate(model, data, device, limit=EPOCH_EVAL_EXAMPLES))
+                on_eval(step, optimizer.traffic.bytes_pushed, evaluate(model, data, device, limit=EPOCH_EVAL_EXAMPLES))
         optimizer.refresh()  # the final weights: everything every worker pushed so far
         evaluation = evaluate(model, data, device)
-        stats = optimizer.client.stats()
+        stats = optimizer.stats()
+        traffic = optimizer.traffic
         return TrainResult(
             worker_id=worker_id,
             steps=step,
             wall_seconds=time.monotonic() - started,
-            bytes_pushed=optimizer.client.bytes_pushed,
-            bytes_pushed_dense=optimizer.bytes_pushed_dense,
-            bytes_pulled=optimizer.client.bytes_pulled,
+            bytes_pushed=traffic.bytes_pushed,
+            bytes_pushed_dense=traffic.bytes_pushed_dense,
+            bytes_pulled=traffic.bytes_pulled,
             evaluation=evaluation,
             staleness=staleness_summary(
                 [dict(s.staleness_counts) for s in stats], [dict(s.version_lag_counts) for s in stats]
             ),
-            consistency=optimizer.client.consistency,
+            consistency=stats[0].consistency if stats else "",
         )
 
 

@@ -25,12 +25,12 @@ import hashlib
 import math
 import operator
 import struct
-from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from ranger_ps.algorithm.layout import Block, Layout
+from ranger_ps.settings import Settings, setting
 
 # Purpose tags for derive_seed, so the block choice and the subsample of one step are independent.
 _PURPOSE_BLOCKS = 1
@@ -51,33 +51,22 @@ def _is_int(value: object) -> bool:
 
 
 @dataclass(frozen=True)
-class SelectionConfig:
-    """How a worker picks what to compute on and what to push.
+class SelectionConfig(Settings):
+    """How a worker picks the blocks it pushes (and the seed of every random draw)."""
 
-    Attributes:
-        push_fraction: fraction of blocks pushed per step, in (0, 1].
-        error_feedback: keep unpushed gradient in a residual memory (False: drop it).
-        subsample: fraction of the minibatch the gradient is computed on, in (0, 1].
-        warmup_steps: length of the density warm-up, >= 0 (0: no warm-up).
-        warmup_start: density at step 1 of the warm-up, in [push_fraction, 1]; it decays
-            geometrically to ``push_fraction`` (see :func:`density_at`).
-        seed: base of every random draw, in [0, 2**63).
-    """
+    title: ClassVar[str] = "block selection"
 
-    push_fraction: float = 1.0
-    error_feedback: bool = True
-    subsample: float = 1.0
-    warmup_steps: int = 0
-    warmup_start: float = 1.0
-    seed: int = 0
+    push_fraction: float = setting(1.0, "fraction of blocks pushed per step, in (0, 1] (1.0 = dense)")
+    error_feedback: bool = setting(True, "keep what is not pushed for later pushes (off: drop it)")
+    warmup_steps: int = setting(0, "steps over which the push density decays to --push-fraction (0: none)")
+    warmup_start: float = setting(1.0, "push density at the first warm-up step, in [push fraction, 1]")
+    seed: int = setting(0, "seeds model initialization, data order and block choice")
 
     def __post_init__(self) -> None:
         if not _is_real(self.push_fraction) or not 0 < self.push_fraction <= 1:
             raise ValueError(f"push_fraction must be in (0, 1], got {self.push_fraction!r}")
         if not isinstance(self.error_feedback, bool):
             raise ValueError(f"error_feedback must be a bool, got {self.error_feedback!r}")
-        if not _is_real(self.subsample) or not 0 < self.subsample <= 1:
-            raise ValueError(f"subsample must be in (0, 1], got {self.subsample!r}")
         if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
         if not _is_real(self.warmup_start) or not self.push_fraction <= self.warmup_start <= 1:
@@ -86,6 +75,13 @@ class SelectionConfig:
             )
         if not _is_int(self.seed) or not 0 <= self.seed <= _INT64_MAX:
             raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
+        super().__post_init__()
+
+
+def check_fraction(name: str, value: object) -> None:
+    """Raise ``ValueError`` unless ``value`` is a real number in (0, 1]."""
+    if not _is_real(value) or not 0 < value <= 1:  # type: ignore[operator]
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
 
 
 def derive_seed(*parts: int) -> int:
@@ -235,126 +231,3 @@ def centralize_(grad: torch.Tensor) -> torch.Tensor:
     if grad.dim() > 1:
         grad.sub_(grad.mean(dim=tuple(range(1, grad.dim())), keepdim=True))
     return grad
-
-
-class ErrorFeedback:
-    """Per-block error-feedback memory (Stich et al., "Sparsified SGD with memory", NeurIPS 2018).
-
-    Each step's gradient is added to the memory; the chosen blocks' memory is pushed and zeroed, the
-    rest waits. So, at every step, everything pushed so far plus the memory equals the sum of all
-    gradients: no gradient mass is lost, only delayed.
-
-    Args:
-        layout: the :class:`~ranger_ps.algorithm.layout.Layout` the blocks come from.
-        residuals: one flat (1-D) tensor per parameter, in layout order, holding the residual
-            memory; the caller owns them (they may be views into an optimizer's state, so this
-            class only modifies them in place, never rebinds them).
-        enabled: False gives plain random dropping (no memory; ``residuals`` are left untouched).
-
-    Raises:
-        ValueError: ``residuals`` do not match the layout's parameters.
-    """
-
-    def __init__(self, layout: Layout, residuals: Sequence[torch.Tensor], *, enabled: bool = True) -> None:
-        if len(residuals) != len(layout.params):
-            raise ValueError(f"expected {len(layout.params)} residual tensors, got {len(residuals)}")
-        for param, residual in zip(layout.params, residuals, strict=True):
-            if residual.dim() != 1 or residual.numel() != param.numel:
-                raise ValueError(
-                    f"{param.name}: residual must be flat with {param.numel} elements, "
-                    f"got shape {tuple(residual.shape)}"
-                )
-        self.layout = layout
-        self.enabled = enabled
-        self._residuals = tuple(residuals)
-        self._memory = layout.block_views(self._residuals)
-
-    def _check(self, grads: Sequence[torch.Tensor], chosen: Sequence[int]) -> list[Block]:
-        """Validate a step's input before anything is modified, so a bad call changes nothing."""
-        if len(grads) != len(self._residuals):
-            raise ValueError(f"expected {len(self._residuals)} gradient tensors, got {len(grads)}")
-        for param, grad, residual in zip(self.layout.params, grads, self._residuals, strict=True):
-            if grad.shape != residual.shape:
-                raise ValueError(
-                    f"{param.name}: gradient must be flat with shape {tuple(residual.shape)}, got {tuple(grad.shape)}"
-                )
-        blocks = self.layout.blocks
-        seen: set[int] = set()
-        out = []
-        for raw in chosen:
-            if isinstance(raw, bool):
-                raise ValueError(f"block ids must be ints, got {raw!r}")
-            block_id = operator.index(raw)
-            if not 0 <= block_id < len(blocks):
-                raise ValueError(f"block id {block_id} out of range [0, {len(blocks)})")
-            if block_id in seen:
-                raise ValueError(f"block id {block_id} chosen twice")
-            seen.add(block_id)
-            out.append(blocks[block_id])
-        return out
-
-    def _fold(self, grads: Sequence[torch.Tensor], blocks: Sequence[Block]) -> list[torch.Tensor]:
-        """Add the gradients to the memory; the per-block sources of what to push (views)."""
-        if not self.enabled:
-            return [grads[b.param_index][b.offset : b.offset + b.numel] for b in blocks]
-        for residual, grad in zip(self._residuals, grads, strict=True):
-            residual.add_(grad)
-        return [self._memory[b.block_id] for b in blocks]
-
-    def _clear(self, blocks: Sequence[Block]) -> None:
-        if self.enabled:
-            for b in blocks:
-                self._memory[b.block_id].zero_()
-
-    @torch.no_grad()
-    def select(self, grads: Sequence[torch.Tensor], chosen: Sequence[int]) -> list[torch.Tensor]:
-        """Fold this step's gradients into the memory and take out the chosen blocks.
-
-        Enabled: ``memory += grad``; each chosen block's memory is copied out and then zeroed;
-        unchosen blocks keep their accumulated value. Disabled: the chosen blocks of ``grad`` are
-        copied and the memory is untouched. Nothing is rescaled by ``1 / push_fraction`` (see the
-        module docstring).
-
-        Args:
-            grads: one flat tensor per parameter, same shapes as the residuals.
-            chosen: distinct block ids (e.g. from :func:`choose_blocks`).
-
-        Returns:
-            One new tensor per chosen block, in the order of ``chosen`` (never views of the memory,
-            which the next step overwrites).
-
-        Raises:
-            ValueError: a gradient has the wrong shape, or a block id is out of range or repeated;
-                nothing is modified then.
-        """
-        blocks = self._check(grads, chosen)
-        pushed = [source.clone() for source in self._fold(grads, blocks)]
-        self._clear(blocks)
-        return pushed
-
-    @torch.no_grad()
-    def select_flat(self, grads: Sequence[torch.Tensor], chosen: Sequence[int]) -> list[torch.Tensor]:
-        """Like :meth:`select`, but returns whole flat tensors, one per parameter.
-
-        Each holds the pushed values at the chosen blocks and zeros elsewhere, with the shape of the
-        gradient (and the dtype :meth:`select` would give): what a client that takes whole
-        per-parameter tensors plus block ids needs.
-        """
-        blocks = self._check(grads, chosen)
-        sources = self._fold(grads, blocks)
-        like = self._residuals if self.enabled else grads
-        out = [torch.zeros_like(t) for t in like]
-        for b, source in zip(blocks, sources, strict=True):
-            out[b.param_index][b.offset : b.offset + b.numel].copy_(source)
-        self._clear(blocks)
-        return out
-
-    @torch.no_grad()
-    def residual_norm(self) -> float:
-        """L2 norm of the whole memory (0.0 when disabled), for reports."""
-        if not self.enabled:
-            return 0.0
-        # Per-tensor norms in float64, combined with hypot: no overflow or precision loss from
-        # squaring large float32 sums.
-        norms = [float(torch.linalg.vector_norm(r.detach(), dtype=torch.float64)) for r in self._residuals]
-        return math.hypot(*norms)

@@ -9,15 +9,58 @@ Everything is off by default, and then the gradient is returned as it came (no c
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-if TYPE_CHECKING:
-    from ranger_ps.algorithm.rules import RuleConfig
+from ranger_ps.settings import Settings, setting
 
 
-def truncate(config: RuleConfig, grad: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+def check_finite(name: str, value: float, *, low: float | None = None, high: float | None = None) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is finite and within ``[low, high]``."""
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")
+
+
+@dataclass(frozen=True)
+class TruncationSettings(Settings):
+    """What the shards do to a pushed block before the update rule."""
+
+    title: ClassVar[str] = "server-side truncation"
+
+    truncate_below: float = setting(0.0, "server side: zero pushed entries with |x| below this (0 = off)")
+    truncation_residual: bool = setting(False, "server side: keep what truncation removed and apply it later")
+    clip_value: float | None = setting(None, "server side: clamp pushed entries to this magnitude")
+    clip_norm: float | None = setting(None, "server side: cap each pushed block's L2 norm")
+
+    def __post_init__(self) -> None:
+        check_finite("truncate_below", self.truncate_below, low=0.0)
+        for name in ("clip_value", "clip_norm"):
+            value = getattr(self, name)
+            if value is not None:
+                check_finite(name, value)
+                if not value > 0:
+                    raise ValueError(f"{name} must be > 0 when set, got {value}")
+        super().__post_init__()
+
+    @property
+    def truncates(self) -> bool:
+        """Whether any truncation or clipping is on."""
+        return (
+            self.truncate_below > 0
+            or self.truncation_residual
+            or self.clip_value is not None
+            or self.clip_norm is not None
+        )
+
+
+def truncate(config: TruncationSettings, grad: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
     """The gradient to apply for one block; ``residual`` (when given) is updated in place.
 
     ``grad`` itself is never modified.

@@ -342,7 +342,7 @@ def _wire_ranger_ps(
     client = ShardedClient(addresses, use_uvloop=settings.use_uvloop, call_timeout=settings.timeout)
     try:
         started = time.perf_counter()
-        client.register(layout, RuleConfig(name="sgd", lr=1e-3), values)
+        client.register(layout, RuleConfig(rule="sgd", lr=1e-3, momentum=0.0), values)
         register_seconds = time.perf_counter() - started
         views = layout.block_views(layout.flat_views(values))
         clock = client.start_clock
@@ -842,7 +842,7 @@ def run_apply(settings: ApplySettings) -> dict[str, Any]:
         grads = [torch.rand(n, generator=generator).sub_(0.5).mul_(1e-3) for n in sizes]
         configs: list[tuple[str, RuleConfig]] = [(name, _rule_config(name)) for name in settings.rules]
         if "sgd" in settings.rules:
-            configs.append(("sgd_no_momentum", RuleConfig(name="sgd", lr=0.05)))
+            configs.append(("sgd_no_momentum", RuleConfig(rule="sgd", lr=0.05, momentum=0.0)))
         for label, config in configs:
             params = [torch.rand(n, generator=generator) for n in sizes]
             states = [new_block_state(config, n, torch.float32) for n in sizes]
@@ -1010,8 +1010,8 @@ def _train_cluster(settings: TrainSettings, fraction: float) -> dict[str, Any]:
     one-time imports): here shard 0's stats are polled, and the steady rate is the steps between
     10% and 90% of the run over the time they took.
     """
-    from ranger_ps.cli import train_config_to_argv
     from ranger_ps.client.sharded import ShardedClient
+    from ranger_ps.settings import to_argv
     from ranger_ps.workloads.data import load_dataset
     from ranger_ps.workloads.evaluation import evaluate_cluster
     from ranger_ps.workloads.job import planned_steps
@@ -1022,7 +1022,7 @@ def _train_cluster(settings: TrainSettings, fraction: float) -> dict[str, Any]:
     loop = "--uvloop" if settings.use_uvloop else "--no-uvloop"
     with tempfile.TemporaryDirectory(prefix="ranger-ps-bench-") as tmp, _Children(Path(tmp)) as children:
         addresses = start_shards(children, settings.shards, use_uvloop=settings.use_uvloop)
-        argv = train_config_to_argv(config, skip=("num_workers",))
+        argv = to_argv(config, skip=("num_workers",))
         reports = [Path(tmp) / f"worker-{w}.json" for w in range(settings.workers)]
         started = time.monotonic()
         workers = [

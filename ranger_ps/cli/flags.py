@@ -43,10 +43,12 @@ def add_settings(
     *,
     exclude: Collection[str] = (),
     defaults: dict[str, Any] | None = None,
+    required: Collection[str] = (),
 ) -> None:
     """Add a flag for every setting of ``cls`` but those whose keys are in ``exclude``.
 
-    ``defaults`` replaces declared defaults for this command (a benchmark's smaller block size).
+    ``defaults`` replaces declared defaults for this command (a benchmark's smaller block size);
+    ``required`` names the settings this command cannot do without (``servers`` for a worker).
     """
     groups: dict[type, argparse._ArgumentGroup] = {}
     overrides = defaults or {}
@@ -70,7 +72,8 @@ def add_settings(
                 type=_TextParser(spec),
                 default=default,
                 metavar=spec.info.metavar or spec.key.upper(),
-                help=text,
+                help=spec.info.help if spec.key in required else text,
+                required=spec.key in required,
             )
 
 

@@ -7,6 +7,7 @@ weights in this process (importing the worker package lazily, as the CLI may).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -21,61 +22,36 @@ from typing import Any
 
 from ranger_ps.algorithm.consistency import staleness_summary
 from ranger_ps.client.admin import fetch_stats
+from ranger_ps.config.local import LocalSettings
+from ranger_ps.config.server import MembershipSettings, ServerConfig
 from ranger_ps.config.train import TrainConfig
-from ranger_ps.errors import ClusterError
+from ranger_ps.config.worker import WorkerSettings
 from ranger_ps.observability.progress import Progress
 from ranger_ps.observability.report import read_report
 from ranger_ps.observability.steplog import read_last_step
 from ranger_ps.orchestration.launcher import Child, Cluster, child_environment, wait_all
+from ranger_ps.settings import to_argv
 from ranger_ps.wire.security import ClientSecurity, read_token
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class LocalOptions:
-    """How to lay out the local cluster.
+class RunContext:
+    """How the local cluster's processes run (from the command's common flags and environment).
 
     Attributes:
-        workers: worker processes.
-        shards: server processes.
-        host: loopback address the servers listen on.
-        run_dir: where process logs and per-process reports go (a temporary folder, removed after
-            a successful run, when None; kept on failure).
-        startup_timeout: seconds for the servers to come up.
         use_uvloop: pass ``--uvloop``/``--no-uvloop`` to the children.
         log_level: the children's log level.
         progress: show progress.
-        consistency: the servers' consistency model (``async``, ``ssp:K``, ``bsp``).
-        lease_seconds: the servers' worker lease.
-        wait_seconds: the longest a pull waits at a barrier.
-        token_file: a token the servers require and the workers send (the path travels, never the token).
-        token: the token itself when it came from ``RANGER_PS_TOKEN`` (the children inherit the variable).
-        metrics_port: Prometheus endpoints on every process: shard ``i`` on ``metrics_port + i``,
-            worker ``j`` on ``metrics_port + shards + j``; 0 lets each pick a free port (logged);
-            None: off.
-        metrics_host: the address the metrics endpoints listen on.
-        step_log_dir: where the workers' per-step CSVs go (``worker-N.csv``); default: the run folder.
-        plot: draw loss and accuracy against steps and bytes pushed into this PNG at the end.
+        token: the token itself when it came from ``RANGER_PS_TOKEN`` (the children inherit the
+            variable; it never travels in argv).
     """
 
-    workers: int = 2
-    shards: int = 2
-    host: str = "127.0.0.1"
-    run_dir: Path | None = None
-    startup_timeout: float = 60.0
     use_uvloop: bool = True
     log_level: str = "INFO"
     progress: bool = True
-    consistency: str = "async"
-    lease_seconds: float = 5.0
-    wait_seconds: float = 120.0
-    token_file: Path | None = None
     token: str | None = field(default=None, repr=False)
-    metrics_port: int | None = None
-    metrics_host: str = "127.0.0.1"
-    step_log_dir: Path | None = None
-    plot: Path | None = None
 
 
 def _planned_steps(config: TrainConfig, workers: int) -> int:
@@ -90,13 +66,11 @@ def _terminate_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def run_local(config: TrainConfig, options: LocalOptions) -> dict[str, Any]:
+def run_local(config: TrainConfig, options: LocalSettings, context: RunContext | None = None) -> dict[str, Any]:
     """Start the cluster, train, evaluate the final weights, stop everything; returns the report."""
-    from ranger_ps.cli import train_config_to_argv  # the flags must match the worker's parser
     from ranger_ps.workloads.job import build
 
-    if options.workers < 1 or options.shards < 1:
-        raise ClusterError("--workers and --shards must be >= 1")
+    context = context or RunContext()
     build(config)  # fail fast on an unknown model, dataset or device, before any process starts
     started = time.monotonic()
     temporary = options.run_dir is None
@@ -104,10 +78,10 @@ def run_local(config: TrainConfig, options: LocalOptions) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     step_log_dir = options.step_log_dir or run_dir
     step_log_dir.mkdir(parents=True, exist_ok=True)
-    common = ["--log-level", options.log_level, "--uvloop" if options.use_uvloop else "--no-uvloop"]
+    common = ["--log-level", context.log_level, "--uvloop" if context.use_uvloop else "--no-uvloop"]
     if options.token_file is not None:
         common += ["--token-file", str(options.token_file)]
-    security = ClientSecurity(token=read_token(options.token_file) if options.token_file else options.token)
+    security = ClientSecurity(token=read_token(options.token_file) if options.token_file else context.token)
     previous = signal.signal(signal.SIGTERM, _terminate_on_sigterm)
     ok = False
     try:
@@ -116,32 +90,16 @@ def run_local(config: TrainConfig, options: LocalOptions) -> dict[str, Any]:
             for shard in range(options.shards):
                 ready = run_dir / f"shard-{shard}.ready.json"
                 ready.unlink(missing_ok=True)
-                servers.append(
-                    cluster.spawn(
-                        f"shard-{shard}",
-                        [
-                            "server",
-                            "--host",
-                            options.host,
-                            "--port",
-                            "0",
-                            "--shard-id",
-                            str(shard),
-                            "--num-shards",
-                            str(options.shards),
-                            "--ready-file",
-                            str(ready),
-                            "--consistency",
-                            options.consistency,
-                            "--lease-seconds",
-                            repr(options.lease_seconds),
-                            "--wait-timeout",
-                            repr(options.wait_seconds),
-                            *_metrics_flags(options, shard),
-                            *common,
-                        ],
-                    )
+                shard_config = ServerConfig(
+                    shard_id=shard,
+                    num_shards=options.shards,
+                    host=options.host,
+                    port=0,
+                    ready_file=ready,
+                    **{f.name: getattr(options, f.name) for f in dataclasses.fields(MembershipSettings)},
+                    **_metrics(options, shard),
                 )
+                servers.append(cluster.spawn(f"shard-{shard}", ["server", *to_argv(shard_config), *common]))
             addresses = []
             for shard, child in enumerate(servers):
                 host, port = cluster.wait_ready(child, run_dir / f"shard-{shard}.ready.json", options.startup_timeout)
@@ -154,37 +112,21 @@ def run_local(config: TrainConfig, options: LocalOptions) -> dict[str, Any]:
                         "shard %d metrics: http://%s:%s/metrics", shard, options.metrics_host, ready["metrics_port"]
                     )
 
-            worker_argv = train_config_to_argv(config, skip=("num_workers",))
             step_logs = [step_log_dir / f"worker-{w}.csv" for w in range(options.workers)]
             workers = [
                 cluster.spawn(
                     f"worker-{w}",
                     [
                         "worker",
-                        "--servers",
-                        ",".join(addresses),
-                        "--worker-id",
-                        str(w),
-                        "--num-workers",
-                        str(options.workers),
-                        "--report",
-                        str(run_dir / f"worker-{w}.json"),
-                        "--metrics-csv",
-                        str(step_logs[w]),
-                        *_metrics_flags(options, options.shards + w),
-                        *(
-                            ["--ready-file", str(run_dir / f"worker-{w}.ready.json")]
-                            if options.metrics_port is not None
-                            else []
-                        ),
-                        *worker_argv,
+                        *to_argv(_worker_settings(options, w, addresses, run_dir, step_logs[w])),
+                        *to_argv(dataclasses.replace(config, num_workers=options.workers)),
                         *common,
                     ],
                 )
                 for w in range(options.workers)
             ]
-            bar = Progress(_planned_steps(config, options.workers), "training", enabled=options.progress)
-            watcher = _ProgressWatcher(addresses, bar, options.use_uvloop, security, step_logs)
+            bar = Progress(_planned_steps(config, options.workers), "training", enabled=context.progress)
+            watcher = _ProgressWatcher(addresses, bar, context.use_uvloop, security, step_logs)
             try:
                 wait_all(cluster, workers, servers, poll=watcher.poll)
                 watcher.poll()
@@ -193,8 +135,8 @@ def run_local(config: TrainConfig, options: LocalOptions) -> dict[str, Any]:
 
             from ranger_ps.workloads.evaluation import evaluate_cluster
 
-            evaluation, _ = evaluate_cluster(config, addresses, use_uvloop=options.use_uvloop, security=security)
-            replies = fetch_stats(addresses, use_uvloop=options.use_uvloop, security=security)
+            evaluation, _ = evaluate_cluster(config, addresses, use_uvloop=context.use_uvloop, security=security)
+            replies = fetch_stats(addresses, use_uvloop=context.use_uvloop, security=security)
             stats = [r for r in replies if not isinstance(r, str)]
             staleness = staleness_summary(
                 [dict(s.staleness_counts) for s in stats], [dict(s.version_lag_counts) for s in stats]
@@ -204,7 +146,7 @@ def run_local(config: TrainConfig, options: LocalOptions) -> dict[str, Any]:
                 if code not in (0, None):
                     log.warning("%s exited with code %s on shutdown (see %s)", child.name, code, child.log_path)
         per_worker = [read_report(run_dir / f"worker-{w}.json") for w in range(options.workers)]
-        plot = _plot(step_logs, options.plot, config) if options.plot is not None else None
+        plot = _plot(step_logs, options.plot_path, config) if options.plot_path is not None else None
         ok = True
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -248,12 +190,26 @@ def run_local(config: TrainConfig, options: LocalOptions) -> dict[str, Any]:
 _INHERITED = ("RANGER_PS_TOKEN", "RANGER_PS_TUNE_MALLOC")
 
 
-def _metrics_flags(options: LocalOptions, index: int) -> list[str]:
-    """``--metrics-port``/``--metrics-host`` for the ``index``-th process (shards first, then workers)."""
+def _worker_settings(
+    options: LocalSettings, index: int, addresses: list[str], run_dir: Path, step_log: Path
+) -> WorkerSettings:
+    """What the ``index``-th worker is told besides the training settings."""
+    return WorkerSettings(
+        servers=addresses,
+        worker_id=index,
+        report=run_dir / f"worker-{index}.json",
+        metrics_csv=step_log,
+        ready_file=run_dir / f"worker-{index}.ready.json" if options.metrics_port is not None else None,
+        **_metrics(options, options.shards + index),
+    )
+
+
+def _metrics(options: LocalSettings, index: int) -> dict[str, Any]:
+    """The metrics settings of the ``index``-th process (shards first, then workers)."""
     if options.metrics_port is None:
-        return []
+        return {}
     port = options.metrics_port + index if options.metrics_port else 0
-    return ["--metrics-port", str(port), "--metrics-host", options.metrics_host]
+    return {"metrics_port": port, "metrics_host": options.metrics_host}
 
 
 def _plot(step_logs: list[Path], out: Path, config: TrainConfig) -> Path | None:

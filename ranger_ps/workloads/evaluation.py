@@ -59,5 +59,4 @@ def evaluate_cluster(
         use_uvloop=use_uvloop,
         **config.optimizer_kwargs(),
     ) as optimizer:
-        assert optimizer.client is not None
-        return evaluate(model, data, device), optimizer.client.bytes_pulled
+        return evaluate(model, data, device), optimizer.traffic.bytes_pulled

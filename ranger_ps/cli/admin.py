@@ -1,0 +1,145 @@
+"""Looking at a cluster and its files: ``status``, ``health`` and ``checkpoint inspect|export``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from ranger_ps.cli.common import EXIT_CLUSTER_ERROR, client_security
+from ranger_ps.cli.flags import add_settings
+from ranger_ps.config.client import ClusterSettings
+from ranger_ps.config.common import ClientSecuritySettings, CommonSettings
+from ranger_ps.errors import UserError
+from ranger_ps.wire.rpc import parse_servers
+from ranger_ps.wire.stats import ShardStats
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("checkpoint", help="look into and export checkpoints", allow_abbrev=False)
+    actions = p.add_subparsers(dest="checkpoint_command", required=True, metavar="ACTION")
+    c = actions.add_parser("inspect", help="what a checkpoint folder holds", allow_abbrev=False)
+    c.add_argument("directory", type=Path, help="the --checkpoint-dir of the servers")
+    c.add_argument("--json", action="store_true", help="print JSON")
+    add_settings(c, CommonSettings)
+    c = actions.add_parser(
+        "export",
+        help="write plain weights a model loads with load_state_dict",
+        description="Assemble every parameter from the newest good checkpoint of each shard and save them "
+        "with torch.save as {name: tensor} (load with torch.load(path, weights_only=True)).",
+        allow_abbrev=False,
+    )
+    c.add_argument("directory", type=Path, help="the --checkpoint-dir of the servers")
+    c.add_argument("--out", type=Path, required=True, help="output file, e.g. model.pt")
+    add_settings(c, CommonSettings)
+    p.set_defaults(run=run_checkpoint)
+
+    p = sub.add_parser(
+        "health",
+        help="check a server with the standard gRPC health service (exit 0 when SERVING)",
+        description="For container health checks: asks grpc.health.v1.Health/Check and exits 0 only when SERVING.",
+        allow_abbrev=False,
+    )
+    p.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT to check (default: 127.0.0.1:50051)")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default: 3)")
+    add_settings(p, ClientSecuritySettings)
+    add_settings(p, CommonSettings)
+    p.set_defaults(run=run_health)
+
+    p = sub.add_parser("status", help="show what running servers hold", allow_abbrev=False)
+    add_settings(p, ClusterSettings, exclude=("worker_id",), required=("servers",))
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each server (default: 5)")
+    add_settings(p, ClientSecuritySettings)
+    add_settings(p, CommonSettings)
+    p.set_defaults(run=run_status)
+
+
+def run_checkpoint(args: argparse.Namespace) -> int:
+    from ranger_ps.storage import checkpoint
+
+    if not args.directory.is_dir():
+        raise UserError(f"{args.directory} is not a folder")
+    files = checkpoint.list_checkpoints(args.directory)
+    saved = checkpoint.load_cluster(args.directory)
+    if not saved:
+        raise UserError(f"{args.directory} holds no readable checkpoint (files: {sum(map(len, files.values()))})")
+    if args.checkpoint_command == "export":
+        import torch
+
+        try:
+            weights = checkpoint.assemble_weights(saved)
+        except checkpoint.CheckpointError as exc:
+            raise UserError(str(exc)) from None
+        torch.save(weights, args.out)
+        print(f"wrote {len(weights)} parameters ({sum(t.numel() for t in weights.values())} elements) to {args.out}")
+        return 0
+    summary = checkpoint.describe(saved, files)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    head = [f"layout {summary['layout_fingerprint']}", f"block size {summary['block_size']}"]
+    print(", ".join([*head, f"rule {summary['rule']['name']}", str(summary["consistency"])]))
+    for name, shape, dtype in summary["parameters"]:
+        print(f"  {name}: {tuple(shape)} {dtype}")
+    for shard in summary["shards"]:
+        print(
+            f"shard {shard['shard_id']}/{shard['num_shards']}: {shard['blocks']} blocks, {shard['elements']} elements, "
+            f"versions {shard['version_sum']}, pushes applied {shard['counters'].get('pushes_applied', 0)}, "
+            f"files {', '.join(shard['files'])}"
+        )
+    return 0
+
+
+def run_health(args: argparse.Namespace) -> int:
+    from ranger_ps.client.admin import check_health
+
+    try:
+        parse_servers(args.server)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    status = check_health(args.server, timeout=args.timeout, security=client_security(args))
+    print(f"{args.server}: {status}")
+    return 0 if status == "SERVING" else EXIT_CLUSTER_ERROR
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from ranger_ps.client.admin import fetch_stats
+
+    replies = fetch_stats(args.servers, timeout=args.timeout, use_uvloop=args.uvloop, security=client_security(args))
+    if args.json:
+        out = [
+            {"address": a, "ok": not isinstance(r, str)} | ({"error": r} if isinstance(r, str) else r.to_plain())
+            for a, r in zip(args.servers, replies, strict=True)
+        ]
+        print(json.dumps(out, indent=2))
+    else:
+        print(format_status_table(args.servers, replies))
+    return 0 if all(not isinstance(r, str) for r in replies) else EXIT_CLUSTER_ERROR
+
+
+def format_status_table(servers: Sequence[str], replies: Sequence[ShardStats | str]) -> str:
+    """A human-readable table of shard stats (one row per server)."""
+    head = ("address", "shard", "state", "blocks", "MB", "versions", "pushes", "pulls", "live workers", "uptime")
+    rows = [head]
+    for address, r in zip(servers, replies, strict=True):
+        if isinstance(r, str):
+            rows.append((address, "-", "DOWN: " + r, "", "", "", "", "", "", ""))
+            continue
+        rows.append(
+            (
+                address,
+                f"{r.shard_id}/{r.num_shards}",
+                "ready" if r.initialized else "waiting for a worker",
+                str(r.num_blocks),
+                f"{r.nbytes / 1e6:.2f}",
+                str(r.version_sum),
+                str(r.pushes_applied),
+                str(r.pulls_served),
+                str(len(r.trainers)),
+                f"{r.uptime_seconds:.0f}s",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
