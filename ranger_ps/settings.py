@@ -165,7 +165,12 @@ class Spec:
             ValueError: the text does not parse; the message says what was expected.
         """
         stripped = text.strip()
-        if self.kind.optional and stripped.lower() in NONE_WORDS and self.kind.base is not bool:
+        if (
+            self.kind.optional
+            and self.info.parse is None
+            and self.kind.base is not bool
+            and stripped.lower() in NONE_WORDS
+        ):
             return None
         if self.info.parse is not None:
             value = self.info.parse(stripped)

@@ -1,8 +1,8 @@
-"""Shared fixtures: real parameter-server processes on loopback, always cleaned up."""
+"""Shared fixtures: real parameter servers on loopback (in this process, or as processes), always cleaned up."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import signal
 import subprocess
@@ -12,6 +12,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from ranger_ps.cli import build_parser
+from ranger_ps.cli.flags import settings_from_args
+from ranger_ps.config.server import ServerConfig
+from ranger_ps.server.app import BackgroundShards
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,35 +52,21 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = 15.0) -> Non
 
 
 @pytest.fixture
-def start_servers(tmp_path: Path) -> Iterator[ServerFactory]:
-    """Start ``n`` shard processes on free loopback ports; returns their addresses in shard order."""
-    processes: list[subprocess.Popen[bytes]] = []
+def start_servers() -> Iterator[ServerFactory]:
+    """Start ``n`` shard servers in this process on free loopback ports; returns their addresses in shard order.
 
-    def start(n: int, *extra: str) -> list[str]:
-        addresses = []
-        group = len(processes)
-        for shard in range(n):
-            ready = tmp_path / f"server-{group}-{shard}.json"
-            process = subprocess.Popen(
-                ranger_ps_cmd(
-                    "server", "--port", "0", "--shard-id", str(shard), "--num-shards", str(n),
-                    "--ready-file", str(ready), "--log-level", "WARNING", *extra,
-                ),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "OMP_NUM_THREADS": "1"},
-            )  # fmt: skip
-            processes.append(process)
-            wait_for_file(ready, process)
-            info = json.loads(ready.read_text())
-            addresses.append(f"{info['host']}:{info['port']}")
-        return addresses
+    Extra arguments are ``ranger-ps server`` flags (``"--consistency", "bsp"``), parsed exactly as the
+    command line parses them. The servers run on a background event loop and are stopped cleanly
+    (final checkpoints written) after the test.
+    """
+    with BackgroundShards() as shards:
 
-    yield start
-    for process in processes:
-        stop_process(process)
-        if process.stdout:
-            process.stdout.close()
+        def start(n: int, *extra: str) -> list[str]:
+            args = build_parser().parse_args(["server", "--port", "0", *extra])
+            base = settings_from_args(ServerConfig, args)
+            return [shards.start(dataclasses.replace(base, shard_id=i, num_shards=n)).address for i in range(n)]
+
+        yield start
 
 
 def pid_alive(pid: int) -> bool:

@@ -194,7 +194,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     [
         ("70000", "--metrics-port must be in [0, 65535], got 70000"),
         ("-1", "--metrics-port must be in [0, 65535], got -1"),
-        ("http", "argument --metrics-port: invalid int value: 'http'"),
+        ("http", "argument --metrics-port: expected an integer or none, got 'http'"),
     ],
 )
 def test_a_bad_metrics_port_exits_2_with_a_message(value: str, needle: str) -> None:

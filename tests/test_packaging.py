@@ -22,6 +22,7 @@ def test_wheel_installs_in_a_fresh_venv_and_runs_a_cluster(tmp_path: Path) -> No
     tracked = (
         subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.decode().split("\0")
     )
+    tracked_paths = {(ROOT / name).as_posix() for name in tracked if name}
     src = tmp_path / "src"
     for name in filter(None, tracked):
         target = src / name
@@ -39,8 +40,18 @@ def test_wheel_installs_in_a_fresh_venv_and_runs_a_cluster(tmp_path: Path) -> No
     )
     (wheel,) = dist.glob("ranger_ps-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for expected in ("ranger_ps/server/main.py", "ranger_ps/worker/train.py", "ranger_ps/wire/_proto/ranger_ps_pb2.py"):
-        assert expected in names
+    # Every module of the tree is in the wheel, under its installed name (server/ and worker/ as
+    # ranger_ps.server and ranger_ps.worker), and every package has its __init__.py.
+    sources = {
+        "ranger_ps": ROOT / "ranger_ps",
+        "ranger_ps/server": ROOT / "server",
+        "ranger_ps/worker": ROOT / "worker",
+    }
+    for prefix, folder in sources.items():
+        for path in folder.rglob("*.py"):
+            if "__pycache__" not in path.parts and (ROOT / path.relative_to(ROOT)).as_posix() in tracked_paths:
+                assert f"{prefix}/{path.relative_to(folder).as_posix()}" in names, path
+    assert "ranger_ps/wire/_proto/ranger_ps_pb2.pyi" in names and "ranger_ps/py.typed" in names
     assert not [n for n in names if n.startswith(("server/", "worker/", "tests/"))]
 
     venv = tmp_path / "venv"
