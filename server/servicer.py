@@ -15,12 +15,12 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from ranger_ps.algorithm.layout import Layout
 from ranger_ps.algorithm.rules import RuleConfig
 from ranger_ps.errors import WireFormatError
 from ranger_ps.server.shard import Shard
 from ranger_ps.wire._proto import ranger_ps_pb2 as pb
 from ranger_ps.wire.frames import WireBlock, chunk_frames, decode_frame, split_blocks
+from ranger_ps.wire.messages import layout_from_proto
 from ranger_ps.wire.rpc import ERROR_METADATA_KEY, SERVICE_NAME
 from ranger_ps.wire.status import InvalidRequest, NotRegistered, RequestError
 
@@ -91,7 +91,7 @@ class ParameterServerServicer:
     async def Register(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         req = _parse(pb.RegisterRequest, request)
         try:
-            layout = Layout.from_proto(req.layout)
+            layout = layout_from_proto(req.layout)
         except ValueError as exc:
             raise InvalidRequest(f"bad layout: {exc}") from None
         rule = RuleConfig.from_msgpack(req.rule.msgpack)

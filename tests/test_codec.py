@@ -1,15 +1,14 @@
-"""Tests for ranger_ps.wire.codec: tensor <-> raw little-endian bytes."""
+"""Tests for ranger_ps.algorithm.dtypes and ranger_ps.wire.codec: tensor <-> raw little-endian bytes, wire dtypes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from ranger_ps.algorithm.dtypes import BY_NAME, BY_TORCH
 from ranger_ps.errors import WireFormatError
 from ranger_ps.wire._proto import ranger_ps_pb2 as pb
 from ranger_ps.wire.codec import (
-    BY_NAME,
-    BY_TORCH,
     BY_WIRE,
     bytes_to_tensor,
     codec_for_name,
@@ -186,8 +185,8 @@ def test_registry_tables_are_consistent() -> None:
     assert len(BY_WIRE) == len(BY_TORCH) == len(BY_NAME)
     for wire, entry in BY_WIRE.items():
         assert entry.wire == wire
-        assert BY_TORCH[entry.torch_dtype] is entry
-        assert BY_NAME[entry.name] is entry
+        assert BY_TORCH[entry.torch_dtype] is entry.dtype
+        assert BY_NAME[entry.name] is entry.dtype
         assert codec_for_wire(wire) is entry
         assert codec_for_name(entry.name) is entry
         assert codec_for_torch(entry.torch_dtype) is entry

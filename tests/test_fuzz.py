@@ -33,6 +33,7 @@ from ranger_ps.server.store import ShardStore
 from ranger_ps.wire._proto import ranger_ps_pb2 as pb
 from ranger_ps.wire.codec import codec_for_name
 from ranger_ps.wire.frames import decode_frame, split_blocks
+from ranger_ps.wire.messages import layout_to_proto
 from ranger_ps.wire.rpc import METHODS, SERVICE_NAME
 from ranger_ps.wire.status import RequestError
 from tests.test_security import (
@@ -214,7 +215,7 @@ layouts = st.builds(
 # the real layout with one thing changed: each draw differs from it somewhere, so it never matches
 near_layouts = st.builds(
     lambda spec, size: pb.LayoutSpec(params=spec.params, block_size=size, fingerprint=""),
-    st.just(LAYOUT.to_proto()),
+    st.just(layout_to_proto(LAYOUT)),
     st.integers(1, 2**22).filter(lambda n: n != LAYOUT.block_size),
 )
 

@@ -7,6 +7,7 @@ import torch
 
 from ranger_ps.algorithm.layout import DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, Block, Layout, ParamInfo
 from ranger_ps.wire._proto import ranger_ps_pb2 as pb
+from ranger_ps.wire.messages import layout_from_proto, layout_to_proto
 
 
 def _layout(block_size: int = 4) -> Layout:
@@ -195,7 +196,7 @@ def test_equal_layouts_are_equal_and_hash_alike() -> None:
 @pytest.mark.parametrize("block_size", [1, 4, DEFAULT_BLOCK_SIZE])
 def test_proto_round_trip(block_size: int) -> None:
     layout = _layout(block_size)
-    spec = layout.to_proto()
+    spec = layout_to_proto(layout)
     assert spec.block_size == block_size
     assert spec.fingerprint == layout.fingerprint
     assert [p.name for p in spec.params] == [p.name for p in layout.params]
@@ -203,7 +204,7 @@ def test_proto_round_trip(block_size: int) -> None:
     assert spec.params[3].dtype == pb.FLOAT16
     assert spec.params[5].dtype == pb.BFLOAT16
     assert list(spec.params[4].shape) == []
-    back = Layout.from_proto(spec)
+    back = layout_from_proto(spec)
     assert back == layout
     assert back.fingerprint == layout.fingerprint
     assert back.blocks == layout.blocks
@@ -211,44 +212,44 @@ def test_proto_round_trip(block_size: int) -> None:
 
 def test_proto_round_trip_through_bytes() -> None:
     layout = _layout()
-    back = Layout.from_proto(pb.LayoutSpec.FromString(layout.to_proto().SerializeToString()))
+    back = layout_from_proto(pb.LayoutSpec.FromString(layout_to_proto(layout).SerializeToString()))
     assert back == layout
 
 
 def test_from_proto_without_fingerprint_is_accepted() -> None:
-    spec = _layout().to_proto()
+    spec = layout_to_proto(_layout())
     spec.fingerprint = ""
-    assert Layout.from_proto(spec) == _layout()
+    assert layout_from_proto(spec) == _layout()
 
 
 def test_from_proto_with_wrong_fingerprint_raises() -> None:
-    spec = _layout().to_proto()
+    spec = layout_to_proto(_layout())
     spec.fingerprint = "0" * 16
     with pytest.raises(ValueError, match="fingerprint"):
-        Layout.from_proto(spec)
+        layout_from_proto(spec)
 
 
 def test_from_proto_with_tampered_content_raises() -> None:
-    spec = _layout().to_proto()
+    spec = layout_to_proto(_layout())
     spec.params[0].shape[0] += 1
     with pytest.raises(ValueError, match="fingerprint"):
-        Layout.from_proto(spec)
+        layout_from_proto(spec)
 
 
 def test_from_proto_rejects_unspecified_dtype() -> None:
-    spec = _layout().to_proto()
+    spec = layout_to_proto(_layout())
     spec.params[0].dtype = pb.DTYPE_UNSPECIFIED
     spec.fingerprint = ""
     with pytest.raises(ValueError):
-        Layout.from_proto(spec)
+        layout_from_proto(spec)
 
 
 def test_from_proto_rejects_bad_block_size() -> None:
-    spec = _layout().to_proto()
+    spec = layout_to_proto(_layout())
     spec.fingerprint = ""
     spec.block_size = 0
     with pytest.raises(ValueError, match="block_size"):
-        Layout.from_proto(spec)
+        layout_from_proto(spec)
 
 
 # --- validation ----------------------------------------------------------------------------

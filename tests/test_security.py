@@ -43,6 +43,7 @@ from ranger_ps.errors import UserError
 from ranger_ps.wire._proto import ranger_ps_pb2 as pb
 from ranger_ps.wire.codec import codec_for_name, tensor_bytes
 from ranger_ps.wire.frames import WireBlock, chunk_frames, decode_frame, encode_frame, split_blocks
+from ranger_ps.wire.messages import layout_to_proto
 from ranger_ps.wire.rpc import ERROR_METADATA_KEY, METHODS, SERVICE_NAME, method_path
 from ranger_ps.wire.security import ClientSecurity
 from tests.conftest import pid_alive, ranger_ps_cmd, stop_process
@@ -215,7 +216,7 @@ def refusal(call: Callable[[], object]) -> grpc.RpcError:
 def register_request(layout: Layout, rule: RuleConfig, worker_id: int = -1, shard: tuple[int, int] = (0, 1)) -> bytes:
     return pb.RegisterRequest(
         worker_id=worker_id,
-        layout=layout.to_proto(),
+        layout=layout_to_proto(layout),
         rule=pb.RuleSpec(msgpack=rule.to_msgpack()),
         expected_shard_id=shard[0],
         expected_num_shards=shard[1],

@@ -17,8 +17,7 @@ from functools import cached_property
 import msgpack
 import torch
 
-from ranger_ps.wire._proto import ranger_ps_pb2 as pb
-from ranger_ps.wire.codec import codec_for_name, codec_for_torch, codec_for_wire
+from ranger_ps.algorithm.dtypes import dtype_named, dtype_of
 
 DEFAULT_BLOCK_SIZE = 65_536
 # One block must fit comfortably inside one gRPC message (see rpc.MAX_MESSAGE_BYTES).
@@ -44,11 +43,11 @@ class ParamInfo:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return codec_for_name(self.dtype).torch_dtype
+        return dtype_named(self.dtype).torch_dtype
 
     @property
     def itemsize(self) -> int:
-        return codec_for_name(self.dtype).itemsize
+        return dtype_named(self.dtype).itemsize
 
 
 @dataclass(frozen=True)
@@ -86,7 +85,7 @@ class Layout:
         if len(set(names)) != len(names):
             raise ValueError("parameter names must be unique")
         for p in self.params:
-            codec_for_name(p.dtype)
+            dtype_named(p.dtype)
             if any(d < 0 for d in p.shape):
                 raise ValueError(f"parameter {p.name!r} has a negative dimension: {p.shape}")
 
@@ -95,9 +94,7 @@ class Layout:
         cls, named: Iterable[tuple[str, torch.Tensor]], block_size: int = DEFAULT_BLOCK_SIZE
     ) -> Layout:
         """Build the layout of ``model.named_parameters()`` (or any named tensors)."""
-        params = tuple(
-            ParamInfo(name, tuple(int(d) for d in t.shape), codec_for_torch(t.dtype).name) for name, t in named
-        )
+        params = tuple(ParamInfo(name, tuple(int(d) for d in t.shape), dtype_of(t.dtype).name) for name, t in named)
         return cls(params, block_size)
 
     @cached_property
@@ -129,32 +126,6 @@ class Layout:
             [1, self.block_size, [[p.name, list(p.shape), p.dtype] for p in self.params]], use_bin_type=True
         )
         return hashlib.sha256(canonical).hexdigest()[:16]
-
-    def to_proto(self) -> pb.LayoutSpec:
-        return pb.LayoutSpec(
-            params=[
-                pb.ParamSpec(name=p.name, shape=list(p.shape), dtype=codec_for_name(p.dtype).wire) for p in self.params
-            ],
-            block_size=self.block_size,
-            fingerprint=self.fingerprint,
-        )
-
-    @classmethod
-    def from_proto(cls, spec: pb.LayoutSpec) -> Layout:
-        """Rebuild a layout from the wire, checking its fingerprint.
-
-        Raises:
-            ValueError: the spec is malformed or its fingerprint does not match its content.
-        """
-        layout = cls(
-            tuple(ParamInfo(p.name, tuple(int(d) for d in p.shape), codec_for_wire(p.dtype).name) for p in spec.params),
-            int(spec.block_size),
-        )
-        if spec.fingerprint and spec.fingerprint != layout.fingerprint:
-            raise ValueError(
-                f"layout fingerprint {spec.fingerprint!r} does not match its content ({layout.fingerprint!r})"
-            )
-        return layout
 
     def flat_views(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Flat views of tensors aligned with ``params`` (each of the parameter's shape, or already flat).

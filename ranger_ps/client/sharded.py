@@ -42,6 +42,7 @@ from ranger_ps.wire.frames import (
     split_blocks,
 )
 from ranger_ps.wire.loop import LoopThread
+from ranger_ps.wire.messages import layout_to_proto
 from ranger_ps.wire.pushes import group_by_shard, push_header, push_wire_bytes
 from ranger_ps.wire.rpc import CHANNEL_OPTIONS, ERROR_METADATA_KEY, describe_rpc_error, method_path
 from ranger_ps.wire.security import ClientSecurity
@@ -232,7 +233,7 @@ class ShardedClient:
         request = pb.RegisterRequest(
             observer=observer,
             consistency=consistency,
-            layout=layout.to_proto(),
+            layout=layout_to_proto(layout),
             rule=pb.RuleSpec(msgpack=rule.to_msgpack()),
             expected_num_shards=len(self._shards),
         )

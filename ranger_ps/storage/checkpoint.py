@@ -32,8 +32,8 @@ from typing import Any
 import msgpack
 import torch
 
+from ranger_ps.algorithm.dtypes import bytes_to_tensor, dtype_named, dtype_of, tensor_bytes
 from ranger_ps.algorithm.layout import Layout, ParamInfo
-from ranger_ps.wire.codec import bytes_to_tensor, codec_for_name, codec_for_torch, tensor_bytes
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +173,8 @@ def write(checkpoint: ShardCheckpoint, directory: Path, *, keep: int = 3) -> Pat
                 "block_id": block.block_id,
                 "version": block.version,
                 "step": block.step,
-                "dtype": codec_for_torch(block.value.dtype).name,
-                "state_dtype": codec_for_torch(state_like.dtype).name,
+                "dtype": dtype_of(block.value.dtype).name,
+                "state_dtype": dtype_of(state_like.dtype).name,
                 "numel": block.value.numel(),
                 "value": value,
                 "state": state,
@@ -273,8 +273,8 @@ def _read_block(path: Path, obj: Any, layout: Layout) -> BlockRecord:
     value_bytes, state_bytes, residual_bytes = obj["value"], obj["state"], obj["residual"]
     if _block_crc(obj) != obj["crc32"]:
         raise CheckpointError(f"{path}: block {block_id} checksum mismatch")
-    dtype = codec_for_name(obj["dtype"]).torch_dtype
-    state_dtype = codec_for_name(obj["state_dtype"]).torch_dtype
+    dtype = dtype_named(obj["dtype"]).torch_dtype
+    state_dtype = dtype_named(obj["state_dtype"]).torch_dtype
     if obj["dtype"] != spec.dtype or int(obj["numel"]) != spec.numel:
         raise CheckpointError(f"{path}: block {block_id} does not match the layout")
 

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 
-from ranger_ps.algorithm.rules.base import Rule, RuleDefaults
+from ranger_ps.algorithm.rules.base import Hyperparameters, Rule, RuleDefaults
 from ranger_ps.algorithm.rules.state import BlockState
 
-if TYPE_CHECKING:
-    from ranger_ps.algorithm.rules.config import RuleConfig
 
-
-def adamw(config: RuleConfig, param: torch.Tensor, grad: torch.Tensor, state: BlockState) -> None:
+def adamw(config: Hyperparameters, param: torch.Tensor, grad: torch.Tensor, state: BlockState) -> None:
     """AdamW as ``torch.optim.AdamW`` does it (single-tensor path, no amsgrad)."""
     beta1, beta2 = config.betas
     step = state.step + 1
@@ -29,7 +25,7 @@ def adamw(config: RuleConfig, param: torch.Tensor, grad: torch.Tensor, state: Bl
     param.addcdiv_(exp_avg, denom, value=-step_size)
 
 
-def _state_names(config: RuleConfig) -> tuple[str, ...]:
+def _state_names(config: Hyperparameters) -> tuple[str, ...]:
     return ("exp_avg", "exp_avg_sq")
 
 

@@ -4,16 +4,39 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from ranger_ps.algorithm.rules.state import BlockState
 
-if TYPE_CHECKING:
-    from ranger_ps.algorithm.rules.config import RuleConfig
 
-Update = Callable[["RuleConfig", torch.Tensor, torch.Tensor, BlockState], None]
+class Hyperparameters(Protocol):
+    """What a rule reads of its settings (:class:`~ranger_ps.algorithm.rules.config.RuleConfig` has it all)."""
+
+    @property
+    def lr(self) -> float: ...
+    @property
+    def momentum(self) -> float: ...
+    @property
+    def dampening(self) -> float: ...
+    @property
+    def nesterov(self) -> bool: ...
+    @property
+    def weight_decay(self) -> float: ...
+    @property
+    def betas(self) -> tuple[float, float]: ...
+    @property
+    def eps(self) -> float: ...
+    @property
+    def alpha(self) -> float: ...
+    @property
+    def k(self) -> int: ...
+    @property
+    def n_sma_threshold(self) -> float: ...
+
+
+Update = Callable[[Hyperparameters, torch.Tensor, torch.Tensor, BlockState], None]
 """``update(config, param, grad, state)``: one block's update, in place (``param`` and ``state``)."""
 
 
@@ -40,5 +63,5 @@ class Rule:
 
     name: str
     update: Update
-    state_names: Callable[[RuleConfig], tuple[str, ...]]
+    state_names: Callable[[Hyperparameters], tuple[str, ...]]
     defaults: RuleDefaults

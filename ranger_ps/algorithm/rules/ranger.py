@@ -10,15 +10,11 @@ weight decay. Gradient centralization belongs to the worker
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 
-from ranger_ps.algorithm.rules.base import Rule, RuleDefaults
+from ranger_ps.algorithm.rules.base import Hyperparameters, Rule, RuleDefaults
 from ranger_ps.algorithm.rules.state import BlockState
-
-if TYPE_CHECKING:
-    from ranger_ps.algorithm.rules.config import RuleConfig
 
 
 def radam_step_size(step: int, betas: tuple[float, float], n_sma_threshold: float) -> tuple[float, bool]:
@@ -33,7 +29,7 @@ def radam_step_size(step: int, betas: tuple[float, float], n_sma_threshold: floa
     return 1.0 / (1 - beta1**step), False
 
 
-def ranger(config: RuleConfig, param: torch.Tensor, grad: torch.Tensor, state: BlockState) -> None:
+def ranger(config: Hyperparameters, param: torch.Tensor, grad: torch.Tensor, state: BlockState) -> None:
     """RAdam + Lookahead, step for step as the reference ``Ranger`` (gradient centralization excluded)."""
     beta1, beta2 = config.betas
     exp_avg, exp_avg_sq, slow = state.tensors["exp_avg"], state.tensors["exp_avg_sq"], state.tensors["slow_buffer"]
@@ -55,7 +51,7 @@ def ranger(config: RuleConfig, param: torch.Tensor, grad: torch.Tensor, state: B
         param.copy_(slow)
 
 
-def _state_names(config: RuleConfig) -> tuple[str, ...]:
+def _state_names(config: Hyperparameters) -> tuple[str, ...]:
     return ("exp_avg", "exp_avg_sq", "slow_buffer")
 
 

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from ranger_ps.algorithm.rules.base import Rule, RuleDefaults
+from ranger_ps.algorithm.rules.base import Hyperparameters, Rule, RuleDefaults
 from ranger_ps.algorithm.rules.state import BlockState
 
-if TYPE_CHECKING:
-    from ranger_ps.algorithm.rules.config import RuleConfig
 
-
-def sgd(config: RuleConfig, param: torch.Tensor, grad: torch.Tensor, state: BlockState) -> None:
+def sgd(config: Hyperparameters, param: torch.Tensor, grad: torch.Tensor, state: BlockState) -> None:
     """SGD with momentum, dampening, Nesterov and weight decay, as ``torch.optim.SGD`` does it."""
     d_p = grad
     if config.weight_decay:
@@ -28,7 +23,7 @@ def sgd(config: RuleConfig, param: torch.Tensor, grad: torch.Tensor, state: Bloc
     param.add_(d_p, alpha=-config.lr)
 
 
-def _state_names(config: RuleConfig) -> tuple[str, ...]:
+def _state_names(config: Hyperparameters) -> tuple[str, ...]:
     return ("momentum_buffer",) if config.momentum else ()
 
 
