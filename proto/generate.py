@@ -1,7 +1,7 @@
 """Generate the Python protobuf module for the wire contract.
 
 Run as ``python proto/generate.py`` (``make proto``). The output, ``ranger_ps/wire/_proto/ranger_ps_pb2.py``
-and its ``.pyi`` stub, is committed and never edited by hand; ``tests/test_proto.py`` regenerates it
+and its ``.pyi`` stub, is committed and never edited by hand; ``tests/wire/test_proto.py`` regenerates it
 into a temporary folder and fails when the committed copy differs. Only message classes are
 generated: the service is served and called through generic handlers with identity serializers
 (see ``ranger_ps/wire/rpc.py``), so no ``_pb2_grpc`` module is needed.

@@ -1,4 +1,4 @@
-"""Bring-your-own dataset functions for ``tests/test_data.py`` (named as ``tests.byo_datasets:NAME``)."""
+"""Bring-your-own dataset functions for ``tests/workloads/test_data.py`` (named as ``tests.byo_datasets:NAME``)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Bring-your-own model functions for ``tests/test_models.py`` (named as ``tests.byo_models:NAME``)."""
+"""Bring-your-own model functions for ``tests/workloads/test_models.py`` (named as ``tests.byo_models:NAME``)."""
 
 from __future__ import annotations
 

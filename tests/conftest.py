@@ -1,16 +1,31 @@
-"""Shared fixtures: real parameter servers on loopback (in this process, or as processes), always cleaned up."""
+"""Shared fixtures, and the three tiers of tests.
+
+Every test is exactly one of:
+
+- ``unit``: pure functions and objects in this process; no sockets, no gRPC, no processes (the
+  default when a test names no tier);
+- ``integration``: real servers in this process (``start_servers``), real gRPC on loopback, no
+  processes;
+- ``e2e``: real processes (the command line, kills, packaging, deploy).
+
+The tier is the marker closest to the test (a test's own, else its module's ``pytestmark``); an
+autouse guard makes a unit test that opens a network socket or starts gRPC, or an integration test
+that starts a process, fail with a message saying so. ``pytest -m unit`` runs the fast tier alone.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from ranger_ps.cli import build_parser
@@ -19,6 +34,52 @@ from ranger_ps.config.server import ServerConfig
 from ranger_ps.server.app import BackgroundShards
 
 ROOT = Path(__file__).resolve().parent.parent
+
+TIERS = ("unit", "integration", "e2e")
+
+
+def tier_of(item: pytest.Item) -> str:
+    """The tier a test runs in: its closest tier marker, ``unit`` when it has none."""
+    return next((m.name for m in item.iter_markers() if m.name in TIERS), "unit")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if not any(m.name in TIERS for m in item.iter_markers()):
+            item.add_marker(pytest.mark.unit)
+
+
+def _refuse(what: str, tier: str, instead: str) -> Callable[..., object]:
+    def refuse(*args: object, **kwargs: object) -> object:
+        raise AssertionError(f"a {tier} test may not {what}: mark it {instead}")
+
+    return refuse
+
+
+@pytest.fixture(autouse=True)
+def _tier_guard(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hold each test to its tier (see the module docstring)."""
+    tier = tier_of(request.node)
+    if tier == "e2e":
+        return
+    monkeypatch.setattr(subprocess.Popen, "__init__", _refuse("start a process", tier, "e2e"))
+    if tier == "unit":
+        original_bind, original_connect = socket.socket.bind, socket.socket.connect
+
+        def bind(sock: socket.socket, address: object) -> None:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                raise AssertionError("a unit test may not open a network socket: mark it integration")
+            original_bind(sock, address)
+
+        def connect(sock: socket.socket, address: object) -> None:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                raise AssertionError("a unit test may not open a network socket: mark it integration")
+            original_connect(sock, address)
+
+        monkeypatch.setattr(socket.socket, "bind", bind)
+        monkeypatch.setattr(socket.socket, "connect", connect)
+        for name in ("server", "insecure_channel", "secure_channel"):
+            monkeypatch.setattr(grpc.aio, name, _refuse("start gRPC", tier, "integration"))
 
 ServerFactory = Callable[..., list[str]]
 

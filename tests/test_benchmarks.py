@@ -120,7 +120,7 @@ def test_cost_model_finds_the_bottleneck() -> None:
         assert b["steps_per_second"] >= a["steps_per_second"]
 
 
-@pytest.mark.integration
+@pytest.mark.e2e
 @pytest.mark.timeout(300)
 def test_wire_smoke(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     result = _run(
@@ -141,7 +141,7 @@ def test_wire_smoke(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     _check_plot(tmp_path, "wire")
 
 
-@pytest.mark.integration
+@pytest.mark.e2e
 @pytest.mark.timeout(120)
 def test_apply_smoke(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     result = _run(
@@ -158,7 +158,7 @@ def test_apply_smoke(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None
     _check_plot(tmp_path, "apply")
 
 
-@pytest.mark.integration
+@pytest.mark.e2e
 @pytest.mark.timeout(400)
 def test_train_smoke(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     result = _run(capsys, "train", "--epochs", "1", "--fractions", "1,0.05", *_plot_args(tmp_path, "train"))

@@ -1,7 +1,7 @@
 """The convergence experiment: accuracy and bytes pushed across push fractions, error feedback, rules.
 
 Each case trains one model with :class:`ranger_ps.Ranger` in-process, one worker: the same
-trajectory a one-worker cluster follows (``tests/test_distributed.py`` proves the two equal), without
+trajectory a one-worker cluster follows (``tests/optim/test_distributed.py`` proves the two equal), without
 process start-up in the measurement. Bytes are what the wire would carry for each step's chosen
 blocks over ``shards`` shards, frame headers included (:func:`ranger_ps.wire.pushes.push_wire_bytes`).
 """

@@ -2,7 +2,7 @@
 a text file, a CNN on MNIST-format files, and the one-line errors for bad ones.
 
 Every run is a real ``ranger-ps`` process (its cluster, for ``local``, is real processes too), started
-from the repository root so ``tests.workloads`` imports the way a user's ``my_code.py`` would. Data is
+from the repository root so ``tests.byo_workload`` imports the way a user's ``my_code.py`` would. Data is
 kept tiny so the whole file takes well under two minutes on two busy cores.
 """
 
@@ -24,10 +24,10 @@ import torch
 from ranger_ps.observability.steplog import eval_log_path
 from tests.conftest import ROOT, ServerFactory, ranger_ps_cmd, stop_process
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.e2e
 
-MODEL = "tests.workloads:model"
-DATASET = "tests.workloads:dataset"
+MODEL = "tests.byo_workload:model"
+DATASET = "tests.byo_workload:dataset"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -194,7 +194,7 @@ def test_local_trains_a_cnn_on_mnist_format_files(tmp_path: Path) -> None:
 def _bad_inputs() -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
     """(flags, words the error line must contain) for each bad input this machine can reject."""
     cases: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
-        (("--model", "tests.workloads:nope"), ("--model", "tests.workloads:nope", "no attribute 'nope'")),
+        (("--model", "tests.byo_workload:nope"), ("--model", "tests.byo_workload:nope", "no attribute 'nope'")),
         (("--dataset", "mnist:/nonexistent"), ("mnist:/nonexistent", "is not a directory")),
     ]
     if not torch.cuda.is_available():  # on a CUDA machine --device cuda is valid

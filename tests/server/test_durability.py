@@ -42,7 +42,7 @@ from ranger_ps.workloads.evaluation import evaluate
 from ranger_ps.workloads.models import build_model
 from tests.conftest import ranger_ps_cmd, stop_process
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.e2e
 
 T = TypeVar("T")
 

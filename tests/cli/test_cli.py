@@ -18,7 +18,7 @@ from ranger_ps.observability.report import REQUIRED_KEYS
 from ranger_ps.settings import specs, to_argv
 from tests.conftest import ServerFactory, pid_alive, ranger_ps_cmd, stop_process, wait_for_file
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.e2e
 
 
 def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

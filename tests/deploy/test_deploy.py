@@ -51,7 +51,7 @@ from ranger_ps.workloads.data import DATASETS
 from ranger_ps.workloads.models import MODELS
 from tests.conftest import ROOT, stop_process
 
-pytestmark = [pytest.mark.integration]
+pytestmark = [pytest.mark.e2e]
 
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
@@ -844,7 +844,7 @@ def test_build_context_holds_what_the_dockerfile_copies_and_nothing_else() -> No
         files = [f for f in tracked if f == source or f.startswith(source + "/")]
         assert files, f"COPY {source}: not in the repository"
         assert not [f for f in files if excluded_from_context(f)], f"COPY {source}: excluded by .dockerignore"
-    for leftover in (".git/HEAD", ".venv/bin/python", "tests/test_deploy.py", "docs/algorithm.md", "runs/x/log"):
+    for leftover in (".git/HEAD", ".venv/bin/python", "tests/deploy/test_deploy.py", "docs/algorithm.md", "runs/x/log"):
         assert excluded_from_context(leftover), leftover
     assert excluded_from_context("ranger_ps/__pycache__/cli.cpython-311.pyc")
 

@@ -11,8 +11,8 @@ import pytest
 
 from ranger_ps.wire import rpc
 from ranger_ps.wire._proto import ranger_ps_pb2 as pb
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 GENERATE_PY = ROOT / "proto" / "generate.py"
 PROTO_FILE = ROOT / "proto" / "ranger_ps" / "v1" / "ranger_ps.proto"
 COMMITTED = ROOT / "ranger_ps" / "wire" / "_proto"

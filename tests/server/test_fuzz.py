@@ -36,7 +36,7 @@ from ranger_ps.wire.frames import decode_frame, split_blocks
 from ranger_ps.wire.messages import layout_to_proto
 from ranger_ps.wire.rpc import METHODS, SERVICE_NAME
 from ranger_ps.wire.status import RequestError
-from tests.test_security import (
+from tests.server.test_security import (
     CLIENT_STREAMING,
     INITIAL,
     LAYOUT,
@@ -49,7 +49,7 @@ from tests.test_security import (
     wire,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150)]
 
 # The registered worker's id: far from the ids random data tends to produce (0, 1, -1, small).
 WORKER = 123_456_789

@@ -23,7 +23,7 @@ from torch import nn
 import ranger_ps
 from ranger_ps import Ranger
 from ranger_ps.algorithm.selection import choose_blocks
-from tests.test_rules import ReferenceRanger
+from tests.algorithm.test_rules import ReferenceRanger
 
 STEPS = 50
 BATCH = 32

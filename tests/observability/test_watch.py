@@ -37,6 +37,7 @@ def _scrape(url: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
     return samples
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(30)
 def test_steps_and_evaluations_reach_the_csv_and_the_endpoint_labelled_with_the_assigned_id(tmp_path: Path) -> None:
     csv = tmp_path / "worker.csv"

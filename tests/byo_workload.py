@@ -1,4 +1,4 @@
-"""A user's own workload living in the test suite: ``--model tests.workloads:model --dataset tests.workloads:dataset``.
+"""A user's own workload living in the test suite (``--model tests.byo_workload:model``, ``--dataset ...:dataset``).
 
 Written the way a user would write it next to their training script: a model function taking no
 arguments and a dataset function returning ``(train, test)`` torch datasets of ``(x, y)`` pairs.

@@ -1,7 +1,7 @@
 """Checkpoint files: exact round trips, keep-K, every kind of damage detected, fallback, assembly, no pickle.
 
 Fast unit tests: no processes, no network. The process-level proofs (SIGTERM, SIGKILL, resharding,
-fallback on a real server) live in ``tests/test_durability.py``.
+fallback on a real server) live in ``tests/server/test_durability.py``.
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ from ranger_ps.storage import checkpoint
 from ranger_ps.storage.checkpoint import BlockRecord, CheckpointError, ShardCheckpoint
 from ranger_ps.wire.codec import codec_for_name, tensor_bytes
 from ranger_ps.wire.frames import WireBlock
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT
 
 ADAMW = RuleConfig(rule="adamw", lr=0.01, weight_decay=0.01, truncate_below=1e-3, truncation_residual=True)
 
@@ -552,7 +551,7 @@ def test_lint_rule_finds_what_it_is_meant_to_find() -> None:
 
 
 # The one module allowed to import pickle: it reads CIFAR-10's pickled batches with an unpickler whose
-# find_class admits only numpy's array constructors (tests/test_data.py proves a malicious pickle is refused).
+# find_class admits only numpy's array constructors (tests/workloads/test_data.py proves a malicious pickle is refused).
 _RESTRICTED_UNPICKLER = "ranger_ps/workloads/file_formats.py"
 
 

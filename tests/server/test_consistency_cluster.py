@@ -39,7 +39,7 @@ from ranger_ps.wire.stats import ShardStats, WorkerStats
 from ranger_ps.workloads.job import build
 from tests.conftest import ServerFactory, ranger_ps_cmd, stop_process
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.e2e
 
 STALENESS_KEYS = ("staleness_p50", "staleness_p99", "staleness_max")
 # digits: 1,437 training examples; with --num-workers 3 each worker owns 479 of them, i.e.

@@ -48,7 +48,7 @@ from ranger_ps.wire.rpc import ERROR_METADATA_KEY, METHODS, SERVICE_NAME, method
 from ranger_ps.wire.security import ClientSecurity
 from tests.conftest import pid_alive, ranger_ps_cmd, stop_process
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 # -- servers ---------------------------------------------------------------------------------------
 

@@ -102,7 +102,7 @@ def _train(optimizer: Ranger, model: nn.Module, steps: int) -> None:
     optimizer.refresh()  # every push acknowledged (so applied) before anything is scraped
 
 
-@pytest.mark.integration
+@pytest.mark.e2e
 @pytest.mark.timeout(120)
 def test_a_real_shard_serves_metrics_that_agree_with_its_stats_rpc(tmp_path: Path) -> None:
     steps = 6
@@ -171,7 +171,7 @@ def test_a_real_shard_serves_metrics_that_agree_with_its_stats_rpc(tmp_path: Pat
     assert _port_is_free(metrics_port)  # the endpoint let go of its port on stop
 
 
-@pytest.mark.integration
+@pytest.mark.e2e
 @pytest.mark.timeout(60)
 def test_without_checkpoints_there_is_no_checkpoint_age_and_the_metrics_port_is_in_the_ready_file(
     tmp_path: Path,
@@ -187,7 +187,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(ranger_ps_cmd(*args), capture_output=True, text=True, timeout=60)
 
 
-@pytest.mark.integration
+@pytest.mark.e2e
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
     ("value", "needle"),
@@ -204,7 +204,7 @@ def test_a_bad_metrics_port_exits_2_with_a_message(value: str, needle: str) -> N
     assert needle in result.stderr
 
 
-@pytest.mark.integration
+@pytest.mark.e2e
 @pytest.mark.timeout(60)
 def test_a_taken_metrics_port_exits_2_with_a_message() -> None:
     with socket.socket() as taken:
@@ -226,6 +226,7 @@ def test_server_options_validate_the_metrics_port() -> None:
         ServerConfig(metrics_port=0, metrics_host="")
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(30)
 def test_worker_metrics_over_a_real_http_scrape() -> None:
     registry = CollectorRegistry()
@@ -271,6 +272,7 @@ def test_worker_metrics_reject_a_bad_window_and_registries_stay_apart() -> None:
         WorkerMetrics(1, registry=first.registry)
 
 
+@pytest.mark.integration
 def test_start_metrics_server_refuses_a_bad_or_taken_port() -> None:
     with pytest.raises(ValueError, match="65535"):
         start_metrics_server(CollectorRegistry(), "127.0.0.1", 70000)
@@ -333,6 +335,7 @@ def test_bucketize() -> None:
     assert bucketize({0: 2, 1: 1, 5: 1}, (0, 1)) == ([("0.0", 2.0), ("1.0", 3.0), ("+Inf", 4.0)], 6.0)
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(30)
 def test_a_closed_endpoint_refuses_connections() -> None:
     endpoint, port = start_metrics_server(CollectorRegistry(), "127.0.0.1", 0)

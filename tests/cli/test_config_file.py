@@ -181,14 +181,14 @@ def test_an_unreadable_config_file_is_a_usage_error(tmp_path: Path, capsys: pyte
     assert f"--config {not_utf8}: not valid TOML" in err
 
 
-@pytest.mark.integration
+@pytest.mark.e2e
 @pytest.mark.timeout(180)
 def test_local_run_reads_the_config_file_and_logs_the_effective_config(tmp_path: Path) -> None:
     path = _toml(
         tmp_path,
         """
-        model = "tests.workloads:model"
-        dataset = "tests.workloads:dataset"
+        model = "tests.byo_workload:model"
+        dataset = "tests.byo_workload:dataset"
         push_fraction = 0.5
         block-size = 64
         workers = 1
@@ -203,7 +203,7 @@ def test_local_run_reads_the_config_file_and_logs_the_effective_config(tmp_path:
     assert report["config_file"] == str(path)
     config = report["config"]
     assert (config["push_fraction"], config["block_size"], config["epochs"]) == (0.5, 64, 1)
-    assert (config["model"], config["workers"], config["shards"]) == ("tests.workloads:model", 1, 1)
+    assert (config["model"], config["workers"], config["shards"]) == ("tests.byo_workload:model", 1, 1)
     assert 0 < report["bytes_pushed"] < report["bytes_pushed_dense"]  # half the blocks each step
     logged = [line for line in result.stderr.splitlines() if f"local: effective config (config file {path}): " in line]
     assert len(logged) == 1, result.stderr
@@ -211,12 +211,13 @@ def test_local_run_reads_the_config_file_and_logs_the_effective_config(tmp_path:
     assert (effective["push_fraction"], effective["block_size"], effective["epochs"]) == (0.5, 64, 1)
 
 
-@pytest.mark.integration
+@pytest.mark.e2e
 @pytest.mark.timeout(180)
 def test_local_run_with_the_config_file_named_by_the_environment(tmp_path: Path) -> None:
     path = _toml(
         tmp_path,
-        'model = "tests.workloads:model"\ndataset = "tests.workloads:dataset"\nepochs = 1\nworkers = 1\nshards = 1\n',
+        'model = "tests.byo_workload:model"\ndataset = "tests.byo_workload:dataset"\n'
+        "epochs = 1\nworkers = 1\nshards = 1\n",
     )
     report_path = tmp_path / "report.json"
     result = _run_local(["--report", str(report_path)], {"RANGER_PS_CONFIG": str(path)})
