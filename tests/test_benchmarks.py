@@ -1,7 +1,7 @@
 """Smoke tests of ``ranger-ps bench wire | apply | train``: each runs with tiny sizes and reports sane values.
 
 Benchmarks are not tests: nothing here asserts on speed. The subcommands are built the way the
-command line builds them (:func:`ranger_ps.bench.suite.add_bench_parsers` on a ``bench`` subparser
+command line builds them (:func:`ranger_ps.cli.bench.add_bench_parsers` on a ``bench`` subparser
 action) and dispatched through ``args.run(args)``.
 """
 
@@ -18,7 +18,10 @@ from typing import Any
 
 import pytest
 
-from ranger_ps.bench.suite import Costs, add_bench_parsers, cost_model, helper_main, steady_rate
+from ranger_ps.bench.baselines import helper_main
+from ranger_ps.bench.cost_model import Costs, cost_model
+from ranger_ps.bench.train import steady_rate
+from ranger_ps.cli.bench import add_bench_parsers
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 

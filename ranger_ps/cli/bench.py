@@ -5,14 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
+from ranger_ps.bench.settings import ApplySettings, TrainSettings, WireSettings
 from ranger_ps.cli.flags import add_settings, settings_from_args
 from ranger_ps.config.common import CommonSettings
 from ranger_ps.config.train import TrainConfig
 from ranger_ps.errors import UserError
+from ranger_ps.settings import message_with_flag
 
 log = logging.getLogger("ranger_ps")
+
+S = TypeVar("S")
 
 
 def _names(text: str) -> list[str]:
@@ -33,8 +39,6 @@ def _fractions(text: str) -> list[float]:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from ranger_ps.bench.suite import add_bench_parsers
-
     p = sub.add_parser("bench", help="benchmarks (see docs/)", allow_abbrev=False)
     bench = p.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     b = bench.add_parser(
@@ -55,9 +59,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_settings(b, CommonSettings)
     b.set_defaults(run=run_convergence)
     add_bench_parsers(bench)
-    for name in ("wire", "apply", "train"):
-        if not any("--log-level" in a.option_strings for a in bench.choices[name]._actions):
-            add_settings(bench.choices[name], CommonSettings)
 
 
 def run_convergence(args: argparse.Namespace) -> int:
@@ -99,3 +100,107 @@ def run_convergence(args: argparse.Namespace) -> int:
         args.out.write_text(table + "\n")
     print(json.dumps(results_json(results), indent=2) if args.json else table)
     return 0
+
+
+# -- wire, apply, train ------------------------------------------------------------------------------
+
+
+def _settings(cls: type[S], args: argparse.Namespace, **overrides: Any) -> S:
+    """A benchmark's settings from its flags; a value they refuse is a user error naming the flag."""
+    try:
+        return settings_from_args(cls, args, **overrides)
+    except ValueError as exc:
+        raise UserError(message_with_flag(cls, str(exc))) from None
+
+
+def _emit(
+    args: argparse.Namespace,
+    result: dict[str, Any],
+    table: Callable[[dict[str, Any]], str],
+    plot: Callable[[dict[str, Any], Path], None],
+) -> int:
+    """Print the result (JSON with ``--json``, else Markdown); write it to ``--out`` and draw ``--plot``."""
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.plot:
+        plot(result, args.plot)
+    print(json.dumps(result) if args.json else table(result), flush=True)
+    return 0
+
+
+def run_wire(args: argparse.Namespace) -> int:
+    from ranger_ps.bench.plots import plot_wire
+    from ranger_ps.bench.tables import wire_table
+    from ranger_ps.bench.wire import run_wire as measure
+
+    return _emit(args, measure(_settings(WireSettings, args, use_uvloop=args.uvloop)), wire_table, plot_wire)
+
+
+def run_apply(args: argparse.Namespace) -> int:
+    """``bench apply``, with the shard's push path timed through the server's own store."""
+    from ranger_ps.bench.apply import run_apply as measure
+    from ranger_ps.bench.plots import plot_apply
+    from ranger_ps.bench.tables import apply_table
+    from ranger_ps.server.store import ShardStore
+
+    return _emit(args, measure(_settings(ApplySettings, args), server_store=ShardStore), apply_table, plot_apply)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from ranger_ps.bench.plots import plot_train
+    from ranger_ps.bench.tables import train_table
+    from ranger_ps.bench.train import run_train as measure
+
+    return _emit(
+        args,
+        measure(_settings(TrainSettings, args, in_process=args.single, use_uvloop=args.uvloop)),
+        train_table,
+        plot_train,
+    )
+
+
+_BENCHMARKS = (
+    (
+        "wire",
+        WireSettings,
+        run_wire,
+        "full-model pull and dense push + apply beside raw TCP and torch.distributed.rpc",
+        "Measure full-model pull and dense push + apply over real shard processes on loopback, beside the same "
+        "bytes over raw TCP sockets and the torch.distributed.rpc parameter server, in one run.",
+    ),
+    (
+        "apply",
+        ApplySettings,
+        run_apply,
+        "server-side update throughput per rule beside memcpy",
+        "Apply each update rule (ranger_ps.algorithm.rules) to a model's blocks and compare the throughput with a "
+        "plain torch copy of the same bytes (the memory-bandwidth limit).",
+    ),
+    (
+        "train",
+        TrainSettings,
+        run_train,
+        "steps/s and bytes per step of the default job per push fraction, beside torch SGD and DDP",
+        "Train the default job (a local cluster) at each push fraction, then the same model in one process with "
+        "torch.optim.SGD and with torch DistributedDataParallel (gloo).",
+    ),
+)
+"""(name, settings, runner, help, description) of the benchmarks measured against the machine and baselines."""
+
+
+def add_bench_parsers(bench: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``wire``, ``apply`` and ``train`` subparsers to ``ranger-ps bench``.
+
+    Their flags come from the benchmarks' settings (:mod:`ranger_ps.bench.settings`), the output
+    flags and the common ``--log-level`` and ``--uvloop``. Each sets ``run`` (a callable taking the
+    parsed arguments and returning the exit code), so the command line dispatches with ``args.run(args)``.
+    """
+    for name, settings, run, help_text, description in _BENCHMARKS:
+        parser = bench.add_parser(name, help=help_text, description=description)
+        add_settings(parser, settings)
+        parser.add_argument("--json", action="store_true", help="print one JSON object instead of a Markdown table")
+        parser.add_argument("--out", type=Path, help="also write the JSON object to this file")
+        parser.add_argument("--plot", type=Path, help="draw a PNG bar chart here (needs matplotlib)")
+        add_settings(parser, CommonSettings, exclude=("config",))
+        parser.set_defaults(run=run)

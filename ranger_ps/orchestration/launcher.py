@@ -1,4 +1,5 @@
-"""Process orchestration for ``ranger-ps local``: shards and workers as real subprocesses.
+"""Process orchestration for ``ranger-ps local`` and the benchmarks: shards, workers and helper
+processes as real subprocesses.
 
 Shards listen on port 0 and announce the port they got through a ready file, so there is no
 race for free ports. Every child runs in its own session (a Ctrl-C reaches only this process,
@@ -68,8 +69,11 @@ class Child:
         return "\n".join(text.rstrip().splitlines()[-lines:])
 
     def close_log(self) -> None:
-        with contextlib.suppress(OSError):
-            self._log_file.close()
+        """Close the log file and, for a child started with a stdout pipe, the pipe."""
+        for stream in (self._log_file, self.process.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
 
 
 def child_environment(environ: Mapping[str, str], *, keep: Iterable[str] = ()) -> dict[str, str]:
@@ -106,13 +110,21 @@ class Cluster:
 
     def spawn(self, name: str, argv: Sequence[str]) -> Child:
         """Start ``python -m ranger_ps ARGV`` with output to ``RUN_DIR/NAME.log``."""
+        return self.spawn_command(name, [sys.executable, "-m", "ranger_ps", *argv])
+
+    def spawn_command(self, name: str, command: Sequence[str], *, stdout_pipe: bool = False) -> Child:
+        """Start any ``command`` (a whole argv: ``python -c ...``) as a child of the cluster.
+
+        Its output goes to ``RUN_DIR/NAME.log``; with ``stdout_pipe`` only its stderr does, and its
+        stdout is a pipe the caller reads (``child.process.stdout``, closed by :meth:`stop`).
+        """
         log_path = self.run_dir / f"{name}.log"
         log_file = open(log_path, "wb")
         process = subprocess.Popen(
-            [sys.executable, "-m", "ranger_ps", *argv],
+            list(command),
             stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
+            stdout=subprocess.PIPE if stdout_pipe else log_file,
+            stderr=log_file if stdout_pipe else subprocess.STDOUT,
             env=self.env,
             start_new_session=True,
             preexec_fn=die_with_parent,
@@ -120,7 +132,7 @@ class Cluster:
         child = Child(name, process, log_path, log_file)
         self.children.append(child)
         self._write_process_table()
-        log.debug("started %s (pid %d): %s", name, process.pid, " ".join(argv))
+        log.debug("started %s (pid %d): %s", name, process.pid, " ".join(command))
         return child
 
     def _write_process_table(self) -> None:

@@ -1,0 +1,199 @@
+"""``bench train``: the default job (digits MLP, 2 shards, 2 workers) at several push fractions.
+
+Each push fraction trains a local cluster (shard and worker processes, as ``ranger-ps local``
+starts them), timed from outside; beside them the same model trains in one process with
+``torch.optim.SGD`` and with :class:`ranger_ps.Ranger` without servers, and with torch
+DistributedDataParallel over gloo (:mod:`ranger_ps.bench.baselines`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ranger_ps.bench import common
+from ranger_ps.bench.baselines import train_ddp, train_single
+from ranger_ps.bench.processes import bench_cluster, common_flags, start_shards
+from ranger_ps.bench.settings import TrainSettings
+from ranger_ps.config.worker import WorkerSettings
+from ranger_ps.errors import ClusterError
+from ranger_ps.settings import to_argv
+
+log = logging.getLogger(__name__)
+
+TRAIN_TARGET: common.Target = (
+    "push_bytes_ratio_at_0.05",
+    0.06,
+    "bytes pushed per step at push fraction 0.05 <= 6% of dense",
+)
+
+
+def run_train(settings: TrainSettings) -> dict[str, Any]:
+    """The default job at several push fractions beside single-process SGD and DDP."""
+    common.quiet_grpc_fork()
+    load_before = common.load_average()
+    rows: list[dict[str, Any]] = []
+    for fraction in settings.fractions:
+        log.info("train: ranger-ps push fraction %g", fraction)
+        rows.append(_train_cluster(settings, fraction))
+    if settings.single:
+        log.info("train: one process, torch.optim.SGD")
+        rows.append(train_single(settings))
+    if settings.in_process:
+        log.info("train: one process, ranger_ps.Ranger in-process")
+        rows.append(_train_in_process(settings))
+    if settings.ddp:
+        log.info("train: torch DistributedDataParallel (gloo), %d processes", settings.workers)
+        rows.append(train_ddp(settings))
+    by_fraction = {r["push_fraction"]: r for r in rows if r["kind"] == "ranger-ps"}
+    ratios: dict[str, float | None] = {
+        f"push_bytes_ratio_at_{f:g}": by_fraction[f]["push_ratio"] if f in by_fraction else None
+        for f in settings.fractions
+    }
+    ratios.setdefault("push_bytes_ratio_at_0.05", None)
+    single = next((r for r in rows if r["kind"] == "torch-sgd"), None)
+    dense = by_fraction.get(1.0)
+    ratios["dense_steps_vs_single_sgd"] = (
+        common.ratio(dense["steps_per_second"], single["steps_per_second"]) if dense and single else None
+    )
+    return {
+        "benchmark": "train",
+        "settings": {
+            "fractions": list(settings.fractions),
+            "epochs": settings.epochs,
+            "block_size": settings.block_size,
+            "workers": settings.workers,
+            "shards": settings.shards,
+            "rule": settings.rule,
+            "dataset": settings.dataset,
+            "batch_size": settings.batch_size,
+            "seed": settings.seed,
+            "num_blocks": _num_blocks(settings),
+        },
+        "machine": common.machine_info(),
+        "load_average_before": load_before,
+        "load_average_after": common.load_average(),
+        "rows": rows,
+        "ratios": ratios,
+        "targets": common.check_targets(ratios, (TRAIN_TARGET,)),
+    }
+
+
+def _train_cluster(settings: TrainSettings, fraction: float) -> dict[str, Any]:
+    """One local cluster (shard and worker processes, as ``ranger-ps local`` starts them), timed from outside.
+
+    A worker's own ``wall_seconds`` includes its start-up (registration, the first optimizer's
+    one-time imports): here shard 0's stats are polled, and the steady rate is the steps between
+    10% and 90% of the run over the time they took.
+    """
+    from ranger_ps.client.sharded import ShardedClient
+    from ranger_ps.workloads.data import load_dataset
+    from ranger_ps.workloads.evaluation import evaluate_cluster
+    from ranger_ps.workloads.job import planned_steps
+
+    config = settings.train_config(push_fraction=fraction)
+    n = len(load_dataset(config.dataset).y_train)
+    planned = sum(planned_steps(config, n, w) for w in range(settings.workers))
+    with bench_cluster() as cluster:
+        _, addresses = start_shards(cluster, settings.shards, use_uvloop=settings.use_uvloop)
+        reports = [cluster.run_dir / f"worker-{w}.json" for w in range(settings.workers)]
+        started = time.monotonic()
+        workers = [
+            cluster.spawn(
+                f"worker-{w}",
+                [
+                    "worker",
+                    *to_argv(WorkerSettings(servers=addresses, worker_id=w, report=reports[w])),
+                    *to_argv(config),
+                    *common_flags(settings.use_uvloop),
+                ],
+            )
+            for w in range(settings.workers)
+        ]
+        samples: list[tuple[float, int]] = []
+        monitor = ShardedClient(addresses[:1], use_uvloop=settings.use_uvloop, call_timeout=5)
+        try:
+            while any(w.process.poll() is None for w in workers):
+                cluster.check(workers)
+                if time.monotonic() - started > settings.timeout:
+                    raise ClusterError(f"the cluster did not finish within {settings.timeout:g}s")
+                with contextlib.suppress(ClusterError):
+                    reply = monitor.stats()[0]
+                    samples.append((time.monotonic(), sum(r.pushes for r in reply.workers if not r.observer)))
+                time.sleep(0.02)
+        finally:
+            monitor.close()
+        ended = time.monotonic()
+        cluster.check(workers)
+        evaluation, _ = evaluate_cluster(config, addresses, use_uvloop=settings.use_uvloop)
+        per_worker = [json.loads(r.read_text()) for r in reports]
+    steps = sum(int(r["steps"]) for r in per_worker)
+    pushed = sum(int(r["bytes_pushed"]) for r in per_worker)
+    dense = sum(int(r["bytes_pushed_dense"]) for r in per_worker)
+    pulled = sum(int(r["bytes_pulled"]) for r in per_worker)
+    steady = steady_rate(samples, planned)
+    return {
+        "name": f"ranger-ps push fraction {fraction:g}",
+        "kind": "ranger-ps",
+        "push_fraction": fraction,
+        "processes": settings.workers + settings.shards,
+        "steps": steps,
+        "train_seconds": steps / steady if steady else ended - started,
+        "wall_seconds": ended - started,
+        "steps_per_second": steady or steps / (ended - started),
+        "end_to_end_steps_per_second": steps / (ended - started),
+        "bytes_pushed_per_step": pushed / steps,
+        "bytes_dense_per_step": dense / steps,
+        "push_ratio": pushed / dense,
+        "bytes_pulled_per_step": pulled / steps,
+        "test_accuracy": evaluation.test_accuracy,
+    }
+
+
+def steady_rate(
+    samples: Sequence[tuple[float, int]], planned: int, low: float = 0.1, high: float = 0.9
+) -> float | None:
+    """Steps per second between ``low`` and ``high`` of ``planned`` steps, from (time, steps so far) samples.
+
+    None when the samples do not span that window with any time between (a run too short to time).
+    """
+    first = next(((t, c) for t, c in samples if c >= low * planned), None)
+    last = next(((t, c) for t, c in samples if c >= high * planned), None)
+    if first is None or last is None or last[0] <= first[0] or last[1] <= first[1]:
+        return None
+    return (last[1] - first[1]) / (last[0] - first[0])
+
+
+def _num_blocks(settings: TrainSettings) -> int:
+    from ranger_ps.algorithm.layout import Layout
+    from ranger_ps.workloads.job import build
+
+    _, model, _ = build(settings.train_config())
+    return Layout.from_named_tensors(model.named_parameters(), settings.block_size).num_blocks
+
+
+def _train_in_process(settings: TrainSettings) -> dict[str, Any]:
+    """``ranger_ps.Ranger`` without servers (dense): the optimizer's own overhead, no wire."""
+    from ranger_ps.bench.convergence import run_case
+
+    with common.torch_threads(1):
+        result = run_case(settings.train_config(num_workers=1, push_fraction=1.0), shards=settings.shards)
+    return {
+        "name": "ranger_ps.Ranger in-process, one process",
+        "kind": "ranger-in-process",
+        "push_fraction": 1.0,
+        "processes": 1,
+        "steps": result.steps,
+        "train_seconds": result.seconds,
+        "wall_seconds": result.seconds,
+        "steps_per_second": result.steps / result.seconds,
+        "bytes_pushed_per_step": 0.0,
+        "bytes_dense_per_step": result.bytes_pushed_dense / result.steps,
+        "push_ratio": None,
+        "bytes_pulled_per_step": 0.0,
+        "test_accuracy": result.test_accuracy,
+    }
