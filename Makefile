@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-CODE := ranger_ps server worker proto tests
+CODE := ranger_ps server worker proto tests .ci
 
 .PHONY: run test lint typecheck pytest proto clean
 
@@ -27,6 +27,7 @@ test: lint typecheck pytest
 lint: $(STAMP)
 	$(BIN)/ruff check $(CODE)
 	$(BIN)/ruff format --check $(CODE)
+	$(BIN)/python .ci/check_imports.py
 
 typecheck: $(STAMP)
 	$(BIN)/python .ci/typecheck.py ranger_ps tests

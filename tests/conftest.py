@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -66,12 +67,12 @@ def _tier_guard(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     if tier == "unit":
         original_bind, original_connect = socket.socket.bind, socket.socket.connect
 
-        def bind(sock: socket.socket, address: object) -> None:
+        def bind(sock: socket.socket, address: Any) -> None:
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 raise AssertionError("a unit test may not open a network socket: mark it integration")
             original_bind(sock, address)
 
-        def connect(sock: socket.socket, address: object) -> None:
+        def connect(sock: socket.socket, address: Any) -> None:
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 raise AssertionError("a unit test may not open a network socket: mark it integration")
             original_connect(sock, address)
@@ -80,6 +81,7 @@ def _tier_guard(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
         monkeypatch.setattr(socket.socket, "connect", connect)
         for name in ("server", "insecure_channel", "secure_channel"):
             monkeypatch.setattr(grpc.aio, name, _refuse("start gRPC", tier, "integration"))
+
 
 ServerFactory = Callable[..., list[str]]
 
