@@ -36,7 +36,12 @@ def _parse(message_type: type[M], data: bytes) -> M:
         raise InvalidRequest(f"request does not parse as {message_type.DESCRIPTOR.full_name}: {exc}") from None
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+async def _abort(context: grpc.aio.ServicerContext, exc: RequestError | WireFormatError) -> None:
+    """Answer a refusal with its own status (bytes that do not parse: INVALID_ARGUMENT).
+
+    Nothing else is caught here: an unexpected exception is a bug, and gRPC answers it with UNKNOWN
+    and logs its traceback instead of passing it off as the client's fault.
+    """
     if isinstance(exc, NotRegistered):
         await context.abort(
             grpc.StatusCode[exc.status], str(exc), trailing_metadata=((ERROR_METADATA_KEY, NotRegistered.marker),)
@@ -55,7 +60,7 @@ def _translating(
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> bytes:
         try:
             return await handler(self, request, context)
-        except (RequestError, WireFormatError, ValueError) as exc:
+        except (RequestError, WireFormatError) as exc:
             await _abort(context, exc)
             raise AssertionError("unreachable") from exc
 
@@ -94,7 +99,10 @@ class ParameterServerServicer:
             layout = layout_from_proto(req.layout)
         except ValueError as exc:
             raise InvalidRequest(f"bad layout: {exc}") from None
-        rule = RuleConfig.from_msgpack(req.rule.msgpack)
+        try:
+            rule = RuleConfig.from_msgpack(req.rule.msgpack)
+        except ValueError as exc:
+            raise InvalidRequest(f"bad rule settings: {exc}") from None
         result = await self.shard.register(
             req.worker_id,
             layout,
@@ -138,7 +146,7 @@ class ParameterServerServicer:
             for frame in frames:
                 self.shard.bytes_sent += len(frame)
                 yield frame
-        except (RequestError, WireFormatError, ValueError) as exc:
+        except (RequestError, WireFormatError) as exc:
             await _abort(context, exc)
 
     @_translating

@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ import pytest
 from ranger_ps.cli import build_parser
 from ranger_ps.cli.flags import settings_from_args
 from ranger_ps.config.server import ServerConfig
+from ranger_ps.orchestration import launcher
 from ranger_ps.server.app import BackgroundShards
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,15 +86,12 @@ ServerFactory = Callable[..., list[str]]
 
 
 def wait_for_file(path: Path, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
-    """Wait until ``path`` exists; fail fast if ``process`` exits first."""
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if process.poll() is not None:
-            out = process.stdout.read().decode(errors="replace") if process.stdout else ""
-            raise AssertionError(f"process exited with {process.returncode} before {path} appeared:\n{out}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{path} did not appear within {timeout}s")
-        time.sleep(0.02)
+    """Wait until ``path`` exists; fail the test (with the process's output) if ``process`` exits first."""
+    try:
+        launcher.wait_for_file(path, process, timeout)
+    except launcher.NotReady as exc:
+        out = process.stdout.read().decode(errors="replace") if process.stdout and process.poll() is not None else ""
+        raise AssertionError(f"process {exc} ({path}):\n{out}") from None
 
 
 def ranger_ps_cmd(*args: str) -> list[str]:
@@ -103,15 +99,18 @@ def ranger_ps_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "ranger_ps", *args]
 
 
+def one_line_error(result: subprocess.CompletedProcess[str], code: int = 2) -> str:
+    """The one ``ranger-ps ...: error: ...`` line a failed command printed (no traceback), checking its exit code."""
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("ranger-ps")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
 def stop_process(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
     """SIGTERM, then SIGKILL after ``timeout``; never leaves the process running."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    launcher.stop_process(process, timeout)
 
 
 @pytest.fixture

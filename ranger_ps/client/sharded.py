@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import Future
@@ -24,6 +23,7 @@ import torch
 from ranger_ps.algorithm.layout import Layout
 from ranger_ps.algorithm.placement import Placement
 from ranger_ps.algorithm.rules import RuleConfig
+from ranger_ps.client.retry import Attempts, transient
 from ranger_ps.errors import (
     ClusterError,
     LayoutMismatchError,
@@ -51,9 +51,6 @@ from ranger_ps.wire.stats import ShardStats
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-# Retried while a cluster is coming up: the server is not listening yet, or still initializing.
-_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 @dataclass(frozen=True)
@@ -279,36 +276,28 @@ class ShardedClient:
         request.worker_id = worker_id
         request.expected_shard_id = shard.index
         payload = request.SerializeToString()
-        attempt = 0
-        delay = 0.1
+        attempts = Attempts(deadline - time.monotonic())
         while True:
-            attempt += 1
+            attempt = attempts.start()
             try:
-                raw = await shard.register(
-                    payload, timeout=max(1.0, deadline - time.monotonic()) + 60.0, metadata=self._md
-                )
+                raw = await shard.register(payload, timeout=max(1.0, attempts.remaining) + 60.0, metadata=self._md)
                 break
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
                     raise LayoutMismatchError(f"server {shard.address} refused registration: {exc.details()}") from None
-                if exc.code() not in _RETRYABLE:
+                if not transient(exc):
                     raise UserError(f"server {shard.address} refused registration: {describe_rpc_error(exc)}") from None
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                pause = attempts.next_pause()
+                if pause is None:
                     raise ServerUnavailableError(
                         f"could not reach parameter server {shard.address} (shard {shard.index}) within "
                         f"{self.connect_timeout:g}s after {attempt} attempts: {exc.details()}"
                     ) from None
                 log.warning(
                     "server %s (shard %d) not ready (attempt %d: %s); retrying in %.1fs",
-                    shard.address,
-                    shard.index,
-                    attempt,
-                    exc.code().name,
-                    min(delay, remaining),
-                )
-                await asyncio.sleep(min(delay, remaining))
-                delay = min(delay * 2, 2.0) * (0.8 + 0.4 * random.random())
+                    shard.address, shard.index, attempt, exc.code().name, pause,
+                )  # fmt: skip
+                await attempts.pause()
         reply = pb.RegisterReply.FromString(raw)
         assert self.placement is not None
         expected = self.placement.blocks_by_shard[shard.index]
@@ -466,37 +455,33 @@ class ShardedClient:
         if it came back empty), forget the versions held so the next pull fetches everything, and
         retry. A retried push is never applied twice: the shard recognises (worker id, clock).
         """
-        deadline = time.monotonic() + self.retry_timeout
-        delay = 0.2
-        attempt = 0
+        attempts = Attempts(self.retry_timeout)
         while True:
-            attempt += 1
+            attempt = attempts.start()
             try:
                 return await call()
             except grpc.aio.AioRpcError as exc:
-                if _marker(exc) == "not-registered" and time.monotonic() < deadline:
+                if _marker(exc) == "not-registered" and attempts.remaining > 0:
                     log.warning(
                         "shard %d at %s forgot worker %s; registering again", shard.index, shard.address, self.worker_id
                     )
-                    await self._reregister(shard, deadline)
+                    await self._reregister(shard, attempts.deadline)
                     continue
-                if exc.code() not in _RETRYABLE:
+                if not transient(exc):
                     raise ClusterError(
                         f"{what} shard {shard.index} at {shard.address} failed: {describe_rpc_error(exc)}"
                     ) from None
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                pause = attempts.next_pause()
+                if pause is None:
                     raise ClusterError(
                         f"{what} shard {shard.index} at {shard.address}: gave up after {self.retry_timeout:g}s "
                         f"and {attempt} attempts: {describe_rpc_error(exc)}"
                     ) from None
-                pause = min(delay, remaining)
                 log.warning(
                     "%s shard %d at %s failed (attempt %d: %s); retrying in %.1fs",
                     what, shard.index, shard.address, attempt, exc.code().name, pause,
                 )  # fmt: skip
-                await asyncio.sleep(pause)
-                delay = min(delay * 2, 5.0) * (0.8 + 0.4 * random.random())
+                await attempts.pause()
 
     async def _reregister(self, shard: _Shard, deadline: float) -> None:
         assert self._register_template is not None and self.layout is not None and self.worker_id is not None

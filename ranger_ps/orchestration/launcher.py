@@ -52,6 +52,26 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = 15.0, *, nam
     return process.returncode
 
 
+class NotReady(ClusterError):
+    """A process exited, or ran out of time, before announcing it was ready."""
+
+
+def wait_for_file(path: Path, process: subprocess.Popen[bytes], timeout: float, *, poll: float = 0.02) -> None:
+    """Wait until ``path`` exists (a ready file), failing fast if ``process`` exits first.
+
+    Raises:
+        NotReady: the process exited, or ``timeout`` seconds passed, before the file appeared.
+    """
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        code = process.poll()
+        if code is not None:
+            raise NotReady(f"exited with code {code} before it was ready")
+        if time.monotonic() > deadline:
+            raise NotReady(f"was not ready within {timeout:g}s")
+        time.sleep(poll)
+
+
 @dataclass
 class Child:
     """A subprocess of the cluster with its log file."""
@@ -154,16 +174,12 @@ class Cluster:
 
     def wait_ready(self, child: Child, ready_file: Path, timeout: float) -> tuple[str, int]:
         """Wait until a server wrote its ready file; returns its host and port."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if ready_file.exists():
-                info = json.loads(ready_file.read_text())
-                return str(info["host"]), int(info["port"])
-            code = child.process.poll()
-            if code is not None:
-                raise self.failure(child, f"exited with code {code} before it was ready")
-            time.sleep(0.05)
-        raise self.failure(child, f"was not ready within {timeout:g}s")
+        try:
+            wait_for_file(ready_file, child.process, timeout)
+        except NotReady as exc:
+            raise self.failure(child, str(exc)) from None
+        info = json.loads(ready_file.read_text())
+        return str(info["host"]), int(info["port"])
 
     def stop(self, child: Child, timeout: float = 15.0) -> int | None:
         """SIGTERM a child, SIGKILL it if it has not exited after ``timeout``; returns its exit code."""

@@ -16,21 +16,13 @@ from ranger_ps.cli import apply_environment, build_parser, env_var, train_config
 from ranger_ps.config.train import TrainConfig
 from ranger_ps.observability.report import REQUIRED_KEYS
 from ranger_ps.settings import specs, to_argv
-from tests.conftest import ServerFactory, pid_alive, ranger_ps_cmd, stop_process, wait_for_file
+from tests.conftest import ServerFactory, one_line_error, pid_alive, ranger_ps_cmd, stop_process, wait_for_file
 
 pytestmark = pytest.mark.e2e
 
 
 def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(ranger_ps_cmd(*args), capture_output=True, text=True, timeout=timeout)
-
-
-def _one_line_error(result: subprocess.CompletedProcess[str], code: int = 2) -> str:
-    assert result.returncode == code, result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("ranger-ps")]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 def test_train_flags_round_trip() -> None:
@@ -72,14 +64,14 @@ def test_local_trains_digits_and_writes_the_report(tmp_path: Path) -> None:
     ],
 )
 def test_bad_input_gives_one_line_and_exit_code_2(args: tuple[str, ...], needle: str) -> None:
-    line = _one_line_error(_run(*args))
+    line = one_line_error(_run(*args))
     assert needle in line
 
 
 @pytest.mark.timeout(60)
 def test_worker_fails_clearly_when_no_server_comes_up() -> None:
     result = _run("worker", "--servers", "127.0.0.1:9", "--connect-timeout", "1.5")
-    line = _one_line_error(result)
+    line = one_line_error(result)
     assert "could not reach parameter server 127.0.0.1:9" in line
     assert "retrying" in result.stderr  # the bounded retry is logged
 
@@ -90,7 +82,7 @@ def test_port_in_use_is_a_clear_error() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        line = _one_line_error(_run("server", "--port", str(port)))
+        line = one_line_error(_run("server", "--port", str(port)))
     assert f"cannot listen on 127.0.0.1:{port}" in line
 
 
@@ -116,7 +108,7 @@ def test_worker_against_running_servers_and_status(start_servers: ServerFactory,
     assert [s["shard_id"] for s in shards] == [0, 1]
     assert all(s["initialized"] and s["pushes_applied"] == report["steps"] for s in shards)
     mismatch = _run("worker", "--servers", servers, "--block-size", "100", "--connect-timeout", "5")
-    assert "layout mismatch" in _one_line_error(mismatch)
+    assert "layout mismatch" in one_line_error(mismatch)
 
 
 def _start_local(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
@@ -202,7 +194,7 @@ def test_bench_convergence_smoke() -> None:
         assert 0 <= row["test_accuracy"] <= 1 and row["steps"] > 0
         assert row["bytes_pushed"] <= row["bytes_pushed_dense"]
     assert rows[1]["push_ratio"] < 0.7
-    assert "unknown dataset 'nope'" in _one_line_error(_run("bench", "convergence", "--datasets", "nope"))
+    assert "unknown dataset 'nope'" in one_line_error(_run("bench", "convergence", "--datasets", "nope"))
 
 
 def _parse_with_env(argv: list[str], environ: dict[str, str]) -> Any:

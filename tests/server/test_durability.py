@@ -33,6 +33,7 @@ from ranger_ps.algorithm.rules import RuleConfig
 from ranger_ps.client.admin import fetch_stats
 from ranger_ps.client.sharded import ShardedClient
 from ranger_ps.errors import ClusterError
+from ranger_ps.orchestration import launcher
 from ranger_ps.storage import checkpoint
 from ranger_ps.wire.codec import tensor_bytes
 from ranger_ps.wire.rpc import method_path
@@ -106,11 +107,12 @@ class _Processes:
     @staticmethod
     def _wait_ready(process: subprocess.Popen[bytes], log: Path, ready: Path, deadline: float) -> int | None:
         """The port once the server serves; None when it exited first."""
-        while not ready.exists():
+        try:
+            launcher.wait_for_file(ready, process, deadline - time.monotonic())
+        except launcher.NotReady:
             if process.poll() is not None:
                 return None
-            assert time.monotonic() < deadline, f"a server did not come up:\n{log.read_text()}"
-            time.sleep(0.02)
+            raise AssertionError(f"a server did not come up:\n{log.read_text()}") from None
         info = json.loads(ready.read_text())
         assert info["pid"] == process.pid
         return int(info["port"])

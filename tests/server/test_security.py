@@ -40,13 +40,14 @@ from ranger_ps.algorithm.rules import RuleConfig
 from ranger_ps.client.admin import check_health, fetch_stats
 from ranger_ps.client.sharded import ShardedClient
 from ranger_ps.errors import UserError
+from ranger_ps.orchestration import launcher
 from ranger_ps.wire._proto import ranger_ps_pb2 as pb
 from ranger_ps.wire.codec import codec_for_name, tensor_bytes
 from ranger_ps.wire.frames import WireBlock, chunk_frames, decode_frame, encode_frame, split_blocks
 from ranger_ps.wire.messages import layout_to_proto
 from ranger_ps.wire.rpc import ERROR_METADATA_KEY, METHODS, SERVICE_NAME, method_path
 from ranger_ps.wire.security import ClientSecurity
-from tests.conftest import pid_alive, ranger_ps_cmd, stop_process
+from tests.conftest import one_line_error, pid_alive, ranger_ps_cmd, stop_process
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -106,13 +107,10 @@ def serve(
             preexec_fn=limit_memory if memory_limit is not None else None,
         )
     try:
-        deadline = time.monotonic() + 90
-        while not ready.exists():
-            if process.poll() is not None:
-                raise AssertionError(f"server exited with {process.returncode}:\n{log_path.read_text()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"server not ready within 90s:\n{log_path.read_text()}")
-            time.sleep(0.02)
+        try:
+            launcher.wait_for_file(ready, process, 90)
+        except launcher.NotReady as exc:
+            raise AssertionError(f"server {exc}:\n{log_path.read_text()}") from None
         info = json.loads(ready.read_text())
         yield Server(f"{info['host']}:{info['port']}", process, log_path)
     finally:
@@ -401,14 +399,6 @@ def _run_cli(*args: str, env: Mapping[str, str] | None = None, timeout: float = 
     )
 
 
-def _one_line_error(result: subprocess.CompletedProcess[str], code: int = 2) -> str:
-    assert result.returncode == code, result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("ranger-ps")]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
-
-
 # == 1. tokens ======================================================================================
 
 
@@ -543,7 +533,7 @@ def test_worker_takes_the_token_from_RANGER_PS_TOKEN(tmp_path: Path) -> None:
         report = tmp_path / "worker.json"
         common = ("--servers", server.address, "--epochs", "1", "--connect-timeout", "10", "--no-uvloop")
         wrong = _run_cli("worker", *common, env=clean_env(RANGER_PS_TOKEN=token + "x"))
-        assert "UNAUTHENTICATED" in _one_line_error(wrong)
+        assert "UNAUTHENTICATED" in one_line_error(wrong)
         result = _run_cli("worker", *common, "--report", str(report), env=clean_env(RANGER_PS_TOKEN=token))
         assert result.returncode == 0, result.stderr
         steps = json.loads(report.read_text())["steps"]
@@ -598,7 +588,7 @@ def test_tls_server_serves_trusting_clients_only(tmp_path: Path, pki: Pki) -> No
             "worker", "--servers", server.address, "--tls-ca", str(pki.other_ca), "--connect-timeout", "2",
             "--epochs", "1",
         )  # fmt: skip
-        line = _one_line_error(wrong_ca)
+        line = one_line_error(wrong_ca)
         assert server.address in line and re.search(HANDSHAKE, line), line
         # the CA that signed the server's certificate works, raw and through the library
         credentials = grpc.ssl_channel_credentials(root_certificates=pki.ca.read_bytes())
