@@ -17,7 +17,6 @@ and this module then leaves the allocator alone.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 
@@ -56,12 +55,9 @@ def tune_allocator() -> bool:
         return False
     if any(name in os.environ for name in _GLIBC_VARIABLES):
         return False
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
+        # The C library this process already runs on (find_library would start ldconfig to look).
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
