@@ -133,7 +133,7 @@ class Shard:
                     self.shard_id, layout.fingerprint, len(self.store.block_ids), rule.rule, self.mode,
                 )  # fmt: skip
                 return await self._grant_claim(worker_id, observer)
-            self._check_match(layout, rule)
+            self._check_match(layout, None if observer else rule)
             if self.store.initialized:
                 return await self._admit(worker_id, observer, must_initialize=False)
             now = time.monotonic()
@@ -177,7 +177,8 @@ class Shard:
         log.info("worker %d joined shard %d at clock %d", record.worker_id, self.shard_id, record.clock)
         return Registration(record.worker_id, must_initialize, self.store.block_ids, record.clock)
 
-    def _check_match(self, layout: Layout, rule: RuleConfig) -> None:
+    def _check_match(self, layout: Layout, rule: RuleConfig | None) -> None:
+        """Refuse a worker whose model or rule differs from the shard's (an observer only pulls: no rule)."""
         assert self.store is not None
         ours = self.store.layout
         if layout.fingerprint != ours.fingerprint:
@@ -187,7 +188,7 @@ class Shard:
                 f"the worker sent {layout.fingerprint} ({len(layout.params)} parameters, {layout.numel} elements, "
                 f"block size {layout.block_size})"
             )
-        diffs = self.store.rule.differences(rule)
+        diffs = self.store.rule.differences(rule) if rule is not None else []
         if diffs:
             raise PreconditionFailed(
                 f"update rule mismatch on shard {self.shard_id} (shard != worker): {'; '.join(diffs)}"

@@ -16,9 +16,13 @@ from dataclasses import dataclass
 import torch
 
 from ranger_ps.algorithm.layout import Block, Layout
-from ranger_ps.algorithm.rules import BlockState, RuleConfig, apply_update, new_block_state
+from ranger_ps.algorithm.quantize import Quantized, dequantize
+from ranger_ps.algorithm.rules import BlockState, RuleConfig, new_block_state
+from ranger_ps.algorithm.updates import apply_pushed
+from ranger_ps.errors import WireFormatError
 from ranger_ps.storage.checkpoint import BlockRecord
-from ranger_ps.wire.codec import bytes_to_tensor, codec_for_name, tensor_bytes
+from ranger_ps.wire._proto import ranger_ps_pb2 as pb
+from ranger_ps.wire.codec import bytes_to_tensor, codec_for_name, codec_for_wire, tensor_bytes
 from ranger_ps.wire.frames import WireBlock
 from ranger_ps.wire.status import InvalidRequest, NonFinite, NotReady
 
@@ -74,22 +78,41 @@ class ShardStore:
                 raise InvalidRequest(f"{what}: block {wire.block_id} appears twice")
             seen.add(wire.block_id)
             block = self.layout.blocks[wire.block_id]
-            codec = codec_for_name(block.dtype)
-            if wire.dtype != codec.wire:
-                raise InvalidRequest(
-                    f"{what}: block {wire.block_id} has wire dtype {wire.dtype}, expected {block.dtype}"
-                )
-            if wire.data.nbytes != block.nbytes:
-                raise InvalidRequest(
-                    f"{what}: block {wire.block_id} has {wire.data.nbytes} bytes, expected {block.nbytes}"
-                )
-            tensor = bytes_to_tensor(wire.data, codec.torch_dtype)
+            tensor = self._values_of(wire, block, what)
             # A finite sum proves every entry finite (NaN and Inf propagate), at ~8x the speed of
             # isfinite().all(); only an overflowing sum needs the element-wise check.
             if not math.isfinite(float(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
                 raise NonFinite(f"{what}: block {wire.block_id} contains NaN or Inf")
             out.append((position, tensor))
         return out
+
+    def _values_of(self, wire: WireBlock, block: Block, what: str) -> torch.Tensor:
+        """A block's received values, checked for type and size.
+
+        An init carries the block's own type; a push that type or the cluster's push dtype (float32,
+        bfloat16, or int8 with a positive scale), converted to the block's type here.
+        """
+        own = codec_for_name(block.dtype)
+        try:
+            codec = codec_for_wire(wire.dtype)
+        except WireFormatError:
+            raise InvalidRequest(f"{what}: block {wire.block_id} has unknown wire dtype {wire.dtype}") from None
+        allowed = {own.wire}
+        if what == "push" and self.rule.push_dtype is not None:
+            allowed.add(codec_for_name(self.rule.push_dtype).wire)
+        if codec.wire not in allowed:
+            raise InvalidRequest(f"{what}: block {wire.block_id} has wire dtype {codec.name}, expected {block.dtype}")
+        if wire.data.nbytes != block.numel * codec.itemsize:
+            raise InvalidRequest(
+                f"{what}: block {wire.block_id} has {wire.data.nbytes} bytes, expected {block.numel * codec.itemsize} "
+                f"({block.numel} {codec.name} elements)"
+            )
+        payload = bytes_to_tensor(wire.data, codec.torch_dtype)
+        if codec.wire == pb.INT8:
+            if not (math.isfinite(wire.scale) and wire.scale > 0):
+                raise InvalidRequest(f"{what}: int8 block {wire.block_id} needs a finite scale > 0, got {wire.scale}")
+            return dequantize(Quantized(payload, wire.scale), own.torch_dtype)
+        return payload if codec.wire == own.wire else payload.to(own.torch_dtype)
 
     def initialize(self, blocks: Sequence[WireBlock]) -> int:
         """Install the initial values of every block; all-or-nothing."""
@@ -105,8 +128,10 @@ class ShardStore:
         self._slots = [s for s in slots if s is not None]
         return len(self._slots)
 
-    def apply(self, decoded: Sequence[tuple[int, torch.Tensor]]) -> tuple[int, int]:
-        """Apply one push's (already decoded and checked) gradients with the rule.
+    def apply(self, decoded: Sequence[tuple[int, torch.Tensor]], *, contributions: int = 1) -> tuple[int, int]:
+        """Apply one push's (already decoded and checked) values: truncation, then the rule or outer rule.
+
+        ``contributions``: the values sum that many workers' pushes (bsp).
 
         Returns:
             (blocks applied, sum of their new versions).
@@ -115,7 +140,13 @@ class ShardStore:
         if not decoded:
             return 0, 0
         touched = [slots[position] for position, _ in decoded]
-        apply_update(self.rule, [s.value for s in touched], [g for _, g in decoded], [s.state for s in touched])
+        apply_pushed(
+            self.rule,
+            [s.value for s in touched],
+            [g for _, g in decoded],
+            [s.state for s in touched],
+            contributions=contributions,
+        )
         for slot in touched:
             slot.version += 1
         self.blocks_applied += len(touched)
@@ -137,8 +168,7 @@ class ShardStore:
                     sums[position].add_(grad)
                 else:
                     sums[position] = grad.to(torch.float64 if grad.dtype == torch.float64 else torch.float32, copy=True)
-        scale = 1.0 / len(contributions)
-        return self.apply([(position, total.mul_(scale)) for position, total in sorted(sums.items())])
+        return self.apply(sorted(sums.items()), contributions=len(contributions))
 
     def snapshot(self) -> list[BlockRecord]:
         """Copies of every block's value, version and state (a consistent cut: nothing yields)."""

@@ -40,6 +40,7 @@ class TrainResult:
     wall_seconds: float
     bytes_pushed: int
     bytes_pushed_dense: int
+    bytes_flushed: int
     bytes_pulled: int
     evaluation: Evaluation
     staleness: dict[str, int]
@@ -118,6 +119,7 @@ def train(
             if on_eval is not None:
                 optimizer.synchronize()  # the weights this worker trains on now
                 on_eval(step, optimizer.traffic.bytes_pushed, evaluate(model, data, device, limit=EPOCH_EVAL_EXAMPLES))
+        optimizer.flush()  # nothing this worker computed is thrown away
         optimizer.refresh()  # the final weights: everything every worker pushed so far
         evaluation = evaluate(model, data, device)
         stats = optimizer.stats()
@@ -128,6 +130,7 @@ def train(
             wall_seconds=time.monotonic() - started,
             bytes_pushed=traffic.bytes_pushed,
             bytes_pushed_dense=traffic.bytes_pushed_dense,
+            bytes_flushed=traffic.bytes_flushed,
             bytes_pulled=traffic.bytes_pulled,
             evaluation=evaluation,
             staleness=staleness_summary(
@@ -146,6 +149,7 @@ def result_report(result: TrainResult, config: TrainConfig, servers: list[str]) 
         "wall_seconds": result.wall_seconds,
         "bytes_pushed": result.bytes_pushed,
         "bytes_pushed_dense": result.bytes_pushed_dense,
+        "bytes_flushed": result.bytes_flushed,
         "bytes_pulled": result.bytes_pulled,
         "workers": 1,
         "shards": len(servers),

@@ -21,11 +21,12 @@ if sys.byteorder != "little":  # pragma: no cover - every platform torch ships w
 
 @dataclass(frozen=True)
 class DType:
-    """One supported element type."""
+    """One supported element type (``parameter``: a model's weights may have it; int8 only travels)."""
 
     name: str
     torch_dtype: torch.dtype
     itemsize: int
+    parameter: bool = True
 
 
 DTYPES: tuple[DType, ...] = (
@@ -33,6 +34,7 @@ DTYPES: tuple[DType, ...] = (
     DType("float16", torch.float16, 2),
     DType("bfloat16", torch.bfloat16, 2),
     DType("float64", torch.float64, 8),
+    DType("int8", torch.int8, 1, parameter=False),
 )
 BY_NAME: dict[str, DType] = {d.name: d for d in DTYPES}
 BY_TORCH: dict[torch.dtype, DType] = {d.torch_dtype: d for d in DTYPES}
@@ -44,6 +46,14 @@ def dtype_named(name: str) -> DType:
         return BY_NAME[name]
     except KeyError:
         raise ValueError(f"unknown dtype {name!r}; supported: {', '.join(BY_NAME)}") from None
+
+
+def parameter_dtype(name: str) -> DType:
+    """The type called ``name``, which a parameter may have; ``ValueError`` otherwise."""
+    kind = dtype_named(name)
+    if not kind.parameter:
+        raise ValueError(f"parameters may not be {name}; supported: {', '.join(d.name for d in DTYPES if d.parameter)}")
+    return kind
 
 
 def dtype_of(torch_dtype: torch.dtype) -> DType:

@@ -17,7 +17,7 @@ from functools import cached_property
 import msgpack
 import torch
 
-from ranger_ps.algorithm.dtypes import dtype_named, dtype_of
+from ranger_ps.algorithm.dtypes import dtype_named, dtype_of, parameter_dtype
 
 DEFAULT_BLOCK_SIZE = 65_536
 # One block must fit comfortably inside one gRPC message (see rpc.MAX_MESSAGE_BYTES).
@@ -85,7 +85,7 @@ class Layout:
         if len(set(names)) != len(names):
             raise ValueError("parameter names must be unique")
         for p in self.params:
-            dtype_named(p.dtype)
+            parameter_dtype(p.dtype)
             if any(d < 0 for d in p.shape):
                 raise ValueError(f"parameter {p.name!r} has a negative dimension: {p.shape}")
 

@@ -61,6 +61,7 @@ class SelectionConfig(Settings):
     warmup_steps: int = setting(0, "steps over which the push density decays to --push-fraction (0: none)")
     warmup_start: float = setting(1.0, "push density at the first warm-up step, in [push fraction, 1]")
     seed: int = setting(0, "seeds model initialization, data order and block choice")
+    local_steps: int = setting(1, "inner rule: push every H steps (DiLoCo-style local steps; 1 = every step)")
 
     def __post_init__(self) -> None:
         if not _is_real(self.push_fraction) or not 0 < self.push_fraction <= 1:
@@ -75,6 +76,8 @@ class SelectionConfig(Settings):
             )
         if not _is_int(self.seed) or not 0 <= self.seed <= _INT64_MAX:
             raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
+        if not _is_int(self.local_steps) or self.local_steps < 1:
+            raise ValueError(f"local_steps must be an int >= 1, got {self.local_steps!r}")
         super().__post_init__()
 
 

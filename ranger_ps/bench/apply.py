@@ -44,7 +44,7 @@ StoreFactory = Callable[[Layout, Sequence[int], RuleConfig], PushStore]
 
 def _rule_config(name: str) -> RuleConfig:
     """The rule as the default job runs it (the CLI's per-rule learning rate and momentum)."""
-    return TrainConfig(rule=name).rule_config()
+    return TrainConfig(rule=name, outer="rule").rule_config()  # the update rule itself, where the weights live
 
 
 def _blocks_of(flat: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:

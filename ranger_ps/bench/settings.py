@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from ranger_ps.algorithm.quantize import PUSH_DTYPES
 from ranger_ps.algorithm.rules import RULE_NAMES
 from ranger_ps.config.train import TrainConfig
 from ranger_ps.settings import Settings, setting
@@ -52,6 +53,39 @@ def _fractions(text: str) -> tuple[float, ...]:
         raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
     if not values or not all(0 < v <= 1 for v in values):
         raise ValueError(f"push fractions must be in (0, 1], got {text!r}")
+    return values
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """``a,b``: a non-empty comma-separated list."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise ValueError("expected a comma-separated list")
+    return names
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    """``1,4``: integers >= 1."""
+    return tuple(_count(v) for v in _names(text))
+
+
+def _push_dtypes(text: str) -> tuple[str, ...]:
+    """``native,int8``: push dtypes (``native``: the parameters' own)."""
+    names = _names(text)
+    bad = [n for n in names if n != "native" and n not in PUSH_DTYPES]
+    if bad:
+        raise ValueError(f"push dtypes are native, {', '.join(PUSH_DTYPES)}; got {', '.join(bad)}")
+    return names
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    """``0,1,2``: seeds >= 0."""
+    try:
+        values = tuple(int(v) for v in _names(text))
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v < 0 for v in values):
+        raise ValueError(f"seeds must be >= 0, got {text!r}")
     return values
 
 
@@ -185,3 +219,33 @@ class TrainSettings(Settings):
             "num_workers": self.workers,
         }
         return TrainConfig(**(values | overrides))
+
+
+@dataclass(frozen=True)
+class ConvergenceSettings(Settings):
+    """``bench convergence``: the axes of the grid (every combination runs, each seed)."""
+
+    title: ClassVar[str] = "convergence benchmark"
+
+    datasets: tuple[str, ...] = setting(("digits", "digits-shifted"), "datasets", parse=_names, metavar="A,B")
+    rules: tuple[str, ...] = setting(("sgd", "adamw", "ranger"), "update rules", parse=_rule_names, metavar="R,...")
+    fractions: tuple[float, ...] = setting((1.0, 0.01), "push fractions", parse=_fractions, metavar="F,...")
+    workers: tuple[int, ...] = setting(
+        (1,), "workers (1: in this process; more: a real local cluster)", parse=_counts, metavar="W,..."
+    )
+    local_steps_axis: tuple[int, ...] = setting(
+        (1,), "local steps H between pushes", parse=_counts, metavar="H,...", flag="local-steps"
+    )
+    push_dtypes: tuple[str, ...] = setting(
+        ("native",), "push dtypes (native: the parameters' own)", parse=_push_dtypes, metavar="D,...", flag="push-dtype"
+    )
+    seeds: tuple[int, ...] = setting((0, 1, 2), "seeds (the table shows their mean)", parse=_seeds, metavar="S,...")
+    shards: int = setting(2, "shards (clusters run that many; in process, the byte counts assume them)", parse=_count)
+
+    def __post_init__(self) -> None:
+        for name in ("datasets", "rules", "fractions", "workers", "local_steps_axis", "push_dtypes", "seeds"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} must not be empty")
+        if self.shards < 1:
+            raise ValueError(f"shards must be >= 1, got {self.shards}")
+        super().__post_init__()

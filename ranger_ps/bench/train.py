@@ -132,7 +132,8 @@ def _train_cluster(settings: TrainSettings, fraction: float) -> dict[str, Any]:
         evaluation, _ = evaluate_cluster(config, addresses, use_uvloop=settings.use_uvloop)
         per_worker = [json.loads(r.read_text()) for r in reports]
     steps = sum(int(r["steps"]) for r in per_worker)
-    pushed = sum(int(r["bytes_pushed"]) for r in per_worker)
+    flushed = sum(int(r.get("bytes_flushed", 0)) for r in per_worker)
+    pushed = sum(int(r["bytes_pushed"]) for r in per_worker) - flushed  # per step: the final flushes apart
     dense = sum(int(r["bytes_pushed_dense"]) for r in per_worker)
     pulled = sum(int(r["bytes_pulled"]) for r in per_worker)
     steady = steady_rate(samples, planned)
@@ -150,6 +151,7 @@ def _train_cluster(settings: TrainSettings, fraction: float) -> dict[str, Any]:
         "bytes_dense_per_step": dense / steps,
         "push_ratio": pushed / dense,
         "bytes_pulled_per_step": pulled / steps,
+        "bytes_flushed": flushed,
         "test_accuracy": evaluation.test_accuracy,
     }
 
@@ -178,10 +180,10 @@ def _num_blocks(settings: TrainSettings) -> int:
 
 def _train_in_process(settings: TrainSettings) -> dict[str, Any]:
     """``ranger_ps.Ranger`` without servers (dense): the optimizer's own overhead, no wire."""
-    from ranger_ps.bench.convergence import run_case
+    from ranger_ps.bench.convergence import run_in_process
 
     with common.torch_threads(1):
-        result = run_case(settings.train_config(num_workers=1, push_fraction=1.0), shards=settings.shards)
+        result = run_in_process(settings.train_config(num_workers=1, push_fraction=1.0), shards=settings.shards)
     return {
         "name": "ranger_ps.Ranger in-process, one process",
         "kind": "ranger-in-process",

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ranger_ps.bench.settings import ApplySettings, TrainSettings, WireSettings
+from ranger_ps.bench.settings import ApplySettings, ConvergenceSettings, TrainSettings, WireSettings
 from ranger_ps.cli.flags import add_settings, settings_from_args
 from ranger_ps.config.common import CommonSettings
 from ranger_ps.config.train import TrainConfig
@@ -43,19 +44,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bench = p.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     b = bench.add_parser(
         "convergence",
-        help="accuracy and bytes pushed across push fractions, error feedback and rules",
-        description="Train each combination in-process (one worker) and tabulate test accuracy and bytes pushed.",
+        help="accuracy and bytes pushed across push fractions, workers, local steps, push dtypes and rules",
+        description="Train every combination of the axes (one worker in this process, more as a real local "
+        "cluster), each seed, and tabulate the mean test accuracy against dense and against dense at equal bytes.",
         allow_abbrev=False,
     )
-    b.add_argument("--datasets", type=_names, default=["digits", "synthetic"], help="comma-separated datasets")
-    b.add_argument("--rules", type=_names, default=["sgd", "ranger"], help="comma-separated rules")
-    b.add_argument(
-        "--fractions", type=_fractions, default=[1.0, 0.25, 0.05, 0.01], help="comma-separated push fractions"
-    )
-    b.add_argument("--shards", type=int, default=2, help="shards the byte counts assume (default: 2)")
+    add_settings(b, ConvergenceSettings)
     b.add_argument("--json", action="store_true", help="print JSON rows instead of a Markdown table")
     b.add_argument("--out", type=Path, help="also write the Markdown table to this file")
-    add_settings(b, TrainConfig, exclude=("num_workers",), defaults={"block_size": 256})
+    add_settings(
+        b, TrainConfig, exclude=("num_workers", "local_steps", "push_dtype", "seed"), defaults={"block_size": 64}
+    )
     add_settings(b, CommonSettings)
     b.set_defaults(run=run_convergence)
     add_bench_parsers(bench)
@@ -66,33 +65,30 @@ def run_convergence(args: argparse.Namespace) -> int:
     from ranger_ps.observability.progress import Progress
     from ranger_ps.workloads.data import DATASETS
 
-    for name in args.datasets:
+    settings = _settings(ConvergenceSettings, args)
+    for name in settings.datasets:
         if name not in DATASETS:
             raise UserError(f"unknown dataset {name!r}; choose from {', '.join(sorted(DATASETS))}")
     base = settings_from_args(TrainConfig, args)
-    cases = len(args.datasets) * len(args.rules) * sum(1 if f >= 1 else 2 for f in args.fractions)
-    bar = Progress(cases, "convergence")
+    axes = (
+        settings.datasets, settings.rules, settings.workers, settings.local_steps_axis, settings.push_dtypes,
+        settings.fractions, settings.seeds,
+    )  # fmt: skip
+    bar = Progress(math.prod(len(axis) for axis in axes), "convergence")
     done = 0
 
     def on_case(result: CaseResult) -> None:
         nonlocal done
         done += 1
-        bar.update(done, last=f"{result.dataset}/{result.rule}/{result.push_fraction:g}")
+        bar.update(done, last=f"{result.dataset}/{result.rule}/W{result.workers}/{result.push_fraction:g}")
         log.info(
-            "%s %s push_fraction=%g error_feedback=%s: accuracy %.4f, %.2f MB pushed (%.1f%% of dense), %.1fs",
-            result.dataset, result.rule, result.push_fraction, result.error_feedback, result.test_accuracy,
-            result.bytes_pushed / 1e6, 100 * result.push_ratio, result.seconds,
+            "%s %s W=%d H=%d %s push_fraction=%g seed=%d: accuracy %.4f, %.2f MB pushed (%.1f%% of dense), %.1fs",
+            result.dataset, result.rule, result.workers, result.local_steps, result.push_dtype, result.push_fraction,
+            result.seed, result.test_accuracy, result.bytes_pushed / 1e6, 100 * result.push_ratio, result.seconds,
         )  # fmt: skip
 
     try:
-        results = run_grid(
-            base,
-            datasets=args.datasets,
-            rules=args.rules,
-            fractions=args.fractions,
-            shards=args.shards,
-            on_case=on_case,
-        )
+        results = run_grid(base, settings, on_case=on_case)
     finally:
         bar.close()
     table = markdown_table(results)

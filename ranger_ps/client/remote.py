@@ -1,9 +1,10 @@
-"""The optimizer's backend on a cluster: push chosen blocks to the shards, pull fresh ones back.
+"""The optimizer's backend on a cluster: push chosen blocks to the shards, pull what changed back.
 
-One :class:`~ranger_ps.client.sharded.ShardedClient` does the I/O on its own thread. With
-``overlap`` the pull of step t runs while step t+1 computes and lands at the next
-:meth:`RemoteBackend.synchronize` (``zero_grad`` or ``step``); a push that fails in the background
-is kept and raised there, so a worker never ends "successfully" with pushes the shards refused.
+One :class:`~ranger_ps.client.sharded.ShardedClient` does the I/O on its own thread. Each push is
+followed by a pull of the blocks whose versions moved (this worker's own push included); with
+``overlap`` that round trip runs while the next step computes, and :meth:`RemoteBackend.collect`
+waits for it. A push that fails in the background is kept and raised at the next call, so a worker
+never ends "successfully" with pushes the shards refused.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ import torch
 
 from ranger_ps.algorithm.layout import Layout
 from ranger_ps.algorithm.rules import RuleConfig
-from ranger_ps.client.backend import Traffic
-from ranger_ps.client.sharded import PulledBlock, ShardedClient
-from ranger_ps.client.staging import PinnedStaging, needs_staging
+from ranger_ps.client.backend import OutgoingBlock, PulledBlock, Traffic
+from ranger_ps.client.sharded import ShardedClient
 from ranger_ps.config.client import ConnectionSettings
 from ranger_ps.errors import ClusterError
 from ranger_ps.wire.security import ClientSecurity
@@ -32,8 +32,8 @@ class RemoteBackend:
     Args:
         servers: ``HOST:PORT`` of each shard, in shard order.
         layout: the parameters' layout (names, shapes, blocks).
-        params: the parameters, in layout order; pulled weights are written into them.
-        rule: the update rule the shards apply (checked against what they hold).
+        initial: the parameters' initial values, in layout order (sent to shards that are empty).
+        rule: the update rule and outer rule the shards apply (checked against what they hold).
         connection: timeouts and overlap.
         worker_id: the id to register as (None: assigned by shard 0).
         observer: only pull; never count as a training worker.
@@ -46,7 +46,7 @@ class RemoteBackend:
         self,
         servers: Sequence[str],
         layout: Layout,
-        params: Sequence[torch.Tensor],
+        initial: Sequence[torch.Tensor],
         rule: RuleConfig,
         connection: ConnectionSettings,
         *,
@@ -59,14 +59,13 @@ class RemoteBackend:
         self.layout = layout
         self.rule = rule
         self.overlap = connection.overlap
-        self._params = list(params)
-        self._views = layout.block_views([p.data.view(-1) for p in self._params])
-        self._staging = PinnedStaging(layout, [p.device for p in self._params]) if needs_staging(params) else None
         self._pending: Future[list[PulledBlock]] | None = None
         self._failure: BaseException | None = None
         self._lock = threading.Lock()
         self._dense_bytes: dict[int, int] = {}
         self._bytes_pushed_dense = 0
+        self._bytes_flushed = 0
+        self._pushes = 0
         self.client = ShardedClient(
             servers,
             connect_timeout=connection.connect_timeout,
@@ -76,9 +75,9 @@ class RemoteBackend:
         )
         try:
             self._worker_id = self.client.register(
-                layout, rule, self._params, worker_id, observer=observer, consistency=consistency
+                layout, rule, initial, worker_id, observer=observer, consistency=consistency
             )
-            self._land(self.client.pull().result())
+            self.first_pull = self.client.pull().result()
         except BaseException:
             self.client.close()
             raise
@@ -94,13 +93,8 @@ class RemoteBackend:
 
     @property
     def traffic(self) -> Traffic:
-        return Traffic(self.client.bytes_pushed, self.client.bytes_pulled, self._bytes_pushed_dense)
-
-    def _land(self, blocks: list[PulledBlock]) -> None:
-        if self._staging is not None:
-            self._staging.to_device(blocks, self._views)
-        else:
-            self.client.apply_pulled(blocks, self._views)
+        client = self.client
+        return Traffic(client.bytes_pushed, client.bytes_pulled, self._bytes_pushed_dense, self._bytes_flushed)
 
     def _remember_failure(self, future: Future[Any]) -> None:
         exc = future.exception()
@@ -117,11 +111,10 @@ class RemoteBackend:
                 raise failure
             raise ClusterError(f"an overlapped push failed: {failure}") from failure
 
-    def synchronize(self) -> None:
+    def collect(self) -> list[PulledBlock]:
         pending, self._pending = self._pending, None
         try:
-            if pending is not None:
-                self._land(pending.result())
+            return pending.result() if pending is not None else []
         finally:
             self._raise_failure()
 
@@ -133,30 +126,32 @@ class RemoteBackend:
             cached = self._dense_bytes[width] = self.client.push_wire_bytes(None, clock=clock)
         return cached
 
-    def exchange(self, pushed: Sequence[torch.Tensor], chosen: Sequence[int], step: int) -> None:
-        self.synchronize()  # overlap: the previous step's pull lands (or fails) before this push
-        if self._staging is not None:
-            pushed = self._staging.to_host(pushed, chosen)
-        clock = self.client.start_clock + step  # the cluster's clock: a joining worker starts where it is
-        handle = self.client.push(pushed, chosen, clock=clock)
-        self._bytes_pushed_dense += self._dense_wire_bytes(clock)
-        pending = self.client.pull(after=handle)
+    def exchange(self, blocks: Sequence[OutgoingBlock], steps: int) -> None:
+        if self._pending is not None:
+            raise RuntimeError("collect() the previous exchange before pushing again")
+        self._raise_failure()
+        self._pushes += 1
+        clock = self.client.start_clock + self._pushes  # the cluster's clock: a joining worker starts where it is
+        before = self.client.bytes_pushed
+        handle = self.client.push_blocks(blocks, clock=clock)
+        self._bytes_pushed_dense += steps * self._dense_wire_bytes(clock)
+        if steps == 0:  # a flush
+            self._bytes_flushed += self.client.bytes_pushed - before
+        self._pending = self.client.pull(after=handle)
         if self.overlap:
             handle.add_done_callback(self._remember_failure)
-            self._pending = pending
         else:
             handle.result()
-            self._land(pending.result())
 
-    def refresh(self) -> None:
-        self.synchronize()
-        self._land(self.client.pull().result())
+    def pull_all(self) -> list[PulledBlock]:
+        pending = self.collect()
+        return [*pending, *self.client.pull().result()]
 
     def stats(self) -> list[ShardStats]:
         return self.client.stats()
 
     def close(self) -> None:
         try:
-            self.synchronize()
+            self.collect()
         finally:
             self.client.close()

@@ -23,6 +23,7 @@ import torch
 from ranger_ps.algorithm.layout import Layout
 from ranger_ps.algorithm.placement import Placement
 from ranger_ps.algorithm.rules import RuleConfig
+from ranger_ps.client.backend import OutgoingBlock, PulledBlock
 from ranger_ps.client.retry import Attempts, transient
 from ranger_ps.errors import (
     ClusterError,
@@ -33,7 +34,7 @@ from ranger_ps.errors import (
 )
 from ranger_ps.wire._proto import ranger_ps_pb2 as pb
 from ranger_ps.wire.allocator import tune_allocator
-from ranger_ps.wire.codec import bytes_to_tensor, codec_for_name, tensor_bytes
+from ranger_ps.wire.codec import bytes_to_tensor, codec_for_name, codec_for_torch, tensor_bytes
 from ranger_ps.wire.frames import (
     DEFAULT_CHUNK_BYTES,
     WireBlock,
@@ -54,15 +55,6 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class PulledBlock:
-    """A block received from a shard; ``values`` is flat and shares memory with the message."""
-
-    block_id: int
-    version: int
-    values: torch.Tensor
-
-
-@dataclass(frozen=True)
 class PushResult:
     """What the shards acknowledged for one push."""
 
@@ -76,6 +68,12 @@ def _marker(exc: grpc.aio.AioRpcError) -> str | None:
         if key == ERROR_METADATA_KEY:
             return str(value)
     return None
+
+
+def _wire_block(block: OutgoingBlock) -> WireBlock:
+    return WireBlock(
+        block.block_id, 0, codec_for_torch(block.payload.dtype).wire, tensor_bytes(block.payload), block.scale
+    )
 
 
 class _Shard:
@@ -343,27 +341,42 @@ class ShardedClient:
     def encode_push(
         self, grads: Sequence[torch.Tensor], block_ids: Iterable[int] | None, clock: int
     ) -> list[list[bytes]]:
-        """The frames, per shard, of a push of ``block_ids`` (all blocks when None).
+        """The frames, per shard, of a push of the blocks ``block_ids`` (all when None) of per-parameter tensors."""
+        return self.encode_blocks(self.outgoing(grads, block_ids), clock)
+
+    def outgoing(self, tensors: Sequence[torch.Tensor], block_ids: Iterable[int] | None) -> list[OutgoingBlock]:
+        """The blocks ``block_ids`` (all when None) of per-parameter tensors (their shape or flat), as pushed."""
+        layout, _, _ = self._require_registered()
+        flats = layout.flat_views(
+            [t.detach().to("cpu", p.torch_dtype).contiguous() for t, p in zip(tensors, layout.params, strict=True)]
+        )
+        ids = range(layout.num_blocks) if block_ids is None else block_ids
+        return [
+            OutgoingBlock(b, flats[layout.blocks[b].param_index][layout.blocks[b].offset :][: layout.blocks[b].numel])
+            for b in ids
+        ]
+
+    def encode_blocks(self, blocks: Sequence[OutgoingBlock], clock: int) -> list[list[bytes]]:
+        """The frames, per shard, of a push of these blocks at ``clock``.
 
         Every shard gets at least one frame (an empty push when none of its blocks was chosen), so
         each shard sees every clock tick of every worker.
         """
         layout, placement, worker_id = self._require_registered()
-        flats = layout.flat_views(
-            [g.detach().to("cpu", p.torch_dtype).contiguous() for g, p in zip(grads, layout.params, strict=True)]
-        )
+        by_id = {b.block_id: b for b in blocks}
+        if len(by_id) != len(blocks):
+            raise ValueError("a push names a block twice")
         header = push_header(worker_id, clock)
-        return [
-            list(
-                chunk_frames(
-                    self._wire_blocks(ids, flats, version=0),
-                    chunk_bytes=self.chunk_bytes,
-                    first_header=header,
-                    always_one=True,
+        out = []
+        for ids in group_by_shard(layout, placement, sorted(by_id)):
+            wire = [
+                WireBlock(
+                    i, 0, codec_for_torch(by_id[i].payload.dtype).wire, tensor_bytes(by_id[i].payload), by_id[i].scale
                 )
-            )
-            for ids in group_by_shard(layout, placement, block_ids)
-        ]
+                for i in ids
+            ]
+            out.append(list(chunk_frames(wire, chunk_bytes=self.chunk_bytes, first_header=header, always_one=True)))
+        return out
 
     def push_wire_bytes(self, block_ids: Iterable[int] | None, clock: int) -> int:
         """Exactly what :meth:`push` would send for these blocks at this clock, headers included.
@@ -377,14 +390,16 @@ class ShardedClient:
         )
 
     def push(self, grads: Sequence[torch.Tensor], block_ids: Iterable[int] | None, clock: int) -> Future[PushResult]:
-        """Send the gradients of ``block_ids`` (all blocks when None) to their shards.
+        """Send the blocks ``block_ids`` (all when None) of per-parameter tensors (see :meth:`push_blocks`)."""
+        return self.push_blocks(self.outgoing(grads, block_ids), clock)
 
-        ``grads`` holds one tensor per layout parameter (its shape or flat; converted to the
-        parameter's dtype). The bytes are copied into frames before
-        this returns, so the caller may reuse its gradient buffers at once; the returned future
-        resolves when every shard has applied its part.
+    def push_blocks(self, blocks: Sequence[OutgoingBlock], clock: int) -> Future[PushResult]:
+        """Send blocks to their shards as the push of ``clock``.
+
+        The bytes are copied into frames before this returns, so the caller may reuse its buffers at
+        once; the returned future resolves when every shard has applied its part.
         """
-        frames_by_shard = self.encode_push(grads, block_ids, clock)
+        frames_by_shard = self.encode_blocks(blocks, clock)
         # Counted when handed to the wire (here, in the caller's thread), not when acknowledged, so
         # a caller reading it right after push() sees this push.
         self.bytes_pushed += sum(len(f) for frames in frames_by_shard for f in frames)

@@ -26,7 +26,7 @@ import torch
 from ranger_ps.algorithm.layout import Layout
 
 if TYPE_CHECKING:
-    from ranger_ps.client.sharded import PulledBlock
+    from ranger_ps.client.backend import PulledBlock
 
 
 def needs_staging(tensors: Iterable[torch.Tensor]) -> bool:

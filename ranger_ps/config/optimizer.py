@@ -27,6 +27,11 @@ class OptimizerConfig(SelectionConfig, RuleConfig):
             object.__setattr__(self, "use_gc", self.rule == "ranger")
         if not isinstance(self.block_size, int) or not 1 <= self.block_size <= MAX_BLOCK_SIZE:
             raise ValueError(f"block_size must be in [1, {MAX_BLOCK_SIZE}], got {self.block_size}")
+        if self.outer == "rule" and self.local_steps != 1:
+            raise ValueError(
+                "local_steps needs an inner rule (--outer mean, sum or sgd): the rule outer mode pushes gradients "
+                "every step"
+            )
 
     def rule_config(self) -> RuleConfig:
         """The update rule and truncation these settings ask for (what the shards apply)."""

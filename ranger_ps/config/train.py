@@ -34,7 +34,6 @@ class JobSettings(Settings):
     batch_size: int = setting(32, "examples per step and worker")
     subsample: float = setting(1.0, "fraction of each minibatch the gradient is computed on, in (0, 1]")
     device: str = setting("cpu", "cpu, cuda or cuda:N")
-    num_workers: int = setting(1, "how many workers share the training set; each trains on every n-th example")
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -42,8 +41,6 @@ class JobSettings(Settings):
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         check_fraction("subsample", self.subsample)
-        if self.num_workers < 1:
-            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
         super().__post_init__()
 
 

@@ -1,8 +1,11 @@
-"""The optimizer's backend in this process: the shards' update, applied to the parameters here.
+"""The optimizer's backend in this process: what one shard holding every block would do.
 
-What a one-worker cluster does, without servers: each pushed block is truncated and updated with
-its param group's rule and its own state. The state lives in the optimizer's ``state`` (views into
-per-parameter tensors), so ``state_dict()`` carries it like any torch optimizer's.
+Each push is applied with :func:`~ranger_ps.algorithm.updates.apply_pushed`, the shards' own
+update (truncation, then the update rule or the outer rule), to blocks that live in the
+optimizer's ``state`` (views into per-parameter tensors), so ``state_dict()`` carries everything
+like any torch optimizer's. Under the classic rule mode the pushed blocks are the parameters
+themselves; otherwise they are the server copy, and the blocks that changed are handed back for the
+optimizer to land in its view.
 """
 
 from __future__ import annotations
@@ -12,36 +15,42 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ranger_ps.algorithm.layout import Layout
-from ranger_ps.algorithm.rules import BlockState, RuleConfig, apply_update
-from ranger_ps.client.backend import Traffic
+from ranger_ps.algorithm.quantize import Quantized, dequantize
+from ranger_ps.algorithm.rules import BlockState, RuleConfig
+from ranger_ps.algorithm.updates import apply_pushed
+from ranger_ps.client.backend import OutgoingBlock, PulledBlock, Traffic
 from ranger_ps.wire.stats import ShardStats
 
-BlockStateOf = Callable[[int], BlockState]
-"""The state of a block, by id (views into the optimizer's per-parameter state)."""
+BlockOf = Callable[[int], tuple[torch.Tensor, BlockState]]
+"""A block's values and state, by id (views into the optimizer's per-parameter tensors)."""
 
 
 class LocalBackend:
-    """Applies pushed blocks to the parameters in place.
+    """Applies pushed blocks in place, as a one-shard cluster would (at once: never overlapped).
 
     Args:
         layout: the parameters' layout.
-        params: the parameters, in layout order.
-        configs: each parameter's rule settings (its param group's), read at every step so that lr
+        configs: each parameter's rule settings (its param group's), read at every push so that lr
             schedulers and per-group settings apply.
-        block_state: the state of a block, by id.
+        block: a block's values and state, by id.
+        hands_back: whether the blocks it updates are a server copy the optimizer lands (otherwise
+            they are the parameters themselves).
     """
 
     def __init__(
         self,
         layout: Layout,
-        params: Sequence[torch.Tensor],
         configs: Callable[[], Sequence[RuleConfig]],
-        block_state: BlockStateOf,
+        block: BlockOf,
+        *,
+        hands_back: bool,
     ) -> None:
         self.layout = layout
-        self._params = list(params)
         self._configs = configs
-        self._block_state = block_state
+        self._block = block
+        self._hands_back = hands_back
+        self._changed: dict[int, None] = {}
+        self.overlap = False
 
     @property
     def worker_id(self) -> int:
@@ -51,24 +60,27 @@ class LocalBackend:
     def traffic(self) -> Traffic:
         return Traffic()
 
-    def exchange(self, pushed: Sequence[torch.Tensor], chosen: Sequence[int], step: int) -> None:
+    def exchange(self, blocks: Sequence[OutgoingBlock], steps: int) -> None:
         configs = self._configs()
-        views = self.layout.block_views([p.data.view(-1) for p in self._params])
         by_config: dict[RuleConfig, tuple[list[torch.Tensor], list[torch.Tensor], list[BlockState]]] = {}
-        for block_id in chosen:
-            block = self.layout.blocks[block_id]
-            params, grads, states = by_config.setdefault(configs[block.param_index], ([], [], []))
-            params.append(views[block_id])
-            grads.append(pushed[block.param_index][block.offset : block.offset + block.numel])
-            states.append(self._block_state(block_id))
-        for config, (params, grads, states) in by_config.items():
-            apply_update(config, params, grads, states)
+        for outgoing in blocks:
+            values, state = self._block(outgoing.block_id)
+            config = configs[self.layout.blocks[outgoing.block_id].param_index]
+            group = by_config.setdefault(config, ([], [], []))
+            group[0].append(values)
+            group[1].append(dequantize(Quantized(outgoing.payload, outgoing.scale or None), values.dtype))
+            group[2].append(state)
+            if self._hands_back:
+                self._changed[outgoing.block_id] = None
+        for config, (block_values, pushed, states) in by_config.items():
+            apply_pushed(config, block_values, pushed, states)
 
-    def synchronize(self) -> None:
-        """Nothing is ever in flight in process."""
+    def collect(self) -> list[PulledBlock]:
+        changed, self._changed = self._changed, {}
+        return [PulledBlock(block_id, 0, self._block(block_id)[0]) for block_id in changed]
 
-    def refresh(self) -> None:
-        """The parameters are always current in process."""
+    def pull_all(self) -> list[PulledBlock]:
+        return self.collect()
 
     def stats(self) -> list[ShardStats]:
         return []

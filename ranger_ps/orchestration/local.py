@@ -162,6 +162,7 @@ def run_local(config: TrainConfig, options: LocalSettings, context: RunContext |
         "wall_seconds": time.monotonic() - started,
         "bytes_pushed": sum(int(r["bytes_pushed"]) for r in per_worker),
         "bytes_pushed_dense": sum(int(r["bytes_pushed_dense"]) for r in per_worker),
+        "bytes_flushed": sum(int(r.get("bytes_flushed", 0)) for r in per_worker),
         "bytes_pulled": sum(int(r["bytes_pulled"]) for r in per_worker),
         "workers": options.workers,
         "shards": options.shards,

@@ -38,7 +38,13 @@ class DTypeCodec:
         return self.dtype.name
 
 
-_WIRE_NAMES = {pb.FLOAT32: "float32", pb.FLOAT16: "float16", pb.BFLOAT16: "bfloat16", pb.FLOAT64: "float64"}
+_WIRE_NAMES = {
+    pb.FLOAT32: "float32",
+    pb.FLOAT16: "float16",
+    pb.BFLOAT16: "bfloat16",
+    pb.FLOAT64: "float64",
+    pb.INT8: "int8",
+}
 BY_WIRE: dict[int, DTypeCodec] = {wire: DTypeCodec(wire, BY_NAME[name]) for wire, name in _WIRE_NAMES.items()}
 _BY_DTYPE_NAME: dict[str, DTypeCodec] = {c.name: c for c in BY_WIRE.values()}
 

@@ -105,12 +105,13 @@ def decode_frame(message: bytes | memoryview) -> tuple[pb.FrameHeader, memoryvie
 
 @dataclass(frozen=True)
 class WireBlock:
-    """One block's bytes as carried in (or destined for) a frame."""
+    """One block's bytes as carried in (or destined for) a frame (``scale``: int8 pushes only)."""
 
     block_id: int
     version: int
     dtype: pb.DType
     data: memoryview
+    scale: float = 0.0
 
 
 def split_blocks(header: pb.FrameHeader, payload: memoryview) -> list[WireBlock]:
@@ -127,7 +128,7 @@ def split_blocks(header: pb.FrameHeader, payload: memoryview) -> list[WireBlock]
             raise WireFormatError(
                 f"block {entry.block_id} declares {entry.nbytes} bytes but the frame ends after {payload.nbytes}"
             )
-        out.append(WireBlock(entry.block_id, entry.version, entry.dtype, payload[pos:end]))
+        out.append(WireBlock(entry.block_id, entry.version, entry.dtype, payload[pos:end], entry.scale))
         pos = end
     if pos != payload.nbytes:
         raise WireFormatError(f"frame carries {payload.nbytes - pos} bytes beyond its declared blocks")
@@ -157,7 +158,13 @@ def _chunks(
             header = pb.FrameHeader()
             parts = []
             size = 0
-        header.blocks.add(block_id=block.block_id, version=block.version, dtype=block.dtype, nbytes=block.data.nbytes)
+        header.blocks.add(
+            block_id=block.block_id,
+            version=block.version,
+            dtype=block.dtype,
+            nbytes=block.data.nbytes,
+            scale=block.scale,
+        )
         parts.append(block.data)
         size += block.data.nbytes
     if parts or (always_one and not emitted):

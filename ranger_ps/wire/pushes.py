@@ -42,17 +42,21 @@ def push_wire_bytes(
     worker_id: int,
     clock: int,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    push_dtype: str | None = None,
 ) -> int:
     """Exactly the bytes a push of these blocks puts on the wire, headers included, copying nothing.
 
+    Blocks travel in ``push_dtype`` (default: each block's own; int8 blocks carry their scale).
     Every shard gets at least one frame (an empty push where none of its blocks was chosen).
     """
     zeros = memoryview(bytes(max((b.nbytes for b in layout.blocks), default=0)))
     header = push_header(worker_id, clock)
     total = 0
     for ids in group_by_shard(layout, placement, block_ids):
-        blocks = [
-            WireBlock(i, 0, codec_for_name(layout.blocks[i].dtype).wire, zeros[: layout.blocks[i].nbytes]) for i in ids
-        ]
+        blocks = []
+        for i in ids:
+            codec = codec_for_name(push_dtype or layout.blocks[i].dtype)
+            scale = 1.0 if codec.name == "int8" else 0.0
+            blocks.append(WireBlock(i, 0, codec.wire, zeros[: layout.blocks[i].numel * codec.itemsize], scale))
         total += chunked_size(blocks, chunk_bytes=chunk_bytes, first_header=header, always_one=True)
     return total

@@ -100,7 +100,7 @@ def test_sgd_matches_torch(settings: dict[str, Any]) -> None:
     lr = 0.05
     init, grads = _data(seed=1)
     expected = _torch_sgd_run(init, grads, lr, settings)
-    config = RuleConfig(lr=lr, **settings)
+    config = RuleConfig(lr=lr, **settings, outer="rule")
     param = init.clone()
     state = new_block_state(config, NUMEL, param.dtype)
     for grad in grads:
@@ -116,7 +116,7 @@ def test_momentum_buffer_matches_torch(settings: dict[str, Any]) -> None:
     init, grads = _data(seed=2)
     param_t = torch.nn.Parameter(init.clone())
     optimizer = torch.optim.SGD([param_t], lr=lr, **settings)
-    config = RuleConfig(lr=lr, **settings)
+    config = RuleConfig(lr=lr, **settings, outer="rule")
     param = init.clone()
     state = new_block_state(config, NUMEL, param.dtype)
     for grad in grads[:5]:
@@ -134,7 +134,7 @@ def test_sgd_split_into_blocks_matches_torch(settings: dict[str, Any], block_siz
     lr = 0.05
     init, grads = _data(seed=3)
     expected = _torch_sgd_run(init, grads, lr, settings)
-    config = RuleConfig(lr=lr, **settings)
+    config = RuleConfig(lr=lr, **settings, outer="rule")
     layout = Layout((ParamInfo("w", SHAPE, "float32"),), block_size)
     param = init.clone()
     blocks = _blocked(layout, [param])
@@ -153,7 +153,7 @@ def test_sgd_blocks_updated_one_call_each(settings: dict[str, Any]) -> None:
     lr = 0.05
     init, grads = _data(seed=4)
     expected = _torch_sgd_run(init, grads, lr, settings)
-    config = RuleConfig(lr=lr, **settings)
+    config = RuleConfig(lr=lr, **settings, outer="rule")
     layout = Layout((ParamInfo("w", SHAPE, "float32"),), 6)
     param = init.clone()
     blocks = _blocked(layout, [param])
@@ -181,7 +181,7 @@ def test_sgd_several_parameters_several_blocks() -> None:
     layout = Layout.from_named_tensors([(f"p{i}", t) for i, t in enumerate(inits)], block_size=3)
     params = [t.clone() for t in inits]
     blocks = _blocked(layout, params)
-    config = RuleConfig(lr=lr, **settings)
+    config = RuleConfig(lr=lr, **settings, outer="rule")
     states = _states(config, blocks)
     for step_grads in grads:
         apply_update(config, blocks, _blocked(layout, step_grads), states)
@@ -196,7 +196,7 @@ def test_update_leaves_gradients_untouched(settings: dict[str, Any], name: str) 
         settings = {"weight_decay": settings["weight_decay"]}
     init, grads = _data(seed=6)
     originals = [g.clone() for g in grads]
-    config = RuleConfig(rule=name, lr=0.1, **settings)
+    config = RuleConfig(rule=name, lr=0.1, **settings, outer="rule")
     param = init.clone().view(-1)
     state = new_block_state(config, NUMEL, param.dtype)
     for grad in grads[:8]:
@@ -206,7 +206,7 @@ def test_update_leaves_gradients_untouched(settings: dict[str, Any], name: str) 
 
 
 def test_sgd_plain_step_exact() -> None:
-    config = RuleConfig(lr=0.5, momentum=0.0)
+    config = RuleConfig(lr=0.5, momentum=0.0, outer="rule")
     param = torch.tensor([1.0, 2.0, -3.0])
     state = new_block_state(config, 3, param.dtype)
     apply_update(config, [param], [torch.tensor([2.0, -2.0, 0.0])], [state])
@@ -217,7 +217,7 @@ def test_sgd_plain_step_exact() -> None:
 
 
 def test_apply_update_rejects_mismatched_lengths() -> None:
-    config = RuleConfig(lr=0.01, momentum=0.0)
+    config = RuleConfig(lr=0.01, momentum=0.0, outer="rule")
     state = new_block_state(config, 2, torch.float32)
     with pytest.raises(ValueError):
         apply_update(config, [torch.zeros(2)], [torch.zeros(2), torch.zeros(2)], [state])
@@ -226,7 +226,7 @@ def test_apply_update_rejects_mismatched_lengths() -> None:
 
 
 def test_apply_update_with_no_blocks_is_a_no_op() -> None:
-    apply_update(RuleConfig(lr=0.01, momentum=0.0), [], [], [])
+    apply_update(RuleConfig(lr=0.01, momentum=0.0, outer="rule"), [], [], [])
 
 
 def test_rule_registry() -> None:
@@ -235,7 +235,7 @@ def test_rule_registry() -> None:
     assert RULES["adamw"].update is adamw
     assert RULES["ranger"].update is ranger
     with pytest.raises(ValueError, match="rule must be one of sgd, adamw, ranger"):
-        RuleConfig(rule="adam", lr=0.01)
+        RuleConfig(rule="adam", lr=0.01, outer="rule")
 
 
 # --- block states --------------------------------------------------------------------------
@@ -244,10 +244,10 @@ def test_rule_registry() -> None:
 @pytest.mark.parametrize(
     ("config", "names"),
     [
-        (RuleConfig(lr=0.01, momentum=0.0), ()),
-        (RuleConfig(momentum=0.9, lr=0.01), ("momentum_buffer",)),
-        (RuleConfig(rule="adamw", lr=0.01), ("exp_avg", "exp_avg_sq")),
-        (RuleConfig(rule="ranger", lr=0.01), ("exp_avg", "exp_avg_sq", "slow_buffer")),
+        (RuleConfig(lr=0.01, momentum=0.0, outer="rule"), ()),
+        (RuleConfig(momentum=0.9, lr=0.01, outer="rule"), ("momentum_buffer",)),
+        (RuleConfig(rule="adamw", lr=0.01, outer="rule"), ("exp_avg", "exp_avg_sq")),
+        (RuleConfig(rule="ranger", lr=0.01, outer="rule"), ("exp_avg", "exp_avg_sq", "slow_buffer")),
     ],
     ids=["sgd", "sgd-momentum", "adamw", "ranger"],
 )
@@ -287,10 +287,10 @@ def test_block_state_counter_advances_in_place() -> None:
 
 @pytest.mark.parametrize("name", RULE_NAMES)
 def test_rule_functions_do_not_advance_the_counter(name: str) -> None:
-    config = RuleConfig(rule=name, lr=0.1)
+    config = RuleConfig(rule=name, lr=0.1, outer="rule")
     param = torch.randn(6, generator=torch.Generator().manual_seed(7))
     state = new_block_state(config, 6, param.dtype)
-    RULES[name].update(config, param, torch.ones(6), state)
+    RULES[name].update(config, [param], [torch.ones(6)], [state], 1)
     assert state.step == 0
     apply_update(config, [param], [torch.ones(6)], [state])
     assert state.step == 1
@@ -298,7 +298,7 @@ def test_rule_functions_do_not_advance_the_counter(name: str) -> None:
 
 def test_block_state_views_are_updated_in_place() -> None:
     # The in-process optimizer keeps state tensors as views into per-parameter tensors.
-    config = RuleConfig(rule="adamw", lr=0.1)
+    config = RuleConfig(rule="adamw", lr=0.1, outer="rule")
     exp_avg, exp_avg_sq = torch.zeros(8), torch.zeros(8)
     counters = torch.zeros(2, dtype=torch.int64)
     states = [
@@ -325,7 +325,7 @@ def test_adamw_matches_torch(weight_decay: float, betas: tuple[float, float]) ->
     init, grads = _data(seed=8, steps=steps)
     param_t = torch.nn.Parameter(init.clone())
     optimizer = torch.optim.AdamW([param_t], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=False)
-    config = RuleConfig(rule="adamw", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    config = RuleConfig(rule="adamw", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, outer="rule")
     layout = Layout((ParamInfo("w", SHAPE, "float32"),), block_size=12)
     assert layout.num_blocks == 3
     param = init.clone()
@@ -344,7 +344,7 @@ def test_adamw_matches_torch(weight_decay: float, betas: tuple[float, float]) ->
 
 
 def test_adamw_defaults() -> None:
-    config = RuleConfig(rule="adamw", lr=0.01)
+    config = RuleConfig(rule="adamw", lr=0.01, outer="rule")
     assert config.betas == (0.9, 0.999)
     assert config.eps == 1e-8
 
@@ -467,7 +467,7 @@ def test_ranger_matches_reference(use_gc: bool, weight_decay: float) -> None:
     grads = [[torch.randn(t.shape, generator=gen) for t in inits] for _ in range(steps)]
     params_t = [torch.nn.Parameter(t.clone()) for t in inits]
     reference = ReferenceRanger(params_t, lr=lr, weight_decay=weight_decay, use_gc=use_gc)
-    config = RuleConfig(rule="ranger", lr=lr, weight_decay=weight_decay)
+    config = RuleConfig(rule="ranger", lr=lr, weight_decay=weight_decay, outer="rule")
     assert config.betas == (0.95, 0.999)
     assert config.eps == 1e-5
     layout = Layout.from_named_tensors([("weight", inits[0]), ("bias", inits[1])], block_size=16)
@@ -509,7 +509,7 @@ def test_ranger_gradient_centralization_matters() -> None:
 
 
 def test_ranger_lookahead_syncs_every_k_updates() -> None:
-    config = RuleConfig(rule="ranger", lr=0.1, k=3, alpha=0.5)
+    config = RuleConfig(rule="ranger", lr=0.1, k=3, alpha=0.5, outer="rule")
     init = torch.tensor([1.0, -2.0, 3.0])
     param = init.clone()
     state = new_block_state(config, 3, param.dtype)
@@ -531,7 +531,7 @@ def test_ranger_lookahead_syncs_every_k_updates() -> None:
 def test_low_precision_sgd_momentum(dtype: torch.dtype) -> None:
     lr, momentum, weight_decay = 0.05, 0.9, 0.01
     init, grads = _data(seed=11)
-    config = RuleConfig(lr=lr, momentum=momentum, weight_decay=weight_decay)
+    config = RuleConfig(lr=lr, momentum=momentum, weight_decay=weight_decay, outer="rule")
     layout = Layout((ParamInfo("w", SHAPE, str(dtype).removeprefix("torch.")),), block_size=16)
     param = init.to(dtype)
     blocks = _blocked(layout, [param])
@@ -560,7 +560,7 @@ def test_low_precision_sgd_momentum(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_low_precision_adaptive_rules_keep_dtype(dtype: torch.dtype, name: str) -> None:
     init, grads = _data(seed=12, steps=8)
-    config = RuleConfig(rule=name, lr=0.01, weight_decay=0.01)
+    config = RuleConfig(rule=name, lr=0.01, weight_decay=0.01, outer="rule")
     param = init.to(dtype).view(-1)
     reference = init.to(dtype).view(-1)
     state = new_block_state(config, NUMEL, dtype)
@@ -580,16 +580,23 @@ def test_low_precision_adaptive_rules_keep_dtype(dtype: torch.dtype, name: str) 
 
 
 CONFIGS = [
-    RuleConfig(lr=0.01, momentum=0.0),
-    RuleConfig(lr=0.3, momentum=0.9, nesterov=True, weight_decay=1e-4),
-    RuleConfig(lr=1e-5, momentum=0.5, dampening=0.25),
-    RuleConfig(lr=2.0, dampening=1.0, momentum=0.0),
-    RuleConfig(rule="adamw", lr=1e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.01),
-    RuleConfig(rule="ranger", lr=0.01),
+    RuleConfig(lr=0.01, momentum=0.0, outer="rule"),
+    RuleConfig(lr=0.3, momentum=0.9, nesterov=True, weight_decay=1e-4, outer="rule"),
+    RuleConfig(lr=1e-5, momentum=0.5, dampening=0.25, outer="rule"),
+    RuleConfig(lr=2.0, dampening=1.0, momentum=0.0, outer="rule"),
+    RuleConfig(rule="adamw", lr=1e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.01, outer="rule"),
+    RuleConfig(rule="ranger", lr=0.01, outer="rule"),
     RuleConfig(
-        rule="ranger", alpha=0.8, k=5, n_sma_threshold=4.0, truncate_below=1e-3, truncation_residual=True, lr=0.01
+        rule="ranger",
+        alpha=0.8,
+        k=5,
+        n_sma_threshold=4.0,
+        truncate_below=1e-3,
+        truncation_residual=True,
+        lr=0.01,
+        outer="rule",
     ),
-    RuleConfig(clip_value=1.5, clip_norm=10.0, lr=0.01, momentum=0.0),
+    RuleConfig(clip_value=1.5, clip_norm=10.0, lr=0.01, momentum=0.0, outer="rule"),
 ]
 
 
@@ -605,7 +612,7 @@ def test_msgpack_round_trip(config: RuleConfig) -> None:
 
 
 def test_msgpack_is_a_plain_map() -> None:
-    raw = msgpack.unpackb(RuleConfig(lr=0.5, momentum=0.0).to_msgpack(), raw=False)
+    raw = msgpack.unpackb(RuleConfig(lr=0.5, momentum=0.0, outer="rule").to_msgpack(), raw=False)
     assert raw == {
         "name": "sgd",
         "lr": 0.5,
@@ -622,28 +629,38 @@ def test_msgpack_is_a_plain_map() -> None:
         "truncation_residual": False,
         "clip_value": None,
         "clip_norm": None,
+        "outer": "rule",
+        "outer_lr": 1.0,
+        "outer_momentum": 0.0,
+        "num_workers": 1,
+        "push_dtype": None,
     }
-    assert RuleConfig(lr=0.5, momentum=0.0).to_dict() == raw
+    assert RuleConfig(lr=0.5, momentum=0.0, outer="rule").to_dict() == raw
     assert set(raw) == {f.name for f in dataclasses.fields(RuleConfig)} - {"rule"} | {"name"}
 
 
 def test_from_msgpack_fills_defaults_for_missing_keys() -> None:
-    assert RuleConfig.from_msgpack(msgpack.packb({})) == RuleConfig()
-    assert RuleConfig.from_msgpack(msgpack.packb({"lr": 0.5})) == RuleConfig(lr=0.5)
+    assert RuleConfig.from_msgpack(msgpack.packb({})) == RuleConfig(outer="rule")
+    assert RuleConfig.from_msgpack(msgpack.packb({"lr": 0.5})) == RuleConfig(lr=0.5, outer="rule")
     # None is "the rule's default" on the wire as in Python and on the command line.
-    assert RuleConfig.from_msgpack(msgpack.packb({"name": "adamw", "lr": None})).lr == RuleConfig(rule="adamw").lr
+    assert (
+        RuleConfig.from_msgpack(msgpack.packb({"name": "adamw", "lr": None})).lr
+        == RuleConfig(rule="adamw", outer="rule").lr
+    )
     ranger_config = RuleConfig.from_msgpack(msgpack.packb({"name": "ranger"}))
     assert ranger_config.betas == (0.95, 0.999)
     assert ranger_config.eps == 1e-5
     explicit = RuleConfig.from_msgpack(msgpack.packb({"name": "adamw", "betas": None, "eps": None}))
-    assert explicit == RuleConfig(rule="adamw", betas=(0.9, 0.999), eps=1e-8)
+    assert explicit == RuleConfig(rule="adamw", betas=(0.9, 0.999), eps=1e-8, outer="rule")
 
 
 def test_from_msgpack_accepts_integers_for_floats() -> None:
     config = RuleConfig.from_msgpack(
         msgpack.packb({"lr": 1, "momentum": 0, "weight_decay": 0, "betas": [0, 0], "clip_norm": 2, "eps": 0})
     )
-    assert config == RuleConfig(lr=1.0, weight_decay=0.0, betas=(0.0, 0.0), clip_norm=2.0, eps=0.0, momentum=0.0)
+    assert config == RuleConfig(
+        lr=1.0, weight_decay=0.0, betas=(0.0, 0.0), clip_norm=2.0, eps=0.0, momentum=0.0, outer="rule"
+    )
     assert type(config.lr) is float
     assert type(config.weight_decay) is float
     assert type(config.clip_norm) is float
@@ -789,7 +806,7 @@ def test_from_msgpack_rejects_wrong_types(key: str, value: object) -> None:
 )
 def test_invalid_values_raise(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
-        RuleConfig(**{"rule" if key == "name" else key: value for key, value in kwargs.items()})
+        RuleConfig(**{"rule" if key == "name" else key: value for key, value in kwargs.items()}, outer="rule")
     # The same values arriving over the wire are refused too.
     with pytest.raises(ValueError):
         RuleConfig.from_msgpack(msgpack.packb(kwargs))
@@ -797,29 +814,33 @@ def test_invalid_values_raise(kwargs: dict[str, Any]) -> None:
 
 def test_nan_weight_decay_is_rejected() -> None:
     with pytest.raises(ValueError, match="weight_decay"):
-        RuleConfig(weight_decay=math.nan, lr=0.01, momentum=0.0)
+        RuleConfig(weight_decay=math.nan, lr=0.01, momentum=0.0, outer="rule")
 
 
 def test_valid_edge_values() -> None:
-    RuleConfig(momentum=0.0, dampening=1.0, lr=0.01)
-    RuleConfig(momentum=0.999999, nesterov=True, lr=0.01)
-    RuleConfig(lr=1e-12, momentum=0.0)
-    RuleConfig(rule="adamw", betas=(0.0, 0.0), eps=0.0, lr=0.01)
-    RuleConfig(rule="ranger", alpha=0.0, k=1, lr=0.01)
-    RuleConfig(rule="ranger", alpha=1.0, n_sma_threshold=0.0, lr=0.01)
-    RuleConfig(truncate_below=0.0, clip_value=1e-12, clip_norm=1e-12, lr=0.01, momentum=0.0)
+    RuleConfig(momentum=0.0, dampening=1.0, lr=0.01, outer="rule")
+    RuleConfig(momentum=0.999999, nesterov=True, lr=0.01, outer="rule")
+    RuleConfig(lr=1e-12, momentum=0.0, outer="rule")
+    RuleConfig(rule="adamw", betas=(0.0, 0.0), eps=0.0, lr=0.01, outer="rule")
+    RuleConfig(rule="ranger", alpha=0.0, k=1, lr=0.01, outer="rule")
+    RuleConfig(rule="ranger", alpha=1.0, n_sma_threshold=0.0, lr=0.01, outer="rule")
+    RuleConfig(truncate_below=0.0, clip_value=1e-12, clip_norm=1e-12, lr=0.01, momentum=0.0, outer="rule")
 
 
 def test_config_is_frozen() -> None:
-    config = RuleConfig(lr=0.01, momentum=0.0)
+    config = RuleConfig(lr=0.01, momentum=0.0, outer="rule")
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.lr = 1.0  # type: ignore[misc]
 
 
 def test_rule_defaults_resolve() -> None:
-    assert RuleConfig(rule="ranger", lr=0.01) == RuleConfig(rule="ranger", betas=(0.95, 0.999), eps=1e-5, lr=0.01)
-    assert RuleConfig(rule="adamw", lr=0.01) == RuleConfig(rule="adamw", betas=(0.9, 0.999), eps=1e-8, lr=0.01)
-    assert RuleConfig(rule="ranger", betas=(0.9, 0.99), lr=0.01).betas == (0.9, 0.99)
+    assert RuleConfig(rule="ranger", lr=0.01, outer="rule") == RuleConfig(
+        rule="ranger", betas=(0.95, 0.999), eps=1e-5, lr=0.01, outer="rule"
+    )
+    assert RuleConfig(rule="adamw", lr=0.01, outer="rule") == RuleConfig(
+        rule="adamw", betas=(0.9, 0.999), eps=1e-8, lr=0.01, outer="rule"
+    )
+    assert RuleConfig(rule="ranger", betas=(0.9, 0.99), lr=0.01, outer="rule").betas == (0.9, 0.99)
 
 
 def _keys(differences: list[str]) -> list[str]:
@@ -827,27 +848,27 @@ def _keys(differences: list[str]) -> list[str]:
 
 
 def test_differences_lists_exactly_the_differing_keys() -> None:
-    base = RuleConfig(lr=0.1, momentum=0.9)
+    base = RuleConfig(lr=0.1, momentum=0.9, outer="rule")
     assert base.differences(base) == []
-    assert base.differences(RuleConfig(lr=0.1, momentum=0.9)) == []
-    assert _keys(base.differences(RuleConfig(lr=0.2, momentum=0.9))) == ["lr"]
-    other = RuleConfig(lr=0.2, momentum=0.5, dampening=0.1, weight_decay=1e-4)
+    assert base.differences(RuleConfig(lr=0.1, momentum=0.9, outer="rule")) == []
+    assert _keys(base.differences(RuleConfig(lr=0.2, momentum=0.9, outer="rule"))) == ["lr"]
+    other = RuleConfig(lr=0.2, momentum=0.5, dampening=0.1, weight_decay=1e-4, outer="rule")
     assert _keys(base.differences(other)) == ["lr", "momentum", "dampening", "weight_decay"]
     assert _keys(other.differences(base)) == ["lr", "momentum", "dampening", "weight_decay"]
-    assert _keys(base.differences(RuleConfig(lr=0.1, momentum=0.9, nesterov=True))) == ["nesterov"]
+    assert _keys(base.differences(RuleConfig(lr=0.1, momentum=0.9, nesterov=True, outer="rule"))) == ["nesterov"]
 
 
 def test_differences_between_rules_include_resolved_defaults() -> None:
-    adam, rang = RuleConfig(rule="adamw", lr=0.01), RuleConfig(rule="ranger", lr=0.01)
+    adam, rang = RuleConfig(rule="adamw", lr=0.01, outer="rule"), RuleConfig(rule="ranger", lr=0.01, outer="rule")
     assert _keys(adam.differences(rang)) == ["rule", "betas", "eps"]
-    assert RuleConfig(rule="adamw", betas=(0.95, 0.999), eps=1e-5, lr=0.01).differences(rang) == [
+    assert RuleConfig(rule="adamw", betas=(0.95, 0.999), eps=1e-5, lr=0.01, outer="rule").differences(rang) == [
         "rule: 'adamw' != 'ranger'"
     ]
 
 
 def test_differences_show_both_values() -> None:
-    ours = RuleConfig(lr=0.1, momentum=0.0)
-    theirs = RuleConfig(lr=0.2, momentum=0.0)
+    ours = RuleConfig(lr=0.1, momentum=0.0, outer="rule")
+    theirs = RuleConfig(lr=0.2, momentum=0.0, outer="rule")
     assert ours.differences(theirs) == ["lr: 0.1 != 0.2"]
     assert theirs.differences(ours) == ["lr: 0.2 != 0.1"]
 
@@ -867,6 +888,11 @@ _BASE_VALUES: dict[str, Any] = {
     "truncation_residual": False,
     "clip_value": None,
     "clip_norm": None,
+    "outer": "sgd",
+    "outer_lr": 0.5,
+    "outer_momentum": 0.5,
+    "num_workers": 2,
+    "push_dtype": None,
 }
 _CHANGED_VALUES: dict[str, Any] = {
     "lr": 0.25,
@@ -883,6 +909,11 @@ _CHANGED_VALUES: dict[str, Any] = {
     "truncation_residual": True,
     "clip_value": 1.0,
     "clip_norm": 2.0,
+    "outer": "mean",
+    "outer_lr": 0.25,
+    "outer_momentum": 0.25,
+    "num_workers": 3,
+    "push_dtype": "int8",
 }
 
 
@@ -893,17 +924,30 @@ def test_value_tables_cover_every_field() -> None:
 
 @pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(RuleConfig) if f.name != "rule"])
 def test_each_field_is_compared(field: str) -> None:
-    base = RuleConfig(**_BASE_VALUES)
-    other = RuleConfig(**{**_BASE_VALUES, field: _CHANGED_VALUES[field]})
+    if field != "outer":
+        base = RuleConfig(**_BASE_VALUES)
+        other = RuleConfig(**{**_BASE_VALUES, field: _CHANGED_VALUES[field]})
+    else:  # the outer lr and momentum belong to sgd alone: switch between the other modes
+        base, other = RuleConfig(outer="mean"), RuleConfig(outer="sum")
     assert _keys(base.differences(other)) == [field]
     assert _keys(other.differences(base)) == [field]
 
 
 @pytest.mark.parametrize("settings", SETTINGS, ids=IDS)
 def test_batched_sgd_is_bitwise_the_per_block_rule(settings: dict[str, Any]) -> None:
-    """apply_update's one-call-per-operation sgd path equals the per-block function exactly,
-    with some blocks seen before and some fresh (momentum buffers initialized by copy)."""
-    config = RuleConfig(rule="sgd", **settings)
+    """apply_update's one-call-per-operation path over many blocks equals the rule applied to each block
+    alone exactly, with some blocks seen before and some fresh (momentum buffers initialized by copy)."""
+    config = RuleConfig(rule="sgd", **settings, outer="rule")
+    _check_batched_equals_per_block(config)
+
+
+@pytest.mark.parametrize("name", ["adamw", "ranger"])
+def test_batched_adaptive_rules_are_bitwise_the_per_block_rule(name: str) -> None:
+    _check_batched_equals_per_block(RuleConfig(rule=name, lr=0.05, weight_decay=0.01, k=2, outer="rule"))
+
+
+def _check_batched_equals_per_block(config: RuleConfig) -> None:
+    update = RULES[config.rule].update
     generator = torch.Generator().manual_seed(7)
     sizes = (5, 64, 1, 33)
     batched = [torch.randn(n, generator=generator) for n in sizes]
@@ -915,7 +959,7 @@ def test_batched_sgd_is_bitwise_the_per_block_rule(settings: dict[str, Any]) -> 
         grads = [torch.randn(sizes[i], generator=generator) for i in chosen]
         apply_update(config, [batched[i] for i in chosen], grads, [states_batched[i] for i in chosen])
         for i, grad in zip(chosen, grads, strict=True):
-            sgd(config, looped[i], grad, states_looped[i])
+            update(config, [looped[i]], [grad], [states_looped[i]], states_looped[i].step + 1)
             states_looped[i].advance()
     for i in range(len(sizes)):
         assert torch.equal(batched[i], looped[i])

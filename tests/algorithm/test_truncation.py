@@ -28,7 +28,7 @@ def _grad(seed: int, numel: int = 64, dtype: torch.dtype = torch.float32) -> tor
 def test_off_by_default_returns_the_same_tensor(name: str) -> None:
     grad = _grad(0)
     original = grad.clone()
-    out = truncate(RuleConfig(rule=name, lr=0.01), grad, None)
+    out = truncate(RuleConfig(rule=name, lr=0.01, outer="rule"), grad, None)
     assert out is grad
     assert torch.equal(grad, original)
 
@@ -38,14 +38,14 @@ def test_off_by_default_returns_the_same_tensor(name: str) -> None:
 
 def test_truncate_below_zeroes_small_entries_and_keeps_the_rest() -> None:
     grad = torch.tensor([0.5, -0.5, 0.49, -0.49, 0.0, 2.0, -3.0, 1e-9])
-    out = truncate(RuleConfig(truncate_below=0.5, lr=0.01, momentum=0.0), grad, None)
+    out = truncate(RuleConfig(truncate_below=0.5, lr=0.01, momentum=0.0, outer="rule"), grad, None)
     assert out.tolist() == [0.5, -0.5, 0.0, 0.0, 0.0, 2.0, -3.0, 0.0]
 
 
 def test_truncate_below_random() -> None:
     grad = _grad(1)
     threshold = 0.7
-    out = truncate(RuleConfig(truncate_below=threshold, lr=0.01, momentum=0.0), grad, None)
+    out = truncate(RuleConfig(truncate_below=threshold, lr=0.01, momentum=0.0, outer="rule"), grad, None)
     small = grad.abs() < threshold
     assert small.any() and (~small).any()
     assert torch.equal(out[small], torch.zeros(int(small.sum())))
@@ -55,7 +55,11 @@ def test_truncate_below_random() -> None:
 def test_truncate_keeps_dtype() -> None:
     for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         grad = _grad(2, dtype=dtype)
-        out = truncate(RuleConfig(truncate_below=0.5, clip_value=1.0, clip_norm=3.0, lr=0.01, momentum=0.0), grad, None)
+        out = truncate(
+            RuleConfig(truncate_below=0.5, clip_value=1.0, clip_norm=3.0, lr=0.01, momentum=0.0, outer="rule"),
+            grad,
+            None,
+        )
         assert out.dtype == dtype
         assert out.shape == grad.shape
 
@@ -64,7 +68,7 @@ def test_truncate_keeps_dtype() -> None:
 
 
 def test_residual_stores_what_truncation_removed() -> None:
-    config = RuleConfig(truncate_below=0.5, truncation_residual=True, lr=0.01, momentum=0.0)
+    config = RuleConfig(truncate_below=0.5, truncation_residual=True, lr=0.01, momentum=0.0, outer="rule")
     residual = torch.zeros(4)
     out = truncate(config, torch.tensor([0.3, -0.2, 1.0, -0.6]), residual)
     torch.testing.assert_close(out, torch.tensor([0.0, 0.0, 1.0, -0.6]))
@@ -76,7 +80,7 @@ def test_residual_stores_what_truncation_removed() -> None:
 
 
 def test_residual_without_threshold_is_flushed() -> None:
-    config = RuleConfig(truncation_residual=True, lr=0.01, momentum=0.0)
+    config = RuleConfig(truncation_residual=True, lr=0.01, momentum=0.0, outer="rule")
     residual = torch.tensor([0.25, -1.0])
     grad = torch.tensor([1.0, 1.0])
     out = truncate(config, grad, residual)
@@ -87,7 +91,7 @@ def test_residual_without_threshold_is_flushed() -> None:
 
 @pytest.mark.parametrize("threshold", [0.1, 0.5, 1.5])
 def test_residual_loses_no_mass(threshold: float) -> None:
-    config = RuleConfig(truncate_below=threshold, truncation_residual=True, lr=0.01, momentum=0.0)
+    config = RuleConfig(truncate_below=threshold, truncation_residual=True, lr=0.01, momentum=0.0, outer="rule")
     gen = torch.Generator().manual_seed(3)
     residual = torch.zeros(32, dtype=torch.float64)
     applied = torch.zeros(32, dtype=torch.float64)
@@ -108,7 +112,7 @@ def test_residual_loses_no_mass(threshold: float) -> None:
 
 
 def test_truncation_without_residual_drops_mass() -> None:
-    config = RuleConfig(truncate_below=0.5, lr=0.01, momentum=0.0)
+    config = RuleConfig(truncate_below=0.5, lr=0.01, momentum=0.0, outer="rule")
     out = truncate(config, torch.tensor([0.3, 0.3]), None)
     assert out.tolist() == [0.0, 0.0]
     out = truncate(config, torch.tensor([0.3, 0.3]), None)
@@ -120,7 +124,7 @@ def test_truncation_without_residual_drops_mass() -> None:
 
 def test_clip_value_clamps() -> None:
     grad = torch.tensor([-5.0, -1.0, -0.5, 0.0, 0.5, 1.0, 5.0])
-    out = truncate(RuleConfig(clip_value=1.0, lr=0.01, momentum=0.0), grad, None)
+    out = truncate(RuleConfig(clip_value=1.0, lr=0.01, momentum=0.0, outer="rule"), grad, None)
     assert out.tolist() == [-1.0, -1.0, -0.5, 0.0, 0.5, 1.0, 1.0]
 
 
@@ -128,7 +132,7 @@ def test_clip_norm_scales_large_blocks() -> None:
     grad = _grad(4) * 10
     norm = torch.linalg.vector_norm(grad)
     assert norm > 5.0
-    out = truncate(RuleConfig(clip_norm=5.0, lr=0.01, momentum=0.0), grad, None)
+    out = truncate(RuleConfig(clip_norm=5.0, lr=0.01, momentum=0.0, outer="rule"), grad, None)
     torch.testing.assert_close(out, grad * (5.0 / (norm + 1e-6)))
     assert float(torch.linalg.vector_norm(out)) == pytest.approx(5.0, rel=1e-5)
     # The same coefficient as torch.nn.utils.clip_grad_norm_.
@@ -141,12 +145,12 @@ def test_clip_norm_scales_large_blocks() -> None:
 def test_clip_norm_leaves_small_blocks_unchanged() -> None:
     grad = _grad(5) * 0.01
     assert torch.linalg.vector_norm(grad) < 1.0
-    out = truncate(RuleConfig(clip_norm=1.0, lr=0.01, momentum=0.0), grad, None)
+    out = truncate(RuleConfig(clip_norm=1.0, lr=0.01, momentum=0.0, outer="rule"), grad, None)
     assert torch.equal(out, grad)
 
 
 def test_clip_norm_of_a_zero_block() -> None:
-    out = truncate(RuleConfig(clip_norm=1.0, lr=0.01, momentum=0.0), torch.zeros(5), None)
+    out = truncate(RuleConfig(clip_norm=1.0, lr=0.01, momentum=0.0, outer="rule"), torch.zeros(5), None)
     assert torch.equal(out, torch.zeros(5))
 
 
@@ -156,12 +160,20 @@ def test_clip_norm_of_a_zero_block() -> None:
 @pytest.mark.parametrize(
     "config",
     [
-        RuleConfig(truncate_below=0.5, lr=0.01, momentum=0.0),
-        RuleConfig(truncate_below=0.5, truncation_residual=True, lr=0.01, momentum=0.0),
-        RuleConfig(truncation_residual=True, lr=0.01, momentum=0.0),
-        RuleConfig(clip_value=0.3, lr=0.01, momentum=0.0),
-        RuleConfig(clip_norm=0.5, lr=0.01, momentum=0.0),
-        RuleConfig(truncate_below=0.2, truncation_residual=True, clip_value=1.0, clip_norm=2.0, lr=0.01, momentum=0.0),
+        RuleConfig(truncate_below=0.5, lr=0.01, momentum=0.0, outer="rule"),
+        RuleConfig(truncate_below=0.5, truncation_residual=True, lr=0.01, momentum=0.0, outer="rule"),
+        RuleConfig(truncation_residual=True, lr=0.01, momentum=0.0, outer="rule"),
+        RuleConfig(clip_value=0.3, lr=0.01, momentum=0.0, outer="rule"),
+        RuleConfig(clip_norm=0.5, lr=0.01, momentum=0.0, outer="rule"),
+        RuleConfig(
+            truncate_below=0.2,
+            truncation_residual=True,
+            clip_value=1.0,
+            clip_norm=2.0,
+            lr=0.01,
+            momentum=0.0,
+            outer="rule",
+        ),
     ],
     ids=str,
 )
@@ -184,7 +196,9 @@ def test_residual_is_added_before_truncating() -> None:
     # Residual first: 0.3 + 0.3 = 0.6 passes 0.5. Truncating first would drop the 0.3.
     residual = torch.tensor([0.3])
     out = truncate(
-        RuleConfig(truncate_below=0.5, truncation_residual=True, lr=0.01, momentum=0.0), torch.tensor([0.3]), residual
+        RuleConfig(truncate_below=0.5, truncation_residual=True, lr=0.01, momentum=0.0, outer="rule"),
+        torch.tensor([0.3]),
+        residual,
     )
     torch.testing.assert_close(out, torch.tensor([0.6]))
     assert residual.tolist() == [0.0]
@@ -193,27 +207,35 @@ def test_residual_is_added_before_truncating() -> None:
 def test_truncation_comes_before_clip_value() -> None:
     # Truncate first: 0.8 survives 0.5, then clamps to 0.4. Clamping first would give 0.4 < 0.5 -> 0.
     out = truncate(
-        RuleConfig(truncate_below=0.5, clip_value=0.4, lr=0.01, momentum=0.0), torch.tensor([0.8, 0.3]), None
+        RuleConfig(truncate_below=0.5, clip_value=0.4, lr=0.01, momentum=0.0, outer="rule"),
+        torch.tensor([0.8, 0.3]),
+        None,
     )
     torch.testing.assert_close(out, torch.tensor([0.4, 0.0]))
 
 
 def test_truncation_comes_before_clip_norm() -> None:
     # Truncate first: [3, 0] -> norm 3 -> [~1, 0]. Clipping first: [0.991, 0.132] -> [0.991, 0].
-    out = truncate(RuleConfig(truncate_below=0.5, clip_norm=1.0, lr=0.01, momentum=0.0), torch.tensor([3.0, 0.4]), None)
+    out = truncate(
+        RuleConfig(truncate_below=0.5, clip_norm=1.0, lr=0.01, momentum=0.0, outer="rule"),
+        torch.tensor([3.0, 0.4]),
+        None,
+    )
     torch.testing.assert_close(out, torch.tensor([3.0 / (3.0 + 1e-6), 0.0]))
 
 
 def test_clip_value_comes_before_clip_norm() -> None:
     # Clamp first: [2, 2] -> norm 2.83 -> [0.707, 0.707]. Norm first: [0.6, 0.8], clamp no-op.
-    out = truncate(RuleConfig(clip_value=2.0, clip_norm=1.0, lr=0.01, momentum=0.0), torch.tensor([3.0, 4.0]), None)
+    out = truncate(
+        RuleConfig(clip_value=2.0, clip_norm=1.0, lr=0.01, momentum=0.0, outer="rule"), torch.tensor([3.0, 4.0]), None
+    )
     expected = torch.tensor([2.0, 2.0]) / (8.0**0.5 + 1e-6)
     torch.testing.assert_close(out, expected)
 
 
 def test_full_pipeline_order() -> None:
     config = RuleConfig(
-        truncate_below=0.5, truncation_residual=True, clip_value=1.0, clip_norm=1.5, lr=0.01, momentum=0.0
+        truncate_below=0.5, truncation_residual=True, clip_value=1.0, clip_norm=1.5, lr=0.01, momentum=0.0, outer="rule"
     )
     residual = torch.tensor([0.3, 0.0, 0.0, 0.2])
     grad = torch.tensor([0.3, 5.0, -0.4, 0.2])
@@ -232,11 +254,19 @@ def test_full_pipeline_order() -> None:
 @pytest.mark.parametrize(
     "config",
     [
-        RuleConfig(lr=1.0, truncate_below=0.6, momentum=0.0),
-        RuleConfig(lr=1.0, truncate_below=0.6, truncation_residual=True, momentum=0.0),
-        RuleConfig(lr=1.0, clip_value=0.5, momentum=0.0),
-        RuleConfig(lr=1.0, clip_norm=1.0, momentum=0.0),
-        RuleConfig(lr=1.0, truncate_below=0.3, truncation_residual=True, clip_value=1.0, clip_norm=2.0, momentum=0.0),
+        RuleConfig(lr=1.0, truncate_below=0.6, momentum=0.0, outer="rule"),
+        RuleConfig(lr=1.0, truncate_below=0.6, truncation_residual=True, momentum=0.0, outer="rule"),
+        RuleConfig(lr=1.0, clip_value=0.5, momentum=0.0, outer="rule"),
+        RuleConfig(lr=1.0, clip_norm=1.0, momentum=0.0, outer="rule"),
+        RuleConfig(
+            lr=1.0,
+            truncate_below=0.3,
+            truncation_residual=True,
+            clip_value=1.0,
+            clip_norm=2.0,
+            momentum=0.0,
+            outer="rule",
+        ),
     ],
     ids=str,
 )
@@ -267,7 +297,7 @@ def test_apply_update_truncates_before_the_rule(config: RuleConfig) -> None:
 
 
 def test_apply_update_clips_each_block_separately() -> None:
-    config = RuleConfig(lr=1.0, clip_norm=1.0, momentum=0.0)
+    config = RuleConfig(lr=1.0, clip_norm=1.0, momentum=0.0, outer="rule")
     param = torch.zeros(4)
     grads = [torch.tensor([3.0, 4.0]), torch.tensor([0.3, 0.4])]
     states = [new_block_state(config, 2, param.dtype) for _ in range(2)]
@@ -277,7 +307,9 @@ def test_apply_update_clips_each_block_separately() -> None:
 
 def test_apply_update_residual_with_momentum_and_low_precision() -> None:
     # Truncation happens on the float32 gradient against a float32 residual, also for bfloat16.
-    config = dataclasses.replace(RuleConfig(lr=0.1, momentum=0.9), truncate_below=0.5, truncation_residual=True)
+    config = dataclasses.replace(
+        RuleConfig(lr=0.1, momentum=0.9, outer="rule"), truncate_below=0.5, truncation_residual=True
+    )
     param = torch.zeros(4, dtype=torch.bfloat16)
     state = new_block_state(config, 4, param.dtype)
     assert state.residual is not None

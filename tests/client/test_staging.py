@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ranger_ps.algorithm.layout import Layout
-from ranger_ps.client.sharded import PulledBlock
+from ranger_ps.client.backend import PulledBlock
 from ranger_ps.client.staging import PinnedStaging, needs_staging
 
 

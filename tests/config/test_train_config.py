@@ -14,7 +14,7 @@ def test_rule_defaults_are_resolved_so_reports_show_effective_values() -> None:
     assert (sgd.lr, sgd.momentum, sgd.use_gc) == (0.05, 0.9, False)
     ranger = TrainConfig(rule="ranger")
     assert (ranger.lr, ranger.momentum, ranger.use_gc, ranger.betas, ranger.eps) == (
-        0.01,
+        0.02,
         0.0,
         True,
         (0.95, 0.999),
@@ -29,16 +29,18 @@ def test_rule_and_selection_configs_carry_every_knob() -> None:
     config = TrainConfig(
         rule="ranger", lr=0.2, weight_decay=0.1, alpha=0.4, k=3, truncate_below=1e-4, truncation_residual=True,
         clip_value=2.0, clip_norm=3.0, push_fraction=0.1, error_feedback=False, warmup_steps=5, warmup_start=0.5,
-        subsample=0.5, seed=7,
+        subsample=0.5, seed=7, outer="sgd", outer_lr=0.5, num_workers=3, local_steps=4, push_dtype="int8",
     )  # fmt: skip
     rule = config.rule_config()
     assert rule == RuleConfig(
         rule="ranger", lr=0.2, weight_decay=0.1, alpha=0.4, k=3, truncate_below=1e-4, truncation_residual=True,
-        clip_value=2.0, clip_norm=3.0, momentum=0.0,
+        clip_value=2.0, clip_norm=3.0, momentum=0.0, outer="sgd", outer_lr=0.5, outer_momentum=0.9, num_workers=3,
+        push_dtype="int8",
     )  # fmt: skip
     selection = config.selection_config()
     assert (selection.push_fraction, selection.error_feedback, selection.warmup_steps) == (0.1, False, 5)
     assert (selection.warmup_start, selection.seed, config.subsample) == (0.5, 7, 0.5)
+    assert (selection.local_steps, rule.push_dtype) == (4, "int8")
     kwargs = config.optimizer_kwargs()
     assert kwargs["rule"] == "ranger" and kwargs["push_fraction"] == 0.1 and kwargs["clip_norm"] == 3.0
 

@@ -1,8 +1,10 @@
 """Integration: "distributed equals local" for ``ranger_ps.Ranger`` against real shard processes.
 
 One worker, the same seed and settings: training against two real shards gives the same weights as
-the in-process optimizer (to 1e-6) at every one of 50 steps, for every rule, for partial pushes with
-and without error feedback, with server-side truncation and clipping, and with ``overlap=True``.
+the in-process optimizer (to 1e-6) at every one of 50 steps, for every rule under every outer rule
+(the classic rule mode, and an inner rule with mean, sum or sgd on the shards), for partial pushes
+with and without error feedback, quantized pushes, local steps, server-side truncation and clipping,
+and with ``overlap=True``.
 """
 
 from __future__ import annotations
@@ -110,7 +112,8 @@ def _run_and_compare(servers: list[str], settings: dict[str, Any], *, overlap: b
                 loss = F.cross_entropy(model(x), y)
                 loss.backward()  # type: ignore[no-untyped-call]
                 optimizer.step()
-            if not overlap:
+            if not overlap or settings.get("outer", "mean") != "rule":
+                # An inner rule updates the view in step(); what lands later changes it by rounding only.
                 _assert_same(local_model, remote_model, f"after step {t}")
             else:  # the new weights are still in flight: step() left the parameters alone
                 assert all(torch.equal(b, p) for b, p in zip(before, remote_model.parameters(), strict=True))
@@ -125,6 +128,7 @@ def _run_and_compare(servers: list[str], settings: dict[str, Any], *, overlap: b
             blocks_applied=tuple(s.blocks_applied for s in stats),
             pushes_applied=tuple(s.pushes_applied for s in stats),
         )
+    local.flush()  # close() flushed the remote worker's residual: the same here
     _assert_same(local_model, remote_model, "after close")
     return run
 
@@ -147,17 +151,34 @@ SGD = dict(rule="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)
 ADAMW = dict(rule="adamw", lr=0.01, weight_decay=0.01)
 RANGER_GC = dict(rule="ranger", lr=0.01, use_gc=True)
 RANGER_NO_GC = dict(rule="ranger", lr=0.01, use_gc=False)
+RULES = (("sgd", SGD), ("adamw", ADAMW), ("ranger-gc", RANGER_GC), ("ranger-nogc", RANGER_NO_GC))
 
 CASES = [
+    # The classic mode: gradients pushed, the rule on the shards.
     *(
-        pytest.param({**rule, "push_fraction": fraction, "error_feedback": True}, id=f"{name}-push{fraction}")
-        for name, rule in (("sgd", SGD), ("adamw", ADAMW), ("ranger-gc", RANGER_GC), ("ranger-nogc", RANGER_NO_GC))
+        pytest.param({**rule, "outer": "rule", "push_fraction": fraction}, id=f"rule-{name}-push{fraction}")
+        for name, rule in RULES
         for fraction in (1.0, 0.3)
     ),
-    pytest.param({**SGD, "push_fraction": 0.3, "error_feedback": False}, id="sgd-push0.3-no-error-feedback"),
+    pytest.param({**SGD, "outer": "rule", "push_fraction": 0.3, "error_feedback": False}, id="rule-sgd-no-feedback"),
     pytest.param(
-        {**SGD, "truncate_below": 1e-3, "truncation_residual": True, "clip_norm": 1.0},
-        id="sgd-truncation-residual-clip-norm",
+        {**SGD, "outer": "rule", "truncate_below": 1e-3, "truncation_residual": True, "clip_norm": 1.0},
+        id="rule-sgd-truncation-residual-clip-norm",
+    ),
+    # An inner rule on the worker, every outer rule on the shards.
+    *(
+        pytest.param({**rule, "outer": outer, "push_fraction": 0.3}, id=f"{outer}-{name}-push0.3")
+        for name, rule in RULES
+        for outer in ("mean", "sum", "sgd")
+    ),
+    pytest.param({**SGD, "outer": "mean", "push_fraction": 1.0}, id="mean-sgd-push1.0"),
+    pytest.param({**ADAMW, "outer": "mean", "num_workers": 3, "push_fraction": 0.3}, id="mean-adamw-3-workers"),
+    pytest.param({**RANGER_GC, "outer": "mean", "num_workers": 2}, id="mean-ranger-cluster-clock"),
+    pytest.param({**SGD, "push_fraction": 0.3, "push_dtype": "int8"}, id="mean-sgd-int8"),
+    pytest.param({**ADAMW, "push_fraction": 0.3, "push_dtype": "bfloat16"}, id="mean-adamw-bfloat16"),
+    pytest.param({**SGD, "push_fraction": 0.3, "error_feedback": False}, id="mean-sgd-no-feedback"),
+    pytest.param(
+        {**SGD, "truncate_below": 1e-4, "truncation_residual": True, "clip_value": 0.01}, id="mean-sgd-truncation"
     ),
 ]
 
@@ -171,10 +192,17 @@ def test_distributed_equals_local_and_shards_apply_exactly_the_chosen_blocks(
     _assert_blocks_applied_equal_blocks_chosen(run, settings.get("push_fraction", 1.0))
 
 
+def test_local_steps_push_every_h_steps(start_servers: ServerFactory) -> None:
+    settings = {**SGD, "push_fraction": 0.5, "local_steps": 5}
+    run = _run_and_compare(start_servers(2), settings)
+    assert list(run.pushes_applied) == [STEPS // 5] * 2
+
+
 def test_overlap_equals_local(start_servers: ServerFactory) -> None:
-    settings = {**SGD, "push_fraction": 0.3}
-    run = _run_and_compare(start_servers(2), settings, overlap=True)
-    _assert_blocks_applied_equal_blocks_chosen(run, 0.3)
+    for outer in ("rule", "mean"):
+        settings = {**SGD, "outer": outer, "push_fraction": 0.3}
+        run = _run_and_compare(start_servers(2), settings, overlap=True)
+        _assert_blocks_applied_equal_blocks_chosen(run, 0.3)
 
 
 def test_second_optimizer_with_another_lr_is_refused(start_servers: ServerFactory) -> None:

@@ -580,7 +580,9 @@ def test_exactly_the_chosen_blocks_change() -> None:
     params = list(_mlp().parameters())
     blocks = _blocks_of(MLP_NUMELS, BLOCK_SIZE)
     assert len(blocks) == MLP_BLOCKS
-    optimizer = Ranger(params, lr=lr, push_fraction=fraction, error_feedback=True, block_size=BLOCK_SIZE, seed=seed)
+    optimizer = Ranger(
+        params, lr=lr, push_fraction=fraction, error_feedback=True, block_size=BLOCK_SIZE, seed=seed, outer="rule"
+    )
     memory = [torch.zeros(p.numel()) for p in params]  # an independent error-feedback memory
     gen = torch.Generator().manual_seed(5)
     for step in range(1, 21):
@@ -610,7 +612,7 @@ def test_other_seed_other_blocks() -> None:
     changed = []
     for seed in (0, 7):
         params = list(_mlp().parameters())
-        optimizer = Ranger(params, lr=0.1, push_fraction=0.25, block_size=BLOCK_SIZE, seed=seed)
+        optimizer = Ranger(params, lr=0.1, push_fraction=0.25, block_size=BLOCK_SIZE, seed=seed, outer="rule")
         _random_grads(params, torch.Generator().manual_seed(6))
         before = _snapshot(params)
         optimizer.step()
@@ -629,7 +631,13 @@ def _run_conservation(error_feedback: bool) -> tuple[list[torch.Tensor], list[to
     params = list(_mlp().parameters())
     blocks = _blocks_of(MLP_NUMELS, BLOCK_SIZE)
     optimizer = Ranger(
-        params, lr=lr, push_fraction=fraction, error_feedback=error_feedback, block_size=BLOCK_SIZE, seed=seed
+        params,
+        lr=lr,
+        push_fraction=fraction,
+        error_feedback=error_feedback,
+        block_size=BLOCK_SIZE,
+        seed=seed,
+        outer="rule",
     )
     initial = _snapshot(params)
     total = [torch.zeros_like(p) for p in params]
@@ -672,7 +680,14 @@ def test_warmup_decays_the_number_of_changed_blocks() -> None:
     params = list(_mlp().parameters())
     blocks = _blocks_of(MLP_NUMELS, BLOCK_SIZE)
     optimizer = Ranger(
-        params, lr=0.1, push_fraction=0.1, warmup_steps=10, warmup_start=1.0, block_size=BLOCK_SIZE, seed=1
+        params,
+        lr=0.1,
+        push_fraction=0.1,
+        warmup_steps=10,
+        warmup_start=1.0,
+        block_size=BLOCK_SIZE,
+        seed=1,
+        outer="rule",
     )
     gen = torch.Generator().manual_seed(9)
     counts = []

@@ -41,7 +41,7 @@ def _pull_into(client: ShardedClient, tensors: list[torch.Tensor]) -> int:
 
 def test_pushes_then_pull_equal_torch_sgd_exactly(start_servers: ServerFactory) -> None:
     servers = start_servers(2)
-    rule = RuleConfig(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
+    rule = RuleConfig(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01, outer="rule")
     layout = _layout()
     initial = [t for _, t in _params()]
     reference = [t.clone().requires_grad_(True) for t in initial]
@@ -70,7 +70,7 @@ def test_partial_push_moves_only_chosen_blocks_and_pull_sends_only_newer(start_s
     layout = _layout(block_size=16)
     initial = [t for _, t in _params()]
     with ShardedClient(servers) as client:
-        client.register(layout, RuleConfig(lr=1.0, momentum=0.0), initial)
+        client.register(layout, RuleConfig(lr=1.0, momentum=0.0, outer="rule"), initial)
         current = [torch.zeros_like(t) for t in initial]
         assert _pull_into(client, current) == layout.num_blocks
         for got, want in zip(current, initial, strict=True):
@@ -100,10 +100,10 @@ def test_second_worker_joins_and_sees_the_first_workers_updates(start_servers: S
     layout = _layout()
     initial = [t for _, t in _params()]
     with ShardedClient(servers) as first, ShardedClient(servers) as second:
-        assert first.register(layout, RuleConfig(lr=0.5, momentum=0.0), initial) == 0
+        assert first.register(layout, RuleConfig(lr=0.5, momentum=0.0, outer="rule"), initial) == 0
         first.push([torch.ones_like(t) for t in initial], None, clock=1).result(timeout=30)
         other_init = [torch.full_like(t, 7.0) for t in initial]  # ignored: the shards are initialized
-        assert second.register(layout, RuleConfig(lr=0.5, momentum=0.0), other_init) == 1
+        assert second.register(layout, RuleConfig(lr=0.5, momentum=0.0, outer="rule"), other_init) == 1
         got = [torch.zeros_like(t) for t in initial]
         _pull_into(second, got)
     for g_, t in zip(got, initial, strict=True):
@@ -114,23 +114,23 @@ def test_layout_or_rule_mismatch_is_refused_with_a_clear_error(start_servers: Se
     servers = start_servers(2)
     initial = [t for _, t in _params()]
     with ShardedClient(servers) as client:
-        client.register(_layout(), RuleConfig(lr=0.5, momentum=0.0), initial)
+        client.register(_layout(), RuleConfig(lr=0.5, momentum=0.0, outer="rule"), initial)
     with ShardedClient(servers) as client, pytest.raises(LayoutMismatchError, match="layout mismatch"):
-        client.register(_layout(block_size=32), RuleConfig(lr=0.5, momentum=0.0), initial)
+        client.register(_layout(block_size=32), RuleConfig(lr=0.5, momentum=0.0, outer="rule"), initial)
     with ShardedClient(servers) as client, pytest.raises(LayoutMismatchError, match="lr: 0.5 != 0.25"):
-        client.register(_layout(), RuleConfig(lr=0.25, momentum=0.0), initial)
+        client.register(_layout(), RuleConfig(lr=0.25, momentum=0.0, outer="rule"), initial)
 
 
 def test_servers_listed_in_the_wrong_order_are_refused(start_servers: ServerFactory) -> None:
     servers = start_servers(2)
     with ShardedClient(list(reversed(servers))) as client, pytest.raises(LayoutMismatchError, match="shard 1 of 2"):
-        client.register(_layout(), RuleConfig(lr=0.01, momentum=0.0), [t for _, t in _params()])
+        client.register(_layout(), RuleConfig(lr=0.01, momentum=0.0, outer="rule"), [t for _, t in _params()])
 
 
 def test_unreachable_server_fails_after_bounded_retries() -> None:
     with ShardedClient(["127.0.0.1:9"], connect_timeout=1.0) as client:
         with pytest.raises(ServerUnavailableError, match=r"127\.0\.0\.1:9 \(shard 0\) within 1s"):
-            client.register(_layout(), RuleConfig(lr=0.01, momentum=0.0), [t for _, t in _params()])
+            client.register(_layout(), RuleConfig(lr=0.01, momentum=0.0, outer="rule"), [t for _, t in _params()])
 
 
 def test_garbage_bytes_get_invalid_argument_and_the_server_lives_on(start_servers: ServerFactory) -> None:
@@ -157,7 +157,7 @@ def test_push_from_unregistered_worker_is_refused(start_servers: ServerFactory) 
     layout = _layout()
     initial = [t for _, t in _params()]
     with ShardedClient([server]) as client:
-        client.register(layout, RuleConfig(lr=0.01, momentum=0.0), initial)
+        client.register(layout, RuleConfig(lr=0.01, momentum=0.0, outer="rule"), initial)
         frames = client.encode_push([torch.ones_like(t) for t in initial], [0], clock=1)[0]
     header = pb.FrameHeader(push=pb.PushHeader(worker_id=42, clock=1))
     forged = [pb.Frame(header=header).SerializeToString(), *frames[1:]]

@@ -73,7 +73,7 @@ async def _ready_shard(mode: str, workers: int) -> Shard:
     shard = Shard(0, 1, ShardSettings(consistency=mode, lease_seconds=60.0, wait_seconds=5.0))
     layout = _layout()
     for w in range(workers):
-        registration = await shard.register(w, layout, RuleConfig(lr=1.0, momentum=0.0), 0, 1)
+        registration = await shard.register(w, layout, RuleConfig(lr=1.0, momentum=0.0, outer="rule"), 0, 1)
         if registration.must_initialize:
             await shard.initialize(w, _blocks({0: torch.zeros(4), 1: torch.zeros(2), 2: torch.zeros(2)}))
     return shard
@@ -132,7 +132,7 @@ def test_a_joining_bsp_worker_takes_part_from_its_first_push() -> None:
         for clock in (1, 2):
             await shard.push(0, clock, [])
             await shard.push(1, clock, [])
-        registration = await shard.register(5, _layout(), RuleConfig(lr=1.0, momentum=0.0), 0, 1)
+        registration = await shard.register(5, _layout(), RuleConfig(lr=1.0, momentum=0.0, outer="rule"), 0, 1)
         assert registration.clock == 2 and not registration.must_initialize
         await shard.push(0, 3, [])
         await shard.push(1, 3, [])
@@ -175,6 +175,8 @@ def test_consistency_mismatch_is_refused() -> None:
     async def scenario() -> None:
         shard = await _ready_shard("bsp", 1)
         with pytest.raises(PreconditionFailed, match="runs bsp, the worker expects ssp:2"):
-            await shard.register(1, _layout(), RuleConfig(lr=1.0, momentum=0.0), 0, 1, consistency="ssp:2")
+            await shard.register(
+                1, _layout(), RuleConfig(lr=1.0, momentum=0.0, outer="rule"), 0, 1, consistency="ssp:2"
+            )
 
     asyncio.run(scenario())

@@ -193,7 +193,7 @@ def test_bsp_pulls_equal_the_mean_gradient_sgd_result_exactly(start_servers: Ser
     assert num_blocks == 7
     initial = [t for _, t in params]
     shapes = [t.shape for t in initial]
-    rule = RuleConfig(lr=0.1, momentum=0.0)
+    rule = RuleConfig(lr=0.1, momentum=0.0, outer="rule")
     workers, steps = 3, 5
 
     # The expected weights after each clock: per block, the sum of the workers' gradients for it
@@ -270,7 +270,7 @@ def test_ssp_pull_blocks_while_more_than_k_clocks_ahead_of_the_slowest(start_ser
     params = _float_params()
     layout = Layout.from_named_tensors(params, block_size=64)
     initial = [t for _, t in params]
-    rule = RuleConfig(lr=0.1, momentum=0.0)
+    rule = RuleConfig(lr=0.1, momentum=0.0, outer="rule")
     ones = [torch.ones_like(t) for t in initial]
     with ShardedClient(servers) as a, ShardedClient(servers) as b:
         a_id = a.register(layout, rule, initial, consistency="ssp:1")
@@ -313,7 +313,7 @@ def _idle_worker(servers: Sequence[str], worker_id: int) -> Ranger:
     Registered first, it initializes the shards and holds the ssp/bsp barrier at clock 0 (its
     heartbeats keep it live) until it is closed (a Leave).
     """
-    config = TrainConfig()
+    config = TrainConfig(num_workers=3)  # as the workers the tests start
     _, model, _ = build(config)
     return Ranger(model.named_parameters(), servers=servers, worker_id=worker_id, **config.optimizer_kwargs())
 

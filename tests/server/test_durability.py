@@ -290,7 +290,7 @@ def test_sigterm_loses_no_acknowledged_push(procs: _Processes, tmp_path: Path) -
     refusals: list[str] = ["", ""]
     g = torch.Generator().manual_seed(3)
     with ShardedClient(addresses, retry_timeout=2.0) as client:
-        client.register(_layout(), RuleConfig(lr=0.05, momentum=0.9), [t for _, t in _params()])
+        client.register(_layout(), RuleConfig(lr=0.05, momentum=0.9, outer="rule"), [t for _, t in _params()])
         for clock in range(1, 21):
             client.push(_grads(g), None, clock).result(timeout=30)
             acked = [a + 1 for a in acked]
@@ -446,7 +446,7 @@ def test_sigkill_and_restart_on_the_same_folder_training_completes_at_the_no_fau
 def test_two_shards_saved_resume_as_three_with_every_tensor_equal(procs: _Processes, tmp_path: Path) -> None:
     folder = tmp_path / "two"
     layout = _layout()
-    rule = RuleConfig(rule="adamw", lr=0.01, weight_decay=0.01)
+    rule = RuleConfig(rule="adamw", lr=0.01, weight_decay=0.01, outer="rule")
     g = torch.Generator().manual_seed(7)
     two = procs.servers(2, "--checkpoint-dir", str(folder), "--checkpoint-every", "0")
     with ShardedClient([s.address for s in two]) as client:
@@ -499,7 +499,7 @@ def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous_one(procs: _Pr
     folder = tmp_path / "ckpt"
     flags = ("--checkpoint-dir", str(folder), "--checkpoint-every", "0", "--checkpoint-every-pushes", "5")
     layout = _layout()
-    rule = RuleConfig(rule="adamw", lr=0.01)
+    rule = RuleConfig(rule="adamw", lr=0.01, outer="rule")
     g = torch.Generator().manual_seed(11)
     first = procs.server(0, 1, *flags)
     with ShardedClient([first.address]) as client:

@@ -223,7 +223,7 @@ def register_request(layout: Layout, rule: RuleConfig, worker_id: int = -1, shar
 
 # -- the model -------------------------------------------------------------------------------------
 
-RULE = RuleConfig(lr=0.5, momentum=0.0)
+RULE = RuleConfig(lr=0.5, momentum=0.0, outer="rule")
 
 
 def model_params(seed: int = 0) -> list[tuple[str, torch.Tensor]]:

@@ -28,7 +28,7 @@ def _blocks(values: dict[int, torch.Tensor]) -> list[WireBlock]:
 async def _shard_with(layout: Layout, workers: int) -> Shard:
     shard = Shard(0, 1, ShardSettings(lease_seconds=60.0))
     for worker in range(workers):
-        registration = await shard.register(worker, layout, RuleConfig(lr=1.0, momentum=0.0), 0, 1)
+        registration = await shard.register(worker, layout, RuleConfig(lr=1.0, momentum=0.0, outer="rule"), 0, 1)
         if registration.must_initialize:
             zeros = {b.block_id: torch.zeros(b.numel) for b in layout.blocks}
             await shard.initialize(worker, _blocks(zeros))

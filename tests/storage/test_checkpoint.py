@@ -31,7 +31,9 @@ from ranger_ps.wire.codec import codec_for_name, tensor_bytes
 from ranger_ps.wire.frames import WireBlock
 from tests.conftest import ROOT
 
-ADAMW = RuleConfig(rule="adamw", lr=0.01, weight_decay=0.01, truncate_below=1e-3, truncation_residual=True)
+ADAMW = RuleConfig(
+    rule="adamw", lr=0.01, weight_decay=0.01, truncate_below=1e-3, truncation_residual=True, outer="rule"
+)
 
 
 def _params(seed: int = 0) -> list[tuple[str, torch.Tensor]]:
@@ -161,9 +163,9 @@ def _flip(path: Path, offset: int, mask: int = 0x01) -> None:
     "rule",
     [
         ADAMW,
-        RuleConfig(rule="ranger", lr=0.01, truncate_below=1e-2, truncation_residual=True),
-        RuleConfig(rule="sgd", lr=0.1, momentum=0.9, truncate_below=1e-2, truncation_residual=True),
-        RuleConfig(rule="sgd", lr=0.1, momentum=0.0),  # no state at all
+        RuleConfig(rule="ranger", lr=0.01, truncate_below=1e-2, truncation_residual=True, outer="rule"),
+        RuleConfig(rule="sgd", lr=0.1, momentum=0.9, truncate_below=1e-2, truncation_residual=True, outer="rule"),
+        RuleConfig(rule="sgd", lr=0.1, momentum=0.0, outer="rule"),  # no state at all
     ],
     ids=["adamw", "ranger", "sgd-momentum", "sgd-plain"],
 )
@@ -177,7 +179,7 @@ def test_write_read_round_trip_is_exact(tmp_path: Path, rule: RuleConfig) -> Non
 
 
 def test_round_trip_of_low_precision_blocks_with_a_residual_and_no_rule_state(tmp_path: Path) -> None:
-    rule = RuleConfig(rule="sgd", lr=0.1, truncate_below=1e-2, truncation_residual=True, momentum=0.0)
+    rule = RuleConfig(rule="sgd", lr=0.1, truncate_below=1e-2, truncation_residual=True, momentum=0.0, outer="rule")
     saved = _checkpoint(rule)
     assert any(b.residual is not None and b.residual.dtype != b.value.dtype for b in saved.blocks)
     _assert_same(checkpoint.read(checkpoint.write(saved, tmp_path)), saved)

@@ -118,7 +118,7 @@ def test_builtin_prefixes_win_over_plugin_syntax() -> None:
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("imagenet", "unknown dataset 'imagenet'; choose from digits, synthetic"),
+        ("imagenet", "unknown dataset 'imagenet'; choose from digits, digits-shifted, synthetic"),
         ("", "unknown dataset ''"),
         ("no such:thing", "unknown dataset"),
         ("digits:x", "digits takes no options"),

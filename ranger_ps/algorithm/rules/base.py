@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -36,13 +36,32 @@ class Hyperparameters(Protocol):
     def n_sma_threshold(self) -> float: ...
 
 
-Update = Callable[[Hyperparameters, torch.Tensor, torch.Tensor, BlockState], None]
-"""``update(config, param, grad, state)``: one block's update, in place (``param`` and ``state``)."""
+class Update(Protocol):
+    """One step of many blocks that all take their ``step``-th update, in place (values and states).
+
+    ``step`` is the count bias corrections and rectification use; ``own_step`` (default: ``step``)
+    the count period-based behaviour (Lookahead) uses. The two differ only where a worker runs the
+    rule with the cluster's clock. Counters are not advanced here (:func:`apply_update` does it).
+    """
+
+    def __call__(
+        self,
+        config: Hyperparameters,
+        params: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor],
+        states: Sequence[BlockState],
+        step: int,
+        own_step: int | None = None,
+    ) -> None: ...
+
+
+class StateNames(Protocol):
+    def __call__(self, config: Hyperparameters) -> tuple[str, ...]: ...
 
 
 @dataclass(frozen=True)
 class RuleDefaults:
-    """A rule's hyper-parameters where ``RuleConfig`` leaves them to the rule (``None``)."""
+    """A rule's hyper-parameters where the settings leave them to the rule (``None``)."""
 
     lr: float
     momentum: float
@@ -56,12 +75,12 @@ class Rule:
 
     Attributes:
         name: what ``--rule`` and ``rule=`` call it.
-        update: the pure per-block update.
+        update: the vectorized update of many blocks at one step.
         state_names: the state tensors a block carries under given settings.
         defaults: hyper-parameters used where the settings say "the rule's default".
     """
 
     name: str
     update: Update
-    state_names: Callable[[Hyperparameters], tuple[str, ...]]
+    state_names: StateNames
     defaults: RuleDefaults

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
+from ranger_ps.algorithm.outer import WIRE_DEFAULT_OUTER, OuterSettings
 from ranger_ps.algorithm.rules.registry import RULE_NAMES, rule_named
 from ranger_ps.algorithm.truncation import TruncationSettings, check_finite
 from ranger_ps.settings import Settings, Spec, setting, specs
@@ -88,11 +89,18 @@ _WIRE_NAMES = {"rule": "name"}
 
 
 @dataclass(frozen=True)
-class RuleConfig(TruncationSettings, RuleSettings):
-    """Everything a shard applies to a push: the update rule and the truncation before it."""
+class RuleConfig(OuterSettings, TruncationSettings, RuleSettings):
+    """The update rule, where it runs, and what a shard does with a push (truncation, then the outer rule).
+
+    The whole cluster shares one: it travels in the registration handshake.
+    """
 
     def state_names(self) -> tuple[str, ...]:
-        """The rule-state tensors each block carries under these settings."""
+        """The state tensors each block carries on the shards under these settings."""
+        return rule_named(self.rule).state_names(self) if self.outer == "rule" else self.outer_state_names()
+
+    def rule_state_names(self) -> tuple[str, ...]:
+        """The state tensors the update rule itself keeps (on the shards, or on a worker for its inner rule)."""
         return rule_named(self.rule).state_names(self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -112,7 +120,9 @@ class RuleConfig(TruncationSettings, RuleSettings):
         unknown = set(raw) - set(by_wire)
         if unknown:
             raise ValueError(f"unknown rule settings: {', '.join(sorted(map(str, unknown)))}")
-        return cls(**{by_wire[key].name: _coerce(key, by_wire[key], value) for key, value in raw.items()})
+        values = {by_wire[key].name: _coerce(key, by_wire[key], value) for key, value in raw.items()}
+        values.setdefault("outer", WIRE_DEFAULT_OUTER)  # a v1 client pushes gradients for the shards' rule
+        return cls(**values)
 
     @classmethod
     def from_msgpack(cls, data: bytes) -> RuleConfig:

@@ -2,25 +2,39 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from ranger_ps.algorithm.rules.base import Hyperparameters, Rule, RuleDefaults
 from ranger_ps.algorithm.rules.state import BlockState
 
 
-def sgd(config: Hyperparameters, param: torch.Tensor, grad: torch.Tensor, state: BlockState) -> None:
-    """SGD with momentum, dampening, Nesterov and weight decay, as ``torch.optim.SGD`` does it."""
-    d_p = grad
+def sgd(
+    config: Hyperparameters,
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    states: Sequence[BlockState],
+    step: int,
+    own_step: int | None = None,
+) -> None:
+    """One SGD step of every block (all at their ``step``-th update), as ``torch.optim.SGD`` takes it.
+
+    One ``torch._foreach_*`` call per operation over all blocks: the same kernels as the
+    single-tensor path on the same tensors, so the result is bitwise the same.
+    """
+    d_ps = list(grads)
     if config.weight_decay:
-        d_p = d_p.add(param, alpha=config.weight_decay)
+        d_ps = list(torch._foreach_add(d_ps, list(params), alpha=config.weight_decay))
     if config.momentum:
-        buf = state.tensors["momentum_buffer"]
-        if state.step == 0:
-            buf.copy_(d_p)
+        bufs = [s.tensors["momentum_buffer"] for s in states]
+        if step == 1:
+            torch._foreach_copy_(bufs, d_ps)
         else:
-            buf.mul_(config.momentum).add_(d_p, alpha=1 - config.dampening)
-        d_p = d_p.add(buf, alpha=config.momentum) if config.nesterov else buf
-    param.add_(d_p, alpha=-config.lr)
+            torch._foreach_mul_(bufs, config.momentum)
+            torch._foreach_add_(bufs, d_ps, alpha=1 - config.dampening)
+        d_ps = list(torch._foreach_add(d_ps, bufs, alpha=config.momentum)) if config.nesterov else bufs
+    torch._foreach_add_(list(params), d_ps, alpha=-config.lr)
 
 
 def _state_names(config: Hyperparameters) -> tuple[str, ...]:

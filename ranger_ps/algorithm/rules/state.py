@@ -52,3 +52,23 @@ def zeroed_state(names: Sequence[str], numel: int, param_dtype: torch.dtype, *, 
     dtype = state_dtype(param_dtype)
     tensors = {name: torch.zeros(numel, dtype=dtype) for name in names}
     return BlockState(tensors, residual=torch.zeros(numel, dtype=dtype) if residual else None)
+
+
+def in_compute_precision(values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors updates are computed in: float32 copies of low-precision values, the values themselves otherwise."""
+    return [v.float() if v.dtype in LOW_PRECISION else v for v in values]
+
+
+def store_back(values: Sequence[torch.Tensor], computed: Sequence[torch.Tensor]) -> None:
+    """Write float32 results back into the low-precision values they were computed for."""
+    pairs = [(v, c) for v, c in zip(values, computed, strict=True) if c is not v]
+    if pairs:
+        torch._foreach_copy_([v for v, _ in pairs], [c for _, c in pairs])
+
+
+def by_step(states: Sequence[BlockState]) -> dict[int, list[int]]:
+    """Positions of the states, grouped by their update count (blocks at one step update together)."""
+    groups: dict[int, list[int]] = {}
+    for index, state in enumerate(states):
+        groups.setdefault(state.step, []).append(index)
+    return groups

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cranger_ps/v1/ranger_ps.proto\x12\x0cranger_ps.v1\"L\n\tParamSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\"\n\x05\x64type\x18\x03 \x01(\x0e\x32\x13.ranger_ps.v1.DType\"^\n\nLayoutSpec\x12\'\n\x06params\x18\x01 \x03(\x0b\x32\x17.ranger_ps.v1.ParamSpec\x12\x12\n\nblock_size\x18\x02 \x01(\x04\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\"\x1b\n\x08RuleSpec\x12\x0f\n\x07msgpack\x18\x01 \x01(\x0c\"\xd3\x01\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\x03\x12(\n\x06layout\x18\x02 \x01(\x0b\x32\x18.ranger_ps.v1.LayoutSpec\x12$\n\x04rule\x18\x03 \x01(\x0b\x32\x16.ranger_ps.v1.RuleSpec\x12\x19\n\x11\x65xpected_shard_id\x18\x04 \x01(\r\x12\x1b\n\x13\x65xpected_num_shards\x18\x05 \x01(\r\x12\x10\n\x08observer\x18\x06 \x01(\x08\x12\x13\n\x0b\x63onsistency\x18\x07 \x01(\t\"\xaf\x01\n\rRegisterReply\x12\x11\n\tworker_id\x18\x01 \x01(\x03\x12\x10\n\x08shard_id\x18\x02 \x01(\r\x12\x12\n\nnum_shards\x18\x03 \x01(\r\x12\x17\n\x0fmust_initialize\x18\x04 \x01(\x08\x12\x11\n\tblock_ids\x18\x05 \x03(\r\x12\r\n\x05\x63lock\x18\x06 \x01(\x04\x12\x15\n\rlease_seconds\x18\x07 \x01(\x01\x12\x13\n\x0b\x63onsistency\x18\x08 \x01(\t\"c\n\nBlockEntry\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\r\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\"\n\x05\x64type\x18\x03 \x01(\x0e\x32\x13.ranger_ps.v1.DType\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\".\n\nPushHeader\x12\x11\n\tworker_id\x18\x01 \x01(\x03\x12\r\n\x05\x63lock\x18\x02 \x01(\x04\"\x1f\n\nInitHeader\x12\x11\n\tworker_id\x18\x01 \x01(\x03\"\x87\x01\n\x0b\x46rameHeader\x12(\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x18.ranger_ps.v1.BlockEntry\x12&\n\x04push\x18\x02 \x01(\x0b\x32\x18.ranger_ps.v1.PushHeader\x12&\n\x04init\x18\x03 \x01(\x0b\x32\x18.ranger_ps.v1.InitHeader\"C\n\x05\x46rame\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.ranger_ps.v1.FrameHeader\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"\'\n\tInitReply\x12\x1a\n\x12\x62locks_initialized\x18\x01 \x01(\r\"8\n\tPushReply\x12\x16\n\x0e\x62locks_applied\x18\x01 \x01(\r\x12\x13\n\x0bversion_sum\x18\x02 \x01(\x04\"8\n\x0bPullRequest\x12\x11\n\tworker_id\x18\x01 \x01(\x03\x12\x16\n\x0eknown_versions\x18\x02 \x03(\x04\"\x0e\n\x0cStatsRequest\"%\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\x03\"\'\n\x0eHeartbeatReply\x12\x15\n\rlease_seconds\x18\x01 \x01(\x01\"!\n\x0cLeaveRequest\x12\x11\n\tworker_id\x18\x01 \x01(\x03\"\x0c\n\nLeaveReply\"{\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\x03\x12\r\n\x05\x63lock\x18\x02 \x01(\x04\x12\x0e\n\x06pushes\x18\x03 \x01(\x04\x12\x1a\n\x12seconds_since_seen\x18\x04 \x01(\x01\x12\x10\n\x08observer\x18\x05 \x01(\x08\x12\x0c\n\x04live\x18\x06 \x01(\x08\"\xb9\x05\n\nStatsReply\x12\x10\n\x08shard_id\x18\x01 \x01(\r\x12\x12\n\nnum_shards\x18\x02 \x01(\r\x12\x13\n\x0binitialized\x18\x03 \x01(\x08\x12\x1a\n\x12layout_fingerprint\x18\x04 \x01(\t\x12\x0c\n\x04rule\x18\x05 \x01(\t\x12\x12\n\nnum_blocks\x18\x06 \x01(\r\x12\x14\n\x0cnum_elements\x18\x07 \x01(\x04\x12\x0e\n\x06nbytes\x18\x08 \x01(\x04\x12\x13\n\x0bversion_sum\x18\t \x01(\x04\x12\x16\n\x0epushes_applied\x18\n \x01(\x04\x12\x16\n\x0e\x62locks_applied\x18\x0b \x01(\x04\x12\x14\n\x0cpulls_served\x18\x0c \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\r \x01(\x04\x12\x12\n\nbytes_sent\x18\x0e \x01(\x04\x12\x16\n\x0euptime_seconds\x18\x0f \x01(\x01\x12*\n\x07workers\x18\x10 \x03(\x0b\x32\x19.ranger_ps.v1.WorkerStats\x12\x0f\n\x07version\x18\x11 \x01(\t\x12\x13\n\x0b\x63onsistency\x18\x12 \x01(\t\x12\x15\n\rapplied_clock\x18\x13 \x01(\x04\x12G\n\x10staleness_counts\x18\x14 \x03(\x0b\x32-.ranger_ps.v1.StatsReply.StalenessCountsEntry\x12J\n\x12version_lag_counts\x18\x15 \x03(\x0b\x32..ranger_ps.v1.StatsReply.VersionLagCountsEntry\x1a\x36\n\x14StalenessCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x04\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x37\n\x15VersionLagCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x04\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01*S\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\x0b\n\x07\x46LOAT64\x10\x04\x32\xcc\x03\n\x0fParameterServer\x12\x46\n\x08Register\x12\x1d.ranger_ps.v1.RegisterRequest\x1a\x1b.ranger_ps.v1.RegisterReply\x12\x36\n\x04Init\x12\x13.ranger_ps.v1.Frame\x1a\x17.ranger_ps.v1.InitReply(\x01\x12\x36\n\x04Push\x12\x13.ranger_ps.v1.Frame\x1a\x17.ranger_ps.v1.PushReply(\x01\x12\x38\n\x04Pull\x12\x19.ranger_ps.v1.PullRequest\x1a\x13.ranger_ps.v1.Frame0\x01\x12=\n\x05Stats\x12\x1a.ranger_ps.v1.StatsRequest\x1a\x18.ranger_ps.v1.StatsReply\x12I\n\tHeartbeat\x12\x1e.ranger_ps.v1.HeartbeatRequest\x1a\x1c.ranger_ps.v1.HeartbeatReply\x12=\n\x05Leave\x12\x1a.ranger_ps.v1.LeaveRequest\x1a\x18.ranger_ps.v1.LeaveReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cranger_ps/v1/ranger_ps.proto\x12\x0cranger_ps.v1\"L\n\tParamSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\"\n\x05\x64type\x18\x03 \x01(\x0e\x32\x13.ranger_ps.v1.DType\"^\n\nLayoutSpec\x12\'\n\x06params\x18\x01 \x03(\x0b\x32\x17.ranger_ps.v1.ParamSpec\x12\x12\n\nblock_size\x18\x02 \x01(\x04\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\"\x1b\n\x08RuleSpec\x12\x0f\n\x07msgpack\x18\x01 \x01(\x0c\"\xd3\x01\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\x03\x12(\n\x06layout\x18\x02 \x01(\x0b\x32\x18.ranger_ps.v1.LayoutSpec\x12$\n\x04rule\x18\x03 \x01(\x0b\x32\x16.ranger_ps.v1.RuleSpec\x12\x19\n\x11\x65xpected_shard_id\x18\x04 \x01(\r\x12\x1b\n\x13\x65xpected_num_shards\x18\x05 \x01(\r\x12\x10\n\x08observer\x18\x06 \x01(\x08\x12\x13\n\x0b\x63onsistency\x18\x07 \x01(\t\"\xaf\x01\n\rRegisterReply\x12\x11\n\tworker_id\x18\x01 \x01(\x03\x12\x10\n\x08shard_id\x18\x02 \x01(\r\x12\x12\n\nnum_shards\x18\x03 \x01(\r\x12\x17\n\x0fmust_initialize\x18\x04 \x01(\x08\x12\x11\n\tblock_ids\x18\x05 \x03(\r\x12\r\n\x05\x63lock\x18\x06 \x01(\x04\x12\x15\n\rlease_seconds\x18\x07 \x01(\x01\x12\x13\n\x0b\x63onsistency\x18\x08 \x01(\t\"r\n\nBlockEntry\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\r\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\"\n\x05\x64type\x18\x03 \x01(\x0e\x32\x13.ranger_ps.v1.DType\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\r\n\x05scale\x18\x05 \x01(\x02\".\n\nPushHeader\x12\x11\n\tworker_id\x18\x01 \x01(\x03\x12\r\n\x05\x63lock\x18\x02 \x01(\x04\"\x1f\n\nInitHeader\x12\x11\n\tworker_id\x18\x01 \x01(\x03\"\x87\x01\n\x0b\x46rameHeader\x12(\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x18.ranger_ps.v1.BlockEntry\x12&\n\x04push\x18\x02 \x01(\x0b\x32\x18.ranger_ps.v1.PushHeader\x12&\n\x04init\x18\x03 \x01(\x0b\x32\x18.ranger_ps.v1.InitHeader\"C\n\x05\x46rame\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.ranger_ps.v1.FrameHeader\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"\'\n\tInitReply\x12\x1a\n\x12\x62locks_initialized\x18\x01 \x01(\r\"8\n\tPushReply\x12\x16\n\x0e\x62locks_applied\x18\x01 \x01(\r\x12\x13\n\x0bversion_sum\x18\x02 \x01(\x04\"8\n\x0bPullRequest\x12\x11\n\tworker_id\x18\x01 \x01(\x03\x12\x16\n\x0eknown_versions\x18\x02 \x03(\x04\"\x0e\n\x0cStatsRequest\"%\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\x03\"\'\n\x0eHeartbeatReply\x12\x15\n\rlease_seconds\x18\x01 \x01(\x01\"!\n\x0cLeaveRequest\x12\x11\n\tworker_id\x18\x01 \x01(\x03\"\x0c\n\nLeaveReply\"{\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\x03\x12\r\n\x05\x63lock\x18\x02 \x01(\x04\x12\x0e\n\x06pushes\x18\x03 \x01(\x04\x12\x1a\n\x12seconds_since_seen\x18\x04 \x01(\x01\x12\x10\n\x08observer\x18\x05 \x01(\x08\x12\x0c\n\x04live\x18\x06 \x01(\x08\"\xb9\x05\n\nStatsReply\x12\x10\n\x08shard_id\x18\x01 \x01(\r\x12\x12\n\nnum_shards\x18\x02 \x01(\r\x12\x13\n\x0binitialized\x18\x03 \x01(\x08\x12\x1a\n\x12layout_fingerprint\x18\x04 \x01(\t\x12\x0c\n\x04rule\x18\x05 \x01(\t\x12\x12\n\nnum_blocks\x18\x06 \x01(\r\x12\x14\n\x0cnum_elements\x18\x07 \x01(\x04\x12\x0e\n\x06nbytes\x18\x08 \x01(\x04\x12\x13\n\x0bversion_sum\x18\t \x01(\x04\x12\x16\n\x0epushes_applied\x18\n \x01(\x04\x12\x16\n\x0e\x62locks_applied\x18\x0b \x01(\x04\x12\x14\n\x0cpulls_served\x18\x0c \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\r \x01(\x04\x12\x12\n\nbytes_sent\x18\x0e \x01(\x04\x12\x16\n\x0euptime_seconds\x18\x0f \x01(\x01\x12*\n\x07workers\x18\x10 \x03(\x0b\x32\x19.ranger_ps.v1.WorkerStats\x12\x0f\n\x07version\x18\x11 \x01(\t\x12\x13\n\x0b\x63onsistency\x18\x12 \x01(\t\x12\x15\n\rapplied_clock\x18\x13 \x01(\x04\x12G\n\x10staleness_counts\x18\x14 \x03(\x0b\x32-.ranger_ps.v1.StatsReply.StalenessCountsEntry\x12J\n\x12version_lag_counts\x18\x15 \x03(\x0b\x32..ranger_ps.v1.StatsReply.VersionLagCountsEntry\x1a\x36\n\x14StalenessCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x04\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x37\n\x15VersionLagCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x04\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01*]\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\x0b\n\x07\x46LOAT64\x10\x04\x12\x08\n\x04INT8\x10\x05\x32\xcc\x03\n\x0fParameterServer\x12\x46\n\x08Register\x12\x1d.ranger_ps.v1.RegisterRequest\x1a\x1b.ranger_ps.v1.RegisterReply\x12\x36\n\x04Init\x12\x13.ranger_ps.v1.Frame\x1a\x17.ranger_ps.v1.InitReply(\x01\x12\x36\n\x04Push\x12\x13.ranger_ps.v1.Frame\x1a\x17.ranger_ps.v1.PushReply(\x01\x12\x38\n\x04Pull\x12\x19.ranger_ps.v1.PullRequest\x1a\x13.ranger_ps.v1.Frame0\x01\x12=\n\x05Stats\x12\x1a.ranger_ps.v1.StatsRequest\x1a\x18.ranger_ps.v1.StatsReply\x12I\n\tHeartbeat\x12\x1e.ranger_ps.v1.HeartbeatRequest\x1a\x1c.ranger_ps.v1.HeartbeatReply\x12=\n\x05Leave\x12\x1a.ranger_ps.v1.LeaveRequest\x1a\x18.ranger_ps.v1.LeaveReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATSREPLY_STALENESSCOUNTSENTRY']._serialized_options = b'8\001'
   _globals['_STATSREPLY_VERSIONLAGCOUNTSENTRY']._loaded_options = None
   _globals['_STATSREPLY_VERSIONLAGCOUNTSENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=2157
-  _globals['_DTYPE']._serialized_end=2240
+  _globals['_DTYPE']._serialized_start=2172
+  _globals['_DTYPE']._serialized_end=2265
   _globals['_PARAMSPEC']._serialized_start=46
   _globals['_PARAMSPEC']._serialized_end=122
   _globals['_LAYOUTSPEC']._serialized_start=124
@@ -48,39 +48,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERREPLY']._serialized_start=464
   _globals['_REGISTERREPLY']._serialized_end=639
   _globals['_BLOCKENTRY']._serialized_start=641
-  _globals['_BLOCKENTRY']._serialized_end=740
-  _globals['_PUSHHEADER']._serialized_start=742
-  _globals['_PUSHHEADER']._serialized_end=788
-  _globals['_INITHEADER']._serialized_start=790
-  _globals['_INITHEADER']._serialized_end=821
-  _globals['_FRAMEHEADER']._serialized_start=824
-  _globals['_FRAMEHEADER']._serialized_end=959
-  _globals['_FRAME']._serialized_start=961
-  _globals['_FRAME']._serialized_end=1028
-  _globals['_INITREPLY']._serialized_start=1030
-  _globals['_INITREPLY']._serialized_end=1069
-  _globals['_PUSHREPLY']._serialized_start=1071
-  _globals['_PUSHREPLY']._serialized_end=1127
-  _globals['_PULLREQUEST']._serialized_start=1129
-  _globals['_PULLREQUEST']._serialized_end=1185
-  _globals['_STATSREQUEST']._serialized_start=1187
-  _globals['_STATSREQUEST']._serialized_end=1201
-  _globals['_HEARTBEATREQUEST']._serialized_start=1203
-  _globals['_HEARTBEATREQUEST']._serialized_end=1240
-  _globals['_HEARTBEATREPLY']._serialized_start=1242
-  _globals['_HEARTBEATREPLY']._serialized_end=1281
-  _globals['_LEAVEREQUEST']._serialized_start=1283
-  _globals['_LEAVEREQUEST']._serialized_end=1316
-  _globals['_LEAVEREPLY']._serialized_start=1318
-  _globals['_LEAVEREPLY']._serialized_end=1330
-  _globals['_WORKERSTATS']._serialized_start=1332
-  _globals['_WORKERSTATS']._serialized_end=1455
-  _globals['_STATSREPLY']._serialized_start=1458
-  _globals['_STATSREPLY']._serialized_end=2155
-  _globals['_STATSREPLY_STALENESSCOUNTSENTRY']._serialized_start=2044
-  _globals['_STATSREPLY_STALENESSCOUNTSENTRY']._serialized_end=2098
-  _globals['_STATSREPLY_VERSIONLAGCOUNTSENTRY']._serialized_start=2100
-  _globals['_STATSREPLY_VERSIONLAGCOUNTSENTRY']._serialized_end=2155
-  _globals['_PARAMETERSERVER']._serialized_start=2243
-  _globals['_PARAMETERSERVER']._serialized_end=2703
+  _globals['_BLOCKENTRY']._serialized_end=755
+  _globals['_PUSHHEADER']._serialized_start=757
+  _globals['_PUSHHEADER']._serialized_end=803
+  _globals['_INITHEADER']._serialized_start=805
+  _globals['_INITHEADER']._serialized_end=836
+  _globals['_FRAMEHEADER']._serialized_start=839
+  _globals['_FRAMEHEADER']._serialized_end=974
+  _globals['_FRAME']._serialized_start=976
+  _globals['_FRAME']._serialized_end=1043
+  _globals['_INITREPLY']._serialized_start=1045
+  _globals['_INITREPLY']._serialized_end=1084
+  _globals['_PUSHREPLY']._serialized_start=1086
+  _globals['_PUSHREPLY']._serialized_end=1142
+  _globals['_PULLREQUEST']._serialized_start=1144
+  _globals['_PULLREQUEST']._serialized_end=1200
+  _globals['_STATSREQUEST']._serialized_start=1202
+  _globals['_STATSREQUEST']._serialized_end=1216
+  _globals['_HEARTBEATREQUEST']._serialized_start=1218
+  _globals['_HEARTBEATREQUEST']._serialized_end=1255
+  _globals['_HEARTBEATREPLY']._serialized_start=1257
+  _globals['_HEARTBEATREPLY']._serialized_end=1296
+  _globals['_LEAVEREQUEST']._serialized_start=1298
+  _globals['_LEAVEREQUEST']._serialized_end=1331
+  _globals['_LEAVEREPLY']._serialized_start=1333
+  _globals['_LEAVEREPLY']._serialized_end=1345
+  _globals['_WORKERSTATS']._serialized_start=1347
+  _globals['_WORKERSTATS']._serialized_end=1470
+  _globals['_STATSREPLY']._serialized_start=1473
+  _globals['_STATSREPLY']._serialized_end=2170
+  _globals['_STATSREPLY_STALENESSCOUNTSENTRY']._serialized_start=2059
+  _globals['_STATSREPLY_STALENESSCOUNTSENTRY']._serialized_end=2113
+  _globals['_STATSREPLY_VERSIONLAGCOUNTSENTRY']._serialized_start=2115
+  _globals['_STATSREPLY_VERSIONLAGCOUNTSENTRY']._serialized_end=2170
+  _globals['_PARAMETERSERVER']._serialized_start=2268
+  _globals['_PARAMETERSERVER']._serialized_end=2728
 # @@protoc_insertion_point(module_scope)

@@ -14,11 +14,13 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FLOAT16: _ClassVar[DType]
     BFLOAT16: _ClassVar[DType]
     FLOAT64: _ClassVar[DType]
+    INT8: _ClassVar[DType]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT16: DType
 BFLOAT16: DType
 FLOAT64: DType
+INT8: DType
 
 class ParamSpec(_message.Message):
     __slots__ = ("name", "shape", "dtype")
@@ -85,16 +87,18 @@ class RegisterReply(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ..., shard_id: _Optional[int] = ..., num_shards: _Optional[int] = ..., must_initialize: _Optional[bool] = ..., block_ids: _Optional[_Iterable[int]] = ..., clock: _Optional[int] = ..., lease_seconds: _Optional[float] = ..., consistency: _Optional[str] = ...) -> None: ...
 
 class BlockEntry(_message.Message):
-    __slots__ = ("block_id", "version", "dtype", "nbytes")
+    __slots__ = ("block_id", "version", "dtype", "nbytes", "scale")
     BLOCK_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
     block_id: int
     version: int
     dtype: DType
     nbytes: int
-    def __init__(self, block_id: _Optional[int] = ..., version: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., nbytes: _Optional[int] = ...) -> None: ...
+    scale: float
+    def __init__(self, block_id: _Optional[int] = ..., version: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., nbytes: _Optional[int] = ..., scale: _Optional[float] = ...) -> None: ...
 
 class PushHeader(_message.Message):
     __slots__ = ("worker_id", "clock")
