@@ -16,15 +16,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-import torch
-
 from ranger_ps.algorithm.consistency import ConsistencyMode, Histogram, parse_consistency
 from ranger_ps.algorithm.layout import Layout
 from ranger_ps.algorithm.placement import Placement
 from ranger_ps.algorithm.rules import RuleConfig
 from ranger_ps.config.server import ShardSettings
 from ranger_ps.server.membership import Membership, WorkerRecord
-from ranger_ps.server.store import ShardStore
+from ranger_ps.server.store import EMPTY, Decoded, ShardStore
 from ranger_ps.storage.checkpoint import ShardCheckpoint
 from ranger_ps.version import __version__
 from ranger_ps.wire.frames import WireBlock
@@ -80,7 +78,7 @@ class Shard:
         self._started = time.monotonic()
         # bsp: the last clock whose combined update is applied, and the pushes waiting per clock.
         self.applied_clock = 0
-        self._pending: dict[int, dict[int, list[tuple[int, torch.Tensor]]]] = {}
+        self._pending: dict[int, dict[int, Decoded]] = {}
         self.staleness = Histogram()
         self.version_lag = Histogram()
         self.pushes_applied = 0
@@ -258,7 +256,7 @@ class Shard:
                 raise
             self.pushes_skipped += 1
             log.warning("shard %d skipped a push of worker %d holding NaN or Inf", self.shard_id, worker_id)
-            decoded = []
+            decoded = EMPTY
         if record.pushed_since_join:
             self._record_staleness(record, clock, decoded)
         else:
@@ -276,7 +274,7 @@ class Shard:
             await self._barrier_changed()
             return len(decoded), 0
         async with self.apply_lock:
-            if sum(g.nbytes for _, g in decoded) >= OFF_LOOP_APPLY_BYTES:
+            if decoded.nbytes >= OFF_LOOP_APPLY_BYTES:
                 # Big updates run in a thread (torch releases the GIL), so the loop keeps serving.
                 applied, version_sum = await asyncio.to_thread(self._timed_apply, store.apply, decoded)
             else:
@@ -293,12 +291,12 @@ class Shard:
             observer(elapsed, applied)
         return applied, version_sum
 
-    def _record_staleness(self, record: WorkerRecord, clock: int, decoded: Sequence[tuple[int, torch.Tensor]]) -> None:
+    def _record_staleness(self, record: WorkerRecord, clock: int, decoded: Decoded) -> None:
         """How far behind its own clock the worker's view was, in clocks and (per block) in versions."""
         self.staleness.add(clock - 1 - record.view_clock)
         assert self.store is not None
         versions = self.store.versions()
-        for position, _ in decoded:
+        for position in decoded.positions.tolist():
             self.version_lag.add(versions[position] - record.view_versions.get(position, versions[position]))
 
     async def pull(self, worker_id: int, known_versions: Sequence[int]) -> Iterator[WireBlock]:

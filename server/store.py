@@ -1,9 +1,12 @@
-"""A shard's blocks: values, versions and rule state, and the one place updates are applied.
+"""A shard's blocks: values, versions and state in flat buffers, and the one place updates are applied.
 
 Pure logic: no asyncio, no gRPC. Every method runs to completion without yielding, so callers on
-an event loop see each push applied all at once and a block is never seen half-updated. A pull
-reads each block's version when it reaches the block and its bytes when the frame is encoded; a
-push applied between the two (while an earlier frame is on the wire) can only make the bytes newer
+an event loop see each push applied all at once and a block is never seen half-updated. The blocks
+live in a :class:`~ranger_ps.algorithm.table.BlockTable` (flat per-dtype buffers: a push is applied
+in a few vectorized calls); this module checks what arrives before any of it is used.
+
+A pull reads each block's version when it reaches the block and its bytes when the frame is encoded;
+a push applied between the two (while an earlier frame is on the wire) can only make the bytes newer
 than the version says, so the worker fetches that block again next time and never misses an update.
 """
 
@@ -15,24 +18,34 @@ from dataclasses import dataclass
 
 import torch
 
+from ranger_ps.algorithm.blocks import BlockSpace, gather
 from ranger_ps.algorithm.layout import Block, Layout
 from ranger_ps.algorithm.quantize import Quantized, dequantize
-from ranger_ps.algorithm.rules import BlockState, RuleConfig, new_block_state
-from ranger_ps.algorithm.updates import apply_pushed
+from ranger_ps.algorithm.rules import RuleConfig
+from ranger_ps.algorithm.table import BlockTable, Part
 from ranger_ps.errors import WireFormatError
 from ranger_ps.storage.checkpoint import BlockRecord
-from ranger_ps.wire._proto import ranger_ps_pb2 as pb
 from ranger_ps.wire.codec import bytes_to_tensor, codec_for_name, codec_for_wire, tensor_bytes
 from ranger_ps.wire.frames import WireBlock
 from ranger_ps.wire.status import InvalidRequest, NonFinite, NotReady
 
 
-@dataclass
-class _Slot:
-    block: Block
-    value: torch.Tensor
-    version: int
-    state: BlockState
+@dataclass(frozen=True)
+class Decoded:
+    """A checked push: its blocks' positions in this shard, and their values per segment."""
+
+    positions: torch.Tensor
+    parts: list[Part]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.values.nbytes for p in self.parts)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+
+EMPTY = Decoded(torch.zeros(0, dtype=torch.int64), [])
 
 
 class ShardStore:
@@ -41,18 +54,19 @@ class ShardStore:
     def __init__(self, layout: Layout, block_ids: Sequence[int], rule: RuleConfig) -> None:
         self.layout = layout
         self.rule = rule
-        self.block_ids: tuple[int, ...] = tuple(sorted(block_ids))
+        self.space = BlockSpace(layout, block_ids)
+        self.block_ids: tuple[int, ...] = self.space.ids
         self._index = {block_id: i for i, block_id in enumerate(self.block_ids)}
-        self._slots: list[_Slot] | None = None
+        self._table: BlockTable | None = None
         self.blocks_applied = 0
 
     @property
     def initialized(self) -> bool:
-        return self._slots is not None
+        return self._table is not None
 
     @property
     def num_elements(self) -> int:
-        return sum(self.layout.blocks[b].numel for b in self.block_ids)
+        return sum(s.numel for s in self.space.segments)
 
     @property
     def nbytes(self) -> int:
@@ -60,16 +74,17 @@ class ShardStore:
 
     @property
     def version_sum(self) -> int:
-        return sum(s.version for s in self._slots) if self._slots is not None else 0
+        return int(self._table.versions.sum()) if self._table is not None else 0
 
-    def decode(self, blocks: Sequence[WireBlock], what: str = "push") -> list[tuple[int, torch.Tensor]]:
+    def decode(self, blocks: Sequence[WireBlock], what: str = "push") -> Decoded:
         """Check every block (ownership, dtype, size, duplicates, finiteness) before any is used.
 
         Returns:
-            (position in this shard, gradient tensor over the received bytes) per block.
+            The blocks' positions and values (converted to the blocks' own dtypes).
         """
         seen: set[int] = set()
-        out = []
+        positions: list[int] = []
+        values: list[torch.Tensor] = []
         for wire in blocks:
             position = self._index.get(wire.block_id)
             if position is None:
@@ -77,14 +92,26 @@ class ShardStore:
             if wire.block_id in seen:
                 raise InvalidRequest(f"{what}: block {wire.block_id} appears twice")
             seen.add(wire.block_id)
-            block = self.layout.blocks[wire.block_id]
-            tensor = self._values_of(wire, block, what)
+            tensor = self._values_of(wire, self.layout.blocks[wire.block_id], what)
             # A finite sum proves every entry finite (NaN and Inf propagate), at ~8x the speed of
             # isfinite().all(); only an overflowing sum needs the element-wise check.
             if not math.isfinite(float(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
                 raise NonFinite(f"{what}: block {wire.block_id} contains NaN or Inf")
-            out.append((position, tensor))
-        return out
+            positions.append(position)
+            values.append(tensor)
+        return self._decoded(positions, values)
+
+    def _decoded(self, positions: list[int], values: list[torch.Tensor]) -> Decoded:
+        """Blocks (in any order) as per-segment parts, each block's values end to end in the part."""
+        if not positions:
+            return EMPTY
+        position_tensor = torch.tensor(positions, dtype=torch.int64)
+        parts = []
+        for segment, local in self.space.by_segment(position_tensor):
+            wanted = set(self.space.segments[segment].positions[local].tolist())
+            mine = [v for p, v in zip(positions, values, strict=True) if p in wanted]
+            parts.append(Part(segment, local, torch.cat(mine) if len(mine) > 1 else mine[0]))
+        return Decoded(position_tensor, parts)
 
     def _values_of(self, wire: WireBlock, block: Block, what: str) -> torch.Tensor:
         """A block's received values, checked for type and size.
@@ -108,7 +135,7 @@ class ShardStore:
                 f"({block.numel} {codec.name} elements)"
             )
         payload = bytes_to_tensor(wire.data, codec.torch_dtype)
-        if codec.wire == pb.INT8:
+        if codec.name == "int8":
             if not (math.isfinite(wire.scale) and wire.scale > 0):
                 raise InvalidRequest(f"{what}: int8 block {wire.block_id} needs a finite scale > 0, got {wire.scale}")
             return dequantize(Quantized(payload, wire.scale), own.torch_dtype)
@@ -118,17 +145,24 @@ class ShardStore:
         """Install the initial values of every block; all-or-nothing."""
         decoded = self.decode(blocks, "init")
         if len(decoded) != len(self.block_ids):
-            missing = sorted(set(self.block_ids) - {self.block_ids[p] for p, _ in decoded})
+            missing = sorted(set(self.block_ids) - {self.block_ids[p] for p in decoded.positions.tolist()})
             raise InvalidRequest(f"init: {len(missing)} blocks missing, e.g. {missing[:5]}")
-        slots: list[_Slot | None] = [None] * len(self.block_ids)
-        for position, tensor in decoded:
-            block = self.layout.blocks[self.block_ids[position]]
-            state = new_block_state(self.rule, block.numel, codec_for_name(block.dtype).torch_dtype)
-            slots[position] = _Slot(block, tensor.clone(), 1, state)
-        self._slots = [s for s in slots if s is not None]
-        return len(self._slots)
+        table = BlockTable(self.space, self.rule)
+        self._write_values(table, decoded.parts)
+        table.versions.fill_(1)
+        self._table = table
+        return len(self.block_ids)
 
-    def apply(self, decoded: Sequence[tuple[int, torch.Tensor]], *, contributions: int = 1) -> tuple[int, int]:
+    def _write_values(self, table: BlockTable, parts: Sequence[Part]) -> None:
+        for part in parts:
+            index = self.space.element_index(part.segment, part.local)
+            values = table.values[part.segment]
+            if index is None:
+                values.copy_(part.values)
+            else:
+                values.index_copy_(0, index, part.values.to(values.dtype))
+
+    def apply(self, decoded: Decoded, *, contributions: int = 1) -> tuple[int, int]:
         """Apply one push's (already decoded and checked) values: truncation, then the rule or outer rule.
 
         ``contributions``: the values sum that many workers' pushes (bsp).
@@ -136,52 +170,56 @@ class ShardStore:
         Returns:
             (blocks applied, sum of their new versions).
         """
-        slots = self._require_slots()
-        if not decoded:
+        table = self._require_table()
+        if not len(decoded):
             return 0, 0
-        touched = [slots[position] for position, _ in decoded]
-        apply_pushed(
-            self.rule,
-            [s.value for s in touched],
-            [g for _, g in decoded],
-            [s.state for s in touched],
-            contributions=contributions,
-        )
-        for slot in touched:
-            slot.version += 1
-        self.blocks_applied += len(touched)
-        return len(touched), sum(s.version for s in touched)
+        table.apply(decoded.parts, contributions=contributions)
+        self.blocks_applied += len(decoded)
+        return len(decoded), int(table.versions[decoded.positions].sum())
 
-    def apply_mean(self, contributions: Sequence[Sequence[tuple[int, torch.Tensor]]]) -> tuple[int, int]:
-        """Apply the mean of several workers' pushes once (bsp).
+    def apply_mean(self, contributions: Sequence[Decoded]) -> tuple[int, int]:
+        """Apply several workers' pushes once (bsp): their sum, which the rule divides by their number.
 
-        A block's gradient is the sum of its contributions divided by the number of contributing
-        pushes: a worker that did not pick the block counts as zero, so the scale does not depend
-        on how many picked it. Blocks nobody picked are not updated.
+        A worker that did not pick a block counts as zero, so the scale does not depend on how many
+        picked it. Blocks nobody picked are not updated.
         """
-        if not contributions:
+        pushes = list(contributions)
+        if not pushes:
             return 0, 0
-        sums: dict[int, torch.Tensor] = {}
-        for push in contributions:
-            for position, grad in push:
-                if position in sums:
-                    sums[position].add_(grad)
+        sums = [
+            torch.zeros(s.numel, dtype=torch.float64 if s.dtype == torch.float64 else torch.float32)
+            for s in self.space.segments
+        ]
+        touched = torch.zeros(len(self.space), dtype=torch.bool)
+        for push in pushes:
+            for part in push.parts:
+                index = self.space.element_index(part.segment, part.local)
+                if index is None:
+                    sums[part.segment].add_(part.values)
                 else:
-                    sums[position] = grad.to(torch.float64 if grad.dtype == torch.float64 else torch.float32, copy=True)
-        return self.apply(sorted(sums.items()), contributions=len(contributions))
+                    sums[part.segment].index_add_(0, index, part.values.to(sums[part.segment].dtype))
+            touched[push.positions] = True
+        positions = touched.nonzero().flatten()
+        parts = [
+            Part(segment, local, gather(sums[segment], self.space.element_index(segment, local)))
+            for segment, local in self.space.by_segment(positions)
+        ]
+        return self.apply(Decoded(positions, parts), contributions=len(pushes))
 
     def snapshot(self) -> list[BlockRecord]:
         """Copies of every block's value, version and state (a consistent cut: nothing yields)."""
+        table = self._require_table()
+        space = self.space
         return [
             BlockRecord(
-                block_id=s.block.block_id,
-                version=s.version,
-                step=s.state.step,
-                value=s.value.clone(),
-                state={name: t.clone() for name, t in s.state.tensors.items()},
-                residual=s.state.residual.clone() if s.state.residual is not None else None,
+                block_id=block_id,
+                version=int(table.versions[position]),
+                step=int(table.steps[position]),
+                value=space.block(table.values, position).clone(),
+                state={name: space.block(buffers, position).clone() for name, buffers in table.state.items()},
+                residual=space.block(table.residual, position).clone() if table.residual is not None else None,
             )
-            for s in self._require_slots()
+            for position, block_id in enumerate(self.block_ids)
         ]
 
     def restore(self, records: dict[int, BlockRecord]) -> None:
@@ -189,24 +227,23 @@ class ShardStore:
         missing = [b for b in self.block_ids if b not in records]
         if missing:
             raise ValueError(f"the checkpoints lack {len(missing)} of this shard's blocks, e.g. {missing[:5]}")
-        slots = []
-        for block_id in self.block_ids:
+        table = BlockTable(self.space, self.rule)
+        for position, block_id in enumerate(self.block_ids):
             record = records[block_id]
-            block = self.layout.blocks[block_id]
-            state = new_block_state(self.rule, block.numel, codec_for_name(block.dtype).torch_dtype)
-            for name, tensor in state.tensors.items():
+            self.space.block(table.values, position).copy_(record.value)
+            for name, buffers in table.state.items():
                 if name not in record.state:
                     raise ValueError(f"block {block_id}: the checkpoint lacks rule state {name!r}")
-                tensor.copy_(record.state[name])
-            if state.residual is not None and record.residual is not None:
-                state.residual.copy_(record.residual)
-            state.counter.fill_(record.step)
-            slots.append(_Slot(block, record.value.clone(), record.version, state))
-        self._slots = slots
+                self.space.block(buffers, position).copy_(record.state[name])
+            if table.residual is not None and record.residual is not None:
+                self.space.block(table.residual, position).copy_(record.residual)
+            table.versions[position] = record.version
+            table.steps[position] = record.step
+        self._table = table
 
     def versions(self) -> list[int]:
         """Each block's version, in position order."""
-        return [s.version for s in self._require_slots()]
+        return self._require_table().versions.tolist()
 
     def newer_than(self, known_versions: Sequence[int]) -> Iterator[WireBlock]:
         """Blocks whose version is above what the caller holds (all of them when it holds none).
@@ -214,15 +251,19 @@ class ShardStore:
         Each yielded block's bytes are a view of the live value: encode them before yielding
         control to anything that could apply a push.
         """
-        slots = self._require_slots()
-        if known_versions and len(known_versions) != len(slots):
-            raise InvalidRequest(f"pull: {len(known_versions)} known versions for a shard of {len(slots)} blocks")
-        for i, slot in enumerate(slots):
-            if not known_versions or slot.version > known_versions[i]:
-                codec = codec_for_name(slot.block.dtype)
-                yield WireBlock(slot.block.block_id, slot.version, codec.wire, tensor_bytes(slot.value))
+        table = self._require_table()
+        if known_versions and len(known_versions) != len(self.block_ids):
+            raise InvalidRequest(
+                f"pull: {len(known_versions)} known versions for a shard of {len(self.block_ids)} blocks"
+            )
+        known = torch.tensor(known_versions, dtype=torch.int64) if known_versions else None
+        for position in table.changed(known).tolist():
+            block = self.layout.blocks[self.block_ids[position]]
+            codec = codec_for_name(block.dtype)
+            value = self.space.block(table.values, position)
+            yield WireBlock(block.block_id, int(table.versions[position]), codec.wire, tensor_bytes(value))
 
-    def _require_slots(self) -> list[_Slot]:
-        if self._slots is None:
+    def _require_table(self) -> BlockTable:
+        if self._table is None:
             raise NotReady("this shard has not been initialized by a worker yet")
-        return self._slots
+        return self._table

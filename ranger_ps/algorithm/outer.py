@@ -104,7 +104,7 @@ class OuterSettings(Settings):
 
 
 @dataclass(frozen=True)
-class _OuterSgd:
+class OuterSgd:
     """The outer sgd's hyper-parameters as the sgd rule reads them."""
 
     lr: float
@@ -153,7 +153,7 @@ def apply_outer(
         groups: dict[int, list[int]] = {}
         for index, state in enumerate(states):
             groups.setdefault(state.step, []).append(index)
-        hyper = _OuterSgd(config.outer_lr, config.outer_momentum)
+        hyper = OuterSgd(config.outer_lr, config.outer_momentum)
         for own, members in groups.items():
             sgd(
                 hyper,

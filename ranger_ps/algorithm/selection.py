@@ -4,8 +4,9 @@ Per step a worker (1) computes its gradient on a random subset of its minibatch
 (:func:`subsample_indices`), optionally centralizing it (:func:`centralize_`), (2) adds the gradient
 to a per-block residual memory, (3) pushes the memory of a random subset of blocks
 (:func:`choose_blocks`, with a density from :func:`density_at`) and (4) zeroes what it pushed
-(:class:`ErrorFeedback`). Blocks not chosen keep their residual for a later step (Stich et al.,
-"Sparsified SGD with memory", NeurIPS 2018). Every random draw comes from a generator seeded by
+(:class:`~ranger_ps.algorithm.feedback.ErrorFeedback` states it block by block; the optimizer's
+flat buffers, :mod:`ranger_ps.optim.flat`, do the same for many blocks at once). Blocks not chosen
+keep their residual for a later step (Stich et al., "Sparsified SGD with memory", NeurIPS 2018). Every random draw comes from a generator seeded by
 :func:`derive_seed` from (seed, worker id, step, purpose), so a run can be replayed exactly and any
 process can recompute which blocks a worker pushed at a step.
 
@@ -192,11 +193,15 @@ def choose_blocks(num_blocks: int, fraction: float, *, seed: int, worker_id: int
     Returns:
         Sorted, distinct block ids.
     """
+    return [int(i) for i in choose_block_ids(num_blocks, fraction, seed=seed, worker_id=worker_id, step=step).tolist()]
+
+
+def choose_block_ids(num_blocks: int, fraction: float, *, seed: int, worker_id: int, step: int) -> torch.Tensor:
+    """:func:`choose_blocks` as a sorted int64 tensor (what the flat engine indexes with)."""
     if fraction >= 1:
         block_count(num_blocks, fraction)  # validates num_blocks
-        return list(range(num_blocks))
-    picked = _draw(num_blocks, fraction, _generator(seed, worker_id, step, _PURPOSE_BLOCKS))
-    return [int(i) for i in picked.tolist()]
+        return torch.arange(num_blocks, dtype=torch.int64)
+    return _draw(num_blocks, fraction, _generator(seed, worker_id, step, _PURPOSE_BLOCKS))
 
 
 def subsample_indices(batch_size: int, fraction: float, *, seed: int, worker_id: int, step: int) -> torch.Tensor:

@@ -83,3 +83,37 @@ def truncate(config: TruncationSettings, grad: torch.Tensor, residual: torch.Ten
         coef = torch.clamp(config.clip_norm / (norm + 1e-6), max=1.0)
         g = g * coef
     return g
+
+
+def truncate_runs(
+    config: TruncationSettings,
+    pushed: torch.Tensor,
+    residual: torch.Tensor | None,
+    block_of_element: torch.Tensor,
+    blocks: int,
+) -> torch.Tensor:
+    """:func:`truncate` over many blocks laid end to end in one flat tensor, in a few vectorized calls.
+
+    ``block_of_element`` says which of the ``blocks`` each element belongs to (clipping by norm is per
+    block). ``residual`` (the same elements' truncation residual, when kept) is updated in place;
+    ``pushed`` is never modified.
+    """
+    g = pushed
+    if residual is not None:
+        g = g + residual
+    if config.truncate_below > 0:
+        kept = torch.where(g.abs() >= config.truncate_below, g, torch.zeros((), dtype=g.dtype))
+        if residual is not None:
+            residual.copy_(g - kept)
+        g = kept
+    elif residual is not None:
+        residual.zero_()
+    if config.clip_value is not None:
+        g = g.clamp(-config.clip_value, config.clip_value)
+    if config.clip_norm is not None:
+        squares = torch.zeros(blocks, dtype=torch.float64, device=g.device).index_add_(
+            0, block_of_element, g.double().square()
+        )
+        coef = torch.clamp(config.clip_norm / (squares.sqrt() + 1e-6), max=1.0).to(g.dtype)
+        g = g * coef[block_of_element]
+    return g

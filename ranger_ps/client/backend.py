@@ -37,6 +37,25 @@ class PulledBlock:
 
 
 @dataclass(frozen=True)
+class Run:
+    """Blocks of one dtype end to end: ``block_ids`` ascending, their ``values`` in that order.
+
+    A pushed run may be int8 with one ``scales`` entry per block (values = int8 x scale).
+    """
+
+    block_ids: torch.Tensor
+    values: torch.Tensor
+    scales: torch.Tensor | None = None
+
+    def dequantized(self, dtype: torch.dtype, lengths: torch.Tensor) -> torch.Tensor:
+        """The values this run stands for, in ``dtype`` (a new tensor)."""
+        if self.scales is None:
+            return self.values.to(dtype, copy=True)
+        per_element = torch.repeat_interleave(self.scales, lengths, output_size=self.values.numel())
+        return (self.values.to(torch.float32) * per_element).to(dtype)
+
+
+@dataclass(frozen=True)
 class Traffic:
     """Bytes a worker has moved so far (running totals).
 
@@ -64,8 +83,8 @@ class Backend(Protocol):
         """The id this worker pushes as (0 in process)."""
         ...
 
-    def exchange(self, blocks: Sequence[OutgoingBlock], steps: int) -> None:
-        """Push blocks (a push that covers ``steps`` training steps; 0 for a flush).
+    def exchange(self, runs: Sequence[Run], steps: int) -> None:
+        """Push blocks (runs of them; a push that covers ``steps`` training steps, 0 for a flush).
 
         The caller may reuse the tensors when this returns. What changed is handed back by the next
         :meth:`collect`, which the caller makes before its next push.
@@ -75,7 +94,7 @@ class Backend(Protocol):
         """
         ...
 
-    def collect(self) -> list[PulledBlock]:
+    def collect(self) -> list[Run]:
         """Wait for what is in flight and return the blocks that changed since the last collect.
 
         Raises:
@@ -83,7 +102,7 @@ class Backend(Protocol):
         """
         ...
 
-    def pull_all(self) -> list[PulledBlock]:
+    def pull_all(self) -> list[Run]:
         """Every block that moved anywhere since this worker last saw it (a refresh)."""
         ...
 
@@ -99,3 +118,25 @@ class Backend(Protocol):
     def close(self) -> None:
         """Finish what is in flight and let go of every resource; idempotent."""
         ...
+
+
+def runs_of(blocks: Sequence[PulledBlock]) -> list[Run]:
+    """Pulled blocks as runs: one per dtype, ascending block ids, values end to end."""
+    by_dtype: dict[torch.dtype, list[PulledBlock]] = {}
+    for block in sorted(blocks, key=lambda b: b.block_id):
+        by_dtype.setdefault(block.values.dtype, []).append(block)
+    return [
+        Run(torch.tensor([b.block_id for b in group], dtype=torch.int64), torch.cat([b.values for b in group]))
+        for group in by_dtype.values()
+    ]
+
+
+def blocks_of(run: Run, lengths: Sequence[int]) -> list[OutgoingBlock]:
+    """A run as separate blocks (views), for a wire that lists blocks one by one."""
+    out = []
+    start = 0
+    for index, (block_id, length) in enumerate(zip(run.block_ids.tolist(), lengths, strict=True)):
+        scale = float(run.scales[index]) if run.scales is not None else 0.0
+        out.append(OutgoingBlock(block_id, run.values[start : start + length], scale))
+        start += length
+    return out

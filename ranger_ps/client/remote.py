@@ -18,7 +18,7 @@ import torch
 
 from ranger_ps.algorithm.layout import Layout
 from ranger_ps.algorithm.rules import RuleConfig
-from ranger_ps.client.backend import OutgoingBlock, PulledBlock, Traffic
+from ranger_ps.client.backend import PulledBlock, Run, Traffic, blocks_of, runs_of
 from ranger_ps.client.sharded import ShardedClient
 from ranger_ps.config.client import ConnectionSettings
 from ranger_ps.errors import ClusterError
@@ -77,7 +77,7 @@ class RemoteBackend:
             self._worker_id = self.client.register(
                 layout, rule, initial, worker_id, observer=observer, consistency=consistency
             )
-            self.first_pull = self.client.pull().result()
+            self.first_pull = runs_of(self.client.pull().result())
         except BaseException:
             self.client.close()
             raise
@@ -111,10 +111,10 @@ class RemoteBackend:
                 raise failure
             raise ClusterError(f"an overlapped push failed: {failure}") from failure
 
-    def collect(self) -> list[PulledBlock]:
+    def collect(self) -> list[Run]:
         pending, self._pending = self._pending, None
         try:
-            return pending.result() if pending is not None else []
+            return runs_of(pending.result()) if pending is not None else []
         finally:
             self._raise_failure()
 
@@ -126,13 +126,14 @@ class RemoteBackend:
             cached = self._dense_bytes[width] = self.client.push_wire_bytes(None, clock=clock)
         return cached
 
-    def exchange(self, blocks: Sequence[OutgoingBlock], steps: int) -> None:
+    def exchange(self, runs: Sequence[Run], steps: int) -> None:
         if self._pending is not None:
             raise RuntimeError("collect() the previous exchange before pushing again")
         self._raise_failure()
         self._pushes += 1
         clock = self.client.start_clock + self._pushes  # the cluster's clock: a joining worker starts where it is
         before = self.client.bytes_pushed
+        blocks = [b for run in runs for b in blocks_of(run, self._lengths(run.block_ids))]
         handle = self.client.push_blocks(blocks, clock=clock)
         self._bytes_pushed_dense += steps * self._dense_wire_bytes(clock)
         if steps == 0:  # a flush
@@ -143,9 +144,12 @@ class RemoteBackend:
         else:
             handle.result()
 
-    def pull_all(self) -> list[PulledBlock]:
+    def _lengths(self, block_ids: torch.Tensor) -> list[int]:
+        return [self.layout.blocks[b].numel for b in block_ids.tolist()]
+
+    def pull_all(self) -> list[Run]:
         pending = self.collect()
-        return [*pending, *self.client.pull().result()]
+        return [*pending, *runs_of(self.client.pull().result())]
 
     def stats(self) -> list[ShardStats]:
         return self.client.stats()

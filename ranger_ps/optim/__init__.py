@@ -30,15 +30,15 @@ from typing import Any
 
 import torch
 
-from ranger_ps.algorithm.feedback import ErrorFeedback
+from ranger_ps.algorithm.blocks import BlockSpace
 from ranger_ps.algorithm.layout import Layout
-from ranger_ps.algorithm.quantize import Quantized, dequantize, quantize
-from ranger_ps.algorithm.rules import BlockState, RuleConfig, apply_update, state_dtype
-from ranger_ps.algorithm.selection import centralize_, choose_blocks, density_at
-from ranger_ps.client.backend import Backend, OutgoingBlock, PulledBlock, Traffic
+from ranger_ps.algorithm.rules import BlockState, RuleConfig, apply_update
+from ranger_ps.algorithm.selection import centralize_, choose_block_ids, density_at
+from ranger_ps.algorithm.table import BlockTable
+from ranger_ps.client.backend import Backend, Run, Traffic
 from ranger_ps.client.sharded import ShardedClient
-from ranger_ps.client.staging import PinnedStaging, needs_staging
 from ranger_ps.config.optimizer import RangerConfig
+from ranger_ps.optim.flat import FlatState
 from ranger_ps.optim.local import LocalBackend
 from ranger_ps.settings import spec_by_key, specs
 from ranger_ps.wire.security import ClientSecurity
@@ -73,6 +73,11 @@ class Ranger(torch.optim.Optimizer):
     param groups, as for any torch optimizer; ``lr`` and ``momentum`` default as in
     ``torch.optim.SGD``, which ``Ranger(model.parameters(), lr=0.001, momentum=0.9)`` equals.
 
+    The optimizer keeps the parameters, what this worker owes the cluster and its rule state in flat
+    buffers, one per dtype (:mod:`ranger_ps.optim.flat`): from construction on, each parameter is a
+    view into them (as with DDP's buckets), so move the model (``model.to()``, ``.half()``) before
+    creating the optimizer; a parameter given new storage later is refused at the next step.
+
     With ``overlap=True`` (and servers) ``step()`` returns as soon as the push is encoded; the push
     and the pull of the new weights run in the background and land at the next ``zero_grad()``
     (which a training loop calls right before its forward pass) or ``step()``, whichever comes
@@ -96,26 +101,23 @@ class Ranger(torch.optim.Optimizer):
         config = RangerConfig(**{by_key[k].name: v for k, v in {"lr": lr, "momentum": momentum, **settings}.items()})
         self.config = config
         defaults = {key: getattr(config, by_key[key].name) for key in GROUP_KEYS}
+        self._configs: dict[tuple[Any, ...], RuleConfig] = {}
         super().__init__(params, defaults)
         self.selection = config.selection_config()
         self.inner = config.inner
-        self._block_size = config.block_size
-        self._index_params()
         self.observer = config.observer
-        self.last_chosen: list[int] = []  # block ids pushed by the last push
         self.pushes = 0  # pushes made so far (every step, or every local_steps steps, and flushes)
+        self._chosen = torch.zeros(0, dtype=torch.int64)
         self._steps = 0
-        self._staging: PinnedStaging | None = None
+        self._build()
         self.backend: Backend
         if config.servers is not None:
             from ranger_ps.client.remote import RemoteBackend
 
-            configs = {rule_config_from_group(g) for g in self.param_groups}
+            configs = set(self._group_configs())
             if len(configs) != 1:
                 raise ValueError("with servers, every param group must use the same rule settings")
             self._cluster_rule = configs.pop()
-            if needs_staging(self._params):  # a model on a GPU: pulled blocks land through pinned host buffers
-                self._staging = PinnedStaging(self.layout, [p.device for p in self._params])
             remote = RemoteBackend(
                 config.servers,
                 self.layout,
@@ -130,20 +132,17 @@ class Ranger(torch.optim.Optimizer):
             )
             self.backend = remote
             try:
-                self._copy_into_params(remote.first_pull)  # the cluster's weights, as they are now
+                self.flat.land(remote.first_pull)  # the cluster's weights, as they are now
             except BaseException:
                 remote.close()
                 raise
         else:
             self.backend = self._local_backend()
 
-    def _local_backend(self) -> LocalBackend:
-        return LocalBackend(self.layout, self._param_configs, self._local_block, hands_back=self.inner)
+    # -- parameters and buffers -------------------------------------------------------------------
 
-    # -- parameters ----------------------------------------------------------------------------
-
-    def _index_params(self) -> None:
-        """(Re)derive the flat parameter list, the layout and each parameter's group."""
+    def _build(self) -> None:
+        """(Re)derive the parameters, the layout and the flat buffers (parameters become views)."""
         self._params: list[torch.Tensor] = [p for g in self.param_groups for p in g["params"]]
         for p in self._params:
             if not p.is_contiguous():
@@ -156,33 +155,140 @@ class Ranger(torch.optim.Optimizer):
                 for gi, g in enumerate(self.param_groups)
                 for pi, p in enumerate(g["params"])
             ),
-            self._block_size,
+            self.config.block_size,
         )
         self._group_of = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
+        names = {"ef_residual"}
+        if self.inner:
+            names.update(n for c in self._group_configs() for n in c.rule_state_names())
+        self.flat = FlatState(self.layout, self._params, sorted(names))
+        self._scratch = self.flat.zeros()
+        self._param_blocks: list[tuple[int, int]] = [(0, 0)] * len(self._params)  # (first block id, count)
+        for block in self.layout.blocks:
+            first, count = self._param_blocks[block.param_index]
+            self._param_blocks[block.param_index] = (block.block_id if count == 0 else first, count + 1)
+        self._views: dict[str, list[torch.Tensor]] = {}
+        self._linked: list[RuleConfig] | None = None  # the settings the state views were made for
+
+    def _local_backend(self) -> LocalBackend:
+        """The in-process 'shard': one table per param group over the group's blocks."""
+        tables = []
+        for group, config in zip(self.param_groups, self._group_configs(), strict=True):
+            members = {id(p) for p in group["params"]}
+            ids = [b.block_id for b in self.layout.blocks if id(self._params[b.param_index]) in members]
+            if not ids:
+                continue
+            space = self.flat.space if len(ids) == self.layout.num_blocks else BlockSpace(self.layout, ids)
+            values = [v if self.inner is False else v.clone() for v in self._slices(space, self.flat.params)]
+            tables.append(BlockTable(space, config, values))
+        lengths = torch.tensor([b.numel for b in self.layout.blocks], dtype=torch.int64)
+        return LocalBackend(tables, lengths, hands_back=self.inner)
+
+    def _slices(self, space: BlockSpace, buffers: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The stretches of the flat ``buffers`` that ``space``'s segments cover (a group's blocks of one
+        dtype are consecutive in the flat buffer of that dtype)."""
+        full = self.flat.space
+        out = []
+        for segment in space.segments:
+            first = space.ids[int(segment.positions[0])]
+            start = full.start_of[first]
+            out.append(buffers[full.segment_of[first]][start : start + segment.numel])
+        return out
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group, as torch does; refused with servers (the layout is fixed at registration)."""
-        constructed = hasattr(self, "layout")
+        constructed = hasattr(self, "flat")
         if constructed and self.config.servers is not None:
             raise RuntimeError("with servers, the parameters are fixed at registration: add_param_group is refused")
         super().add_param_group(param_group)
         if constructed:
-            self._index_params()
+            kept = {p: dict(state) for p, state in self.state.items()}  # views into the old buffers, still alive
+            self._build()
             self.backend = self._local_backend()
+            self.state.clear()
+            for p, state in kept.items():
+                self.state[p].update(state)
+            if kept:
+                self._link()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load state as torch does, but keep each state tensor's own dtype.
+        """Load state as torch does, into this optimizer's buffers, keeping each tensor's own dtype.
 
         torch casts every state tensor except ``step`` to its parameter's dtype; here the per-block
-        counters are int64 and low-precision parameters keep float32 state, so the saved tensors are
-        restored as they were saved.
+        counters are int64 and low-precision parameters keep float32 state, so the saved values are
+        copied as they were saved.
         """
         super().load_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         for saved_id, p in zip(saved_ids, self._params, strict=True):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if isinstance(value, torch.Tensor):
-                    self.state[p][key] = value.detach().to(p.device, copy=True)
+                    self.state[p][key] = value.detach().clone()
+        if isinstance(self.backend, LocalBackend):
+            self.backend.configure(self._group_configs())
+        self._link()
+
+    def _group_configs(self) -> list[RuleConfig]:
+        """Each param group's rule settings (cached by value: a schedule changes them between steps)."""
+        out = []
+        for group in self.param_groups:
+            key = tuple(_hashable(group[k]) for k in RULE_KEYS)
+            config = self._configs.get(key)
+            if config is None:
+                config = self._configs[key] = rule_config_from_group(group)
+            out.append(config)
+        return out
+
+    def _link(self) -> None:
+        """Make every parameter's ``optimizer.state`` entries views into the buffers (values loaded or
+        kept there are copied in first), so ``state_dict()`` sees the live state."""
+        configs = self._group_configs()
+        for index, p in enumerate(self._params):
+            state = self.state[p]
+            state.setdefault("step", torch.zeros((), dtype=torch.int64))
+            for key, view in self._state_views(index, configs[self._group_of[index]]).items():
+                loaded = state.get(key)
+                if loaded is not None and loaded is not view:
+                    view.copy_(loaded.reshape(view.shape))
+                state[key] = view
+            if self.inner:
+                state.setdefault("rule_steps", torch.zeros(1, dtype=torch.int64))
+        self._views = {name: self.flat.param_views(buffers) for name, buffers in self.flat.buffers.items()}
+        self._linked = configs
+
+    def _state_views(self, index: int, config: RuleConfig) -> dict[str, torch.Tensor]:
+        """The state a parameter shows under its settings, as views into the flat buffers and tables."""
+        flat = self.flat
+        segment, start, end = flat.spans[index]
+        views = {"ef_residual": flat.buffers["ef_residual"][segment][start:end]}
+        if self.inner:
+            for name in config.rule_state_names():
+                views[name] = flat.buffer(name)[segment][start:end]
+        first_block, count = self._param_blocks[index]
+        table = self._table_of(first_block) if count else None
+        if table is None:  # with servers the shards keep the per-block counters
+            views["block_steps"] = torch.zeros(count, dtype=torch.int64)
+            return views
+        first = int(table.space.positions(torch.tensor([first_block]))[0])
+        views["block_steps"] = table.steps[first : first + count]
+        t_segment, t_start, t_end = table.space.param_span(index)
+        if self.inner:
+            views["server_value"] = table.values[t_segment][t_start:t_end]
+        for name in config.state_names():
+            key = f"outer_{name}" if self.inner else name
+            views[key] = table.state[name][t_segment][t_start:t_end]
+        if table.residual is not None:
+            views["truncation_residual"] = table.residual[t_segment][t_start:t_end]
+        return views
+
+    def _table_of(self, block_id: int) -> BlockTable | None:
+        backend = getattr(self, "backend", None)
+        if not isinstance(backend, LocalBackend):
+            return None
+        for table in backend.tables:
+            if table.space.ids[0] <= block_id <= table.space.ids[-1]:
+                return table
+        return None
 
     # -- the cluster ----------------------------------------------------------------------------
 
@@ -190,6 +296,11 @@ class Ranger(torch.optim.Optimizer):
     def worker_id(self) -> int:
         """The id this optimizer pushes as (assigned by the servers unless given; 0 in process)."""
         return self.backend.worker_id
+
+    @property
+    def last_chosen(self) -> list[int]:
+        """Block ids the last push carried (ascending)."""
+        return [int(b) for b in self._chosen.tolist()]
 
     @property
     def traffic(self) -> Traffic:
@@ -223,23 +334,20 @@ class Ranger(torch.optim.Optimizer):
 
     @torch.no_grad()
     def flush(self) -> None:
-        """Push everything this worker still owes the cluster (its whole residual, in float32).
+        """Push everything this worker still owes the cluster (its whole residual).
 
         With an inner rule, a worker that finishes or leaves calls this (``close()`` does), so that
         nothing it computed is thrown away; the outer rule applies to the flush as to any push (the
         default ``mean`` averages the flushes of all workers). Nothing to do under the rule mode.
         """
-        if not self.inner or self.observer or not self.state:
+        if not self.inner or self.observer or self._linked is None:
             return
         self.synchronize()
-        blocks = []
-        for block_id, residual in enumerate(self._residual_blocks()):
-            if bool(residual.any()):
-                blocks.append(OutgoingBlock(block_id, residual.detach().to("cpu", torch.float32, copy=True)))
-                residual.zero_()
-        if blocks:
-            self.last_chosen = [b.block_id for b in blocks]
-            self._push(blocks, steps=0)
+        residual = self.flat.buffers["ef_residual"]
+        owed = self.flat.nonzero_blocks(residual)
+        if len(owed):
+            self._chosen = owed
+            self._push(self.flat.take(residual, owed, None), steps=0)
             self.synchronize()
 
     def close(self) -> None:
@@ -256,139 +364,56 @@ class Ranger(torch.optim.Optimizer):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- state --------------------------------------------------------------------------------------
-
-    def _param_configs(self) -> list[RuleConfig]:
-        configs = [rule_config_from_group(g) for g in self.param_groups]
-        return [configs[g] for g in self._group_of]
-
-    def _param_state(self, index: int) -> dict[str, Any]:
-        """A parameter's state, created at its first step (by mode: see the module docstring)."""
-        p = self._params[index]
-        state: dict[str, Any] = self.state[p]
-        if state:
-            return state
-        config = rule_config_from_group(self.param_groups[self._group_of[index]])
-        dtype = state_dtype(p.dtype)
-        nblocks = -(-p.numel() // self.layout.block_size)
-
-        def zeros(numel: int = p.numel(), kind: torch.dtype = dtype) -> torch.Tensor:
-            return torch.zeros(numel, dtype=kind, device=p.device)
-
-        state["step"] = torch.zeros((), dtype=torch.int64)
-        state["block_steps"] = torch.zeros(nblocks, dtype=torch.int64)  # updates each block received where applied
-        state["ef_residual"] = zeros()  # what this worker owes: gradients (rule mode) or weight changes (inner)
-        if self.inner:
-            state["rule_steps"] = torch.zeros(1, dtype=torch.int64)
-            for name in config.rule_state_names():
-                state[name] = zeros()
-        if self.config.servers is None:
-            if self.inner:  # the server copy the pushes are applied to
-                state["server_value"] = p.detach().reshape(-1).clone()
-            for name in config.state_names():
-                state[f"outer_{name}" if self.inner else name] = zeros()
-            if config.truncation_residual:
-                state["truncation_residual"] = zeros()
-        return state
-
-    def _local_block(self, block_id: int) -> tuple[torch.Tensor, BlockState]:
-        """In process: a block's values (the parameter, or the server copy) and its state on the 'shard'."""
-        block = self.layout.blocks[block_id]
-        config = rule_config_from_group(self.param_groups[self._group_of[block.param_index]])
-        state = self._param_state(block.param_index)
-        start, end = block.offset, block.offset + block.numel
-        index = block.offset // self.layout.block_size
-        values = state["server_value"] if self.inner else self._params[block.param_index].data.view(-1)
-        prefix = "outer_" if self.inner else ""
-        return values[start:end], BlockState(
-            {name: state[prefix + name][start:end] for name in config.state_names()},
-            state["block_steps"][index : index + 1],
-            state["truncation_residual"][start:end] if config.truncation_residual else None,
-        )
-
-    def _residual_blocks(self) -> list[torch.Tensor]:
-        return self.layout.block_views([self._param_state(i)["ef_residual"] for i in range(len(self._params))])
-
-    def _param_blocks(self) -> list[torch.Tensor]:
-        return self.layout.block_views([p.data.view(-1) for p in self._params])
-
-    def _copy_into_params(self, blocks: Sequence[PulledBlock]) -> None:
-        if self._staging is not None:
-            self._staging.to_device(blocks, self._param_blocks())
-            return
-        views = self._param_blocks()
-        for pulled in blocks:
-            views[pulled.block_id].copy_(pulled.values)
-
     @torch.no_grad()
-    def _land(self, blocks: Sequence[PulledBlock]) -> None:
+    def _land(self, runs: Sequence[Run]) -> None:
         """Bring changed blocks into the parameters: as they are (rule mode), or as ``pulled + residual``.
 
         Under an inner ranger rule the Lookahead slow weights move with the view, so a sync pulls the
         view towards this worker's own slow trajectory, never back to weights the cluster moved past.
         """
-        if not blocks:
+        if not runs:
             return
         if not self.inner:
-            self._copy_into_params(blocks)
+            self.flat.land(runs)
             return
-        views = self._param_blocks()
-        residuals = self._residual_blocks()
-        slows = self._slow_blocks()
-        ids = [b.block_id for b in blocks]
-        for block_id in ids:
-            slow = slows[block_id]
-            if slow is not None:
-                slow.sub_(views[block_id])
-        self._copy_into_params(blocks)
-        for block_id in ids:
-            views[block_id].add_(residuals[block_id])
-            slow = slows[block_id]
-            if slow is not None:
-                slow.add_(views[block_id])
-
-    def _slow_blocks(self) -> list[torch.Tensor | None]:
-        """Each block's Lookahead slow weights (None where its parameter's rule keeps none)."""
-        out: list[torch.Tensor | None] = []
-        for block in self.layout.blocks:
-            slow = self._param_state(block.param_index).get("slow_buffer")
-            out.append(None if slow is None else slow[block.offset : block.offset + block.numel])
-        return out
+        buffers = self.flat.buffers
+        self.flat.land(runs, residual=buffers["ef_residual"], slow=buffers.get("slow_buffer"))
 
     # -- the step ------------------------------------------------------------------------------------
 
     def _check_cluster_rule(self) -> None:
-        configs = {rule_config_from_group(g) for g in self.param_groups}
+        configs = set(self._group_configs())
         if configs != {self._cluster_rule}:
             raise RuntimeError(
                 "the rule settings changed after registration (e.g. an lr scheduler); with servers they are "
                 "fixed for the cluster: " + "; ".join(self._cluster_rule.differences(next(iter(configs))))
             )
 
-    def _gradients(self, states: Sequence[dict[str, Any]]) -> tuple[list[torch.Tensor], list[bool]]:
-        """This step's gradients, flat, in state dtype, centralized where asked (never the user's ``.grad``)."""
-        grads: list[torch.Tensor] = []
-        has_grad: list[bool] = []
-        for p, s, group in zip(self._params, states, self._group_of, strict=True):
-            has_grad.append(p.grad is not None)
-            if p.grad is None:
-                grads.append(torch.zeros_like(s["ef_residual"]))
-                continue
-            g = p.grad.detach().to(s["ef_residual"].dtype, copy=True)
-            if self.param_groups[group]["use_gc"]:
+    def _grads(self, trained: Sequence[int], like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """This step's gradients of the trained parameters, flat, in state dtype, centralized where asked
+        (copies only where needed; the user's ``.grad`` is never modified)."""
+        out = []
+        for i in trained:
+            grad = self._params[i].grad
+            assert grad is not None
+            dtype = like[i].dtype
+            if self.param_groups[self._group_of[i]]["use_gc"]:
+                g = grad.detach().to(dtype, copy=True)
                 centralize_(g)
-            grads.append(g.reshape(-1))
-        return grads, has_grad
+                out.append(g.reshape(-1))
+            else:
+                out.append(grad.detach().reshape(-1).to(dtype))
+        return out
 
-    def _choose(self, step: int, has_grad: Sequence[bool]) -> list[int]:
-        chosen = choose_blocks(
+    def _choose(self, step: int, has_grad: Sequence[bool]) -> torch.Tensor:
+        chosen = choose_block_ids(
             self.layout.num_blocks,
             density_at(step, self.selection),
             seed=self.selection.seed,
             worker_id=self.backend.worker_id,
             step=step,
         )
-        return [b for b in chosen if has_grad[self.layout.blocks[b].param_index]]
+        return self.flat.trained_blocks(chosen, has_grad)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -399,97 +424,97 @@ class Ranger(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.flat.check_bound(self._params)
         if self.config.servers is not None:
             self._check_cluster_rule()
+        configs = self._group_configs()
+        if configs != self._linked:  # the first step, or settings changed (an lr schedule, in process)
+            if isinstance(self.backend, LocalBackend):
+                self.backend.configure(configs)
+            self._link()
         self.synchronize()  # overlap: the previous push's pull lands before this step reads the weights
-        states = [self._param_state(i) for i in range(len(self._params))]
+        states = [self.state[p] for p in self._params]
         self._steps = step = int(states[0]["step"]) + 1 if states else 1
         for s in states:
             s["step"].fill_(step)
-        grads, has_grad = self._gradients(states)
+        has_grad = [p.grad is not None for p in self._params]
+        trained = [i for i, ok in enumerate(has_grad) if ok]
         if self.inner:
-            self._inner_step(states, grads, has_grad, step)
+            self._inner_step(trained, has_grad, step)
         else:
-            self._rule_step(states, grads, has_grad, step)
+            self._rule_step(trained, has_grad, step)
         return loss
 
-    def _rule_step(
-        self, states: list[dict[str, Any]], grads: list[torch.Tensor], has_grad: list[bool], step: int
-    ) -> None:
+    def _rule_step(self, trained: list[int], has_grad: list[bool], step: int) -> None:
         """The classic mode: push gradients (with error feedback) for the rule to run where the weights live."""
         chosen = self._choose(step, has_grad)
-        self.last_chosen = chosen
-        feedback = ErrorFeedback(self.layout, [s["ef_residual"] for s in states], enabled=self.selection.error_feedback)
-        pushed = feedback.select(grads, chosen)
-        owed = self._residual_blocks() if self.selection.error_feedback else None
-        blocks = []
-        for block_id, values in zip(chosen, pushed, strict=True):
-            outgoing = self._outgoing(block_id, values)
-            if owed is not None:  # what rounding to the push dtype loses waits in the memory
-                owed[block_id].add_(values.sub_(dequantize_outgoing(outgoing, values)))
-            blocks.append(outgoing)
-        self._push(blocks, steps=1)
+        self._chosen = chosen
+        if self.selection.error_feedback:
+            owed = self.flat.buffers["ef_residual"]
+            views = self._views["ef_residual"]
+        else:  # plain random dropping: this step's gradients only, the rest is lost
+            owed = self._scratch
+            views = self.flat.param_views(owed)
+            torch._foreach_zero_(owed)
+        targets = [views[i] for i in trained]
+        if targets:
+            torch._foreach_add_(targets, self._grads(trained, views))
+        self._push(self.flat.take(owed, chosen, self.config.push_dtype), steps=1)
 
-    def _outgoing(self, block_id: int, values: torch.Tensor) -> OutgoingBlock:
-        """A block as pushed, in the push dtype (by default the parameter's own)."""
-        quantized = quantize(values, self.config.push_dtype or self.layout.blocks[block_id].dtype)
-        return OutgoingBlock(block_id, quantized.payload.detach().to("cpu"), quantized.scale or 0.0)
-
-    def _inner_step(
-        self, states: list[dict[str, Any]], grads: list[torch.Tensor], has_grad: list[bool], step: int
-    ) -> None:
+    def _inner_step(self, trained: list[int], has_grad: list[bool], step: int) -> None:
         """The inner rule on this worker's view, then every ``local_steps`` steps a push of its residual."""
-        trained = [i for i, ok in enumerate(has_grad) if ok]
-        configs = self._param_configs()
+        configs = self._group_configs()
         by_config: dict[RuleConfig, list[int]] = {}
         for i in trained:
-            by_config.setdefault(configs[i], []).append(i)
-        views = [self._params[i].data.view(-1) for i in range(len(self._params))]
-        before = {i: views[i].clone() for i in trained}
+            by_config.setdefault(configs[self._group_of[i]], []).append(i)
+        params = self.flat.params
+        before = self._scratch
+        torch._foreach_copy_(before, params)
+        views = self.flat.param_views(params)
+        grads = dict(zip(trained, self._grads(trained, self._views["ef_residual"]), strict=True))
         for config, members in by_config.items():
-            inner = dataclasses.replace(config, lr=config.lr * config.inner_lr_scale)
-            rule_states = [
-                BlockState({n: states[i][n] for n in config.rule_state_names()}, states[i]["rule_steps"])
+            inner = self._inner_config(config)
+            states = [
+                BlockState({n: self.state[self._params[i]][n] for n in config.rule_state_names()},
+                           self.state[self._params[i]]["rule_steps"])
                 for i in members
-            ]
+            ]  # fmt: skip
             # RAdam's rectification and bias correction need the cluster's clock with several workers
             # (each worker's own count would keep it in its warm-up); Lookahead counts own steps.
             clock = step * config.num_workers if config.rule == "ranger" and config.num_workers > 1 else None
-            apply_update(inner, [views[i] for i in members], [grads[i] for i in members], rule_states, step=clock)
-        residuals = [states[i]["ef_residual"] for i in trained]
-        if trained:
-            torch._foreach_add_(residuals, [views[i] for i in trained])
-            torch._foreach_sub_(residuals, [before[i] for i in trained])
+            apply_update(inner, [views[i] for i in members], [grads[i] for i in members], states, step=clock)
+        residual = self.flat.buffers["ef_residual"]
+        torch._foreach_sub_(before, params)  # before - after: exact (the two are close)
+        torch._foreach_sub_(residual, before)  # the residual grows by what the step moved
         if step % self.selection.local_steps:
             return
-        push = step // self.selection.local_steps
-        chosen = self._choose(push, has_grad)
-        self.last_chosen = chosen
-        owed = self._residual_blocks()
-        blocks = []
-        for block_id in chosen:
-            outgoing = self._outgoing(block_id, owed[block_id])
-            owed[block_id].sub_(dequantize_outgoing(outgoing, owed[block_id]))
-            blocks.append(outgoing)
+        chosen = self._choose(step // self.selection.local_steps, has_grad)
+        self._chosen = chosen
+        runs = self.flat.take(residual, chosen, self.config.push_dtype)
         if not self.selection.error_feedback:  # the seed's plain random drop: what was not pushed is lost
-            param_blocks = self._param_blocks()
-            picked = set(chosen)
-            for block_id, residual in enumerate(owed):
-                if block_id not in picked:
-                    param_blocks[block_id].sub_(residual)
-                    residual.zero_()
-        self._push(blocks, steps=self.selection.local_steps)
+            self.flat.drop_unchosen(residual, chosen)
+        self._push(runs, steps=self.selection.local_steps)
 
-    def _push(self, blocks: list[OutgoingBlock], *, steps: int) -> None:
+    def _inner_config(self, config: RuleConfig) -> RuleConfig:
+        """The rule's settings for the inner step: the lr scaled by ``inner_lr_scale``."""
+        key = ("inner", config)
+        inner = self._configs.get(key)
+        if inner is None:
+            inner = self._configs[key] = dataclasses.replace(config, lr=config.lr * config.inner_lr_scale)
+        return inner
+
+    def _push(self, runs: list[Run], *, steps: int) -> None:
         self.pushes += 1
-        self.backend.exchange(blocks, steps)
+        self.backend.exchange(runs, steps)
         if not self.backend.overlap:
             self.synchronize()
 
 
-def dequantize_outgoing(block: OutgoingBlock, like: torch.Tensor) -> torch.Tensor:
-    """What the shards will add for a pushed block, in the dtype and on the device of ``like``."""
-    return dequantize(Quantized(block.payload, block.scale or None), like.dtype).to(like.device)
+RULE_KEYS: tuple[str, ...] = tuple(s.key for s in specs(RuleConfig))
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
 
 
 def _signature() -> inspect.Signature:

@@ -17,7 +17,7 @@ from torch import nn
 from ranger_ps import Ranger
 from ranger_ps.algorithm.quantize import Quantized, dequantize, quantize
 from ranger_ps.algorithm.selection import choose_blocks
-from ranger_ps.client.backend import PulledBlock
+from ranger_ps.client.backend import Run
 from ranger_ps.config.train import TrainConfig
 from ranger_ps.errors import UserError
 
@@ -105,7 +105,7 @@ def test_pulled_blocks_land_as_pulled_plus_residual_and_ranger_slow_weights_foll
     slow_before = optimizer.state[param]["slow_buffer"][span].clone()
     view_before = param.detach().reshape(-1)[span].clone()
     pulled = torch.full((block.numel,), 0.25)  # as if the other workers had moved this block
-    optimizer._land([PulledBlock(block_id, 9, pulled)])
+    optimizer._land([Run(torch.tensor([block_id]), pulled)])
     view_after = param.detach().reshape(-1)[span]
     torch.testing.assert_close(view_after, pulled + residual)
     torch.testing.assert_close(optimizer.state[param]["slow_buffer"][span], slow_before + (view_after - view_before))
