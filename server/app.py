@@ -49,6 +49,7 @@ class ShardServer:
         self.port = 0
         self.metrics: MetricsEndpoint | None = None
         self._server: grpc.aio.Server | None = None
+        self._servicer: ParameterServerServicer | None = None
         self._health: health.aio.HealthServicer | None = None
         self._saver: Checkpointer | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -79,7 +80,8 @@ class ShardServer:
             ),
             interceptors=self.security.interceptors(),
         )
-        server.add_generic_rpc_handlers((ParameterServerServicer(self.shard).generic_handler(),))
+        self._servicer = ParameterServerServicer(self.shard)
+        server.add_generic_rpc_handlers((self._servicer.generic_handler(),))
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -145,6 +147,8 @@ class ShardServer:
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         await self._server.stop(grace)
+        if self._servicer is not None:
+            self._servicer.close()
         flushed = await self.shard.flush_pending()
         if flushed:
             log.info("shard %d applied %d incomplete bsp clocks before stopping", self.config.shard_id, flushed)

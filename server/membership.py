@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+import torch
 
 from ranger_ps.wire.stats import WorkerStats
 
@@ -26,7 +29,9 @@ class WorkerRecord:
     waiting: int = 0
     # The view the worker last pulled: the slowest live clock then, and each block's version.
     view_clock: int = 0
-    view_versions: dict[int, int] = field(default_factory=dict)
+    view_versions: torch.Tensor | None = None  # each block's version at the worker's last pull
+    # Set while the worker's latest push is being applied: a retry of it is acknowledged once it is.
+    applying: asyncio.Event | None = None
 
 
 class Membership:

@@ -13,16 +13,21 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+import torch
 from google.protobuf.message import DecodeError, Message
 
 from ranger_ps.algorithm.rules import RuleConfig
 from ranger_ps.errors import WireFormatError
 from ranger_ps.server.shard import Shard
+from ranger_ps.server.store import PulledRun
 from ranger_ps.wire._proto import ranger_ps_pb2 as pb
+from ranger_ps.wire.codec import codec_for_torch
 from ranger_ps.wire.frames import WireBlock, chunk_frames, decode_frame, split_blocks
 from ranger_ps.wire.messages import layout_from_proto
 from ranger_ps.wire.rpc import ERROR_METADATA_KEY, SERVICE_NAME
-from ranger_ps.wire.status import InvalidRequest, NotRegistered, RequestError
+from ranger_ps.wire.runs import WireRun, decode_runs, encode_exchange, encode_shared
+from ranger_ps.wire.shared import SharedSegment
+from ranger_ps.wire.status import InvalidRequest, NotReady, NotRegistered, RequestError
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +91,32 @@ async def _read_frames(
     return first, blocks
 
 
+def _known_versions(data: bytes) -> torch.Tensor | None:
+    """The versions a worker says it holds (little-endian uint64 each), or None when it holds none."""
+    if not data:
+        return None
+    if len(data) % 8:
+        raise InvalidRequest(f"known versions take 8 bytes each, got {len(data)} bytes")
+    return torch.frombuffer(bytearray(data), dtype=torch.int64)
+
+
+def _wire_run(run: PulledRun) -> WireRun:
+    return WireRun(codec_for_torch(run.values.dtype).wire, run.block_ids, run.values, run.versions)
+
+
 class ParameterServerServicer:
     """Routes the ``ranger_ps.v1.ParameterServer`` methods to a shard."""
 
     def __init__(self, shard: Shard) -> None:
         self.shard = shard
+        self._shared: dict[int, SharedSegment] = {}  # worker id -> the shared memory it offered
+        self._streams: dict[int, object] = {}  # worker id -> its newest Exchange stream
+
+    def close(self) -> None:
+        """Let go of every worker's shared memory."""
+        for segment in self._shared.values():
+            segment.close()
+        self._shared.clear()
 
     @_translating
     async def Register(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -121,8 +147,31 @@ class ParameterServerServicer:
             clock=result.clock,
             lease_seconds=self.shard.membership.lease_seconds,
             consistency=str(self.shard.mode),
+            exchange=True,
+            shared_memory=req.HasField("shared_memory") and self._attach(result.worker_id, req.shared_memory),
         )
         return reply.SerializeToString()
+
+    def _attach(self, worker_id: int, offer: pb.SharedMemoryOffer) -> bool:
+        """Open a worker's shared-memory offer; False (and bytes travel in frames) where it cannot be had."""
+        self._prune_shared()
+        if not self.shard.settings.shared_memory:
+            return False
+        try:
+            segment = SharedSegment.attach(offer.path, offer.nonce, offer.request_bytes, offer.reply_bytes)
+        except (OSError, ValueError) as exc:
+            log.info("worker %d's shared memory declined: %s", worker_id, exc)
+            return False
+        old = self._shared.pop(worker_id, None)
+        if old is not None:
+            old.close()
+        self._shared[worker_id] = segment
+        return True
+
+    def _prune_shared(self) -> None:
+        """Let go of the shared memory of workers the shard no longer knows (left, or lease expired)."""
+        for worker_id in [w for w in self._shared if self.shard.membership.get(w) is None]:
+            self._shared.pop(worker_id).close()
 
     @_translating
     async def Init(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
@@ -149,6 +198,59 @@ class ParameterServerServicer:
         except (RequestError, WireFormatError) as exc:
             await _abort(context, exc)
 
+    async def Exchange(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        """Pushes and pulls on one stream: frames until ``more`` is false, then the answer (see the contract)."""
+        stream = object()  # this stream's identity: only a worker's newest stream writes its shared memory
+        worker_id: int | None = None
+        sent: torch.Tensor | None = None
+        runs: list[WireRun] = []
+        try:
+            async for message in requests:
+                self.shard.bytes_received += len(message)
+                header, payload = decode_frame(message)
+                if not header.HasField("exchange"):
+                    raise InvalidRequest("every Exchange frame must carry an exchange header")
+                exchange = header.exchange
+                if worker_id is None:
+                    worker_id = exchange.worker_id
+                    self._streams[worker_id] = stream
+                elif exchange.worker_id != worker_id:
+                    raise InvalidRequest(
+                        f"a stream of worker {worker_id} carries a frame of worker {exchange.worker_id}"
+                    )
+                if exchange.known_versions or sent is None:
+                    sent = self.shard.cursor(_known_versions(exchange.known_versions))
+                segment = self._shared.get(worker_id)
+                if exchange.shared and segment is None:  # e.g. this server restarted: agree on it again
+                    raise NotRegistered(
+                        f"worker {worker_id} has no shared memory on shard {self.shard.shard_id}: register again"
+                    )
+                runs.extend(decode_runs(header, payload, segment.request if segment is not None else None))
+                if exchange.more:
+                    continue
+                pushed = runs
+                runs = []
+                applied, version_sum = (
+                    await self.shard.push_runs(worker_id, exchange.clock, pushed) if exchange.clock else (0, 0)
+                )
+                pulled = [] if exchange.no_pull else await self.shard.pull_changed(worker_id, sent)
+                answer = pb.ExchangeHeader(worker_id=worker_id, blocks_applied=applied, version_sum=version_sum)
+                if exchange.shared:
+                    if self._streams.get(worker_id) is not stream or segment is not self._shared.get(worker_id):
+                        raise NotReady("a newer stream of this worker took over its shared memory")
+                    assert segment is not None
+                    frames = [encode_shared(answer, [_wire_run(r) for r in pulled], segment.reply)]
+                else:
+                    frames = encode_exchange(answer, [_wire_run(r) for r in pulled], [r.lengths for r in pulled])
+                for frame in frames:
+                    self.shard.bytes_sent += len(frame)
+                    yield frame
+        except (RequestError, WireFormatError) as exc:
+            await _abort(context, exc)
+        finally:
+            if worker_id is not None and self._streams.get(worker_id) is stream:
+                del self._streams[worker_id]
+
     @_translating
     async def Heartbeat(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         req = _parse(pb.HeartbeatRequest, request)
@@ -159,6 +261,9 @@ class ParameterServerServicer:
     async def Leave(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         req = _parse(pb.LeaveRequest, request)
         await self.shard.leave(req.worker_id)
+        segment = self._shared.pop(req.worker_id, None)
+        if segment is not None:
+            segment.close()
         return pb.LeaveReply().SerializeToString()
 
     @_translating
@@ -175,6 +280,7 @@ class ParameterServerServicer:
                 "Init": grpc.stream_unary_rpc_method_handler(self.Init),
                 "Push": grpc.stream_unary_rpc_method_handler(self.Push),
                 "Pull": grpc.unary_stream_rpc_method_handler(self.Pull),
+                "Exchange": grpc.stream_stream_rpc_method_handler(self.Exchange),
                 "Stats": grpc.unary_unary_rpc_method_handler(self.Stats),
                 "Heartbeat": grpc.unary_unary_rpc_method_handler(self.Heartbeat),
                 "Leave": grpc.unary_unary_rpc_method_handler(self.Leave),

@@ -16,16 +16,19 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+import torch
+
 from ranger_ps.algorithm.consistency import ConsistencyMode, Histogram, parse_consistency
 from ranger_ps.algorithm.layout import Layout
 from ranger_ps.algorithm.placement import Placement
 from ranger_ps.algorithm.rules import RuleConfig
 from ranger_ps.config.server import ShardSettings
 from ranger_ps.server.membership import Membership, WorkerRecord
-from ranger_ps.server.store import EMPTY, Decoded, ShardStore
+from ranger_ps.server.store import EMPTY, Decoded, PulledRun, ShardStore
 from ranger_ps.storage.checkpoint import ShardCheckpoint
 from ranger_ps.version import __version__
 from ranger_ps.wire.frames import WireBlock
+from ranger_ps.wire.runs import WireRun
 from ranger_ps.wire.stats import ShardStats
 from ranger_ps.wire.status import Exhausted, InvalidRequest, NonFinite, NotReady, NotRegistered, PreconditionFailed
 
@@ -232,7 +235,17 @@ class Shard:
     # -- training traffic --------------------------------------------------------------------
 
     async def push(self, worker_id: int, clock: int, blocks: Sequence[WireBlock]) -> tuple[int, int]:
-        """Take a worker's gradients for ``clock``; returns (blocks applied or queued, version sum)."""
+        """Take a worker's push for ``clock``; returns (blocks applied or queued, version sum)."""
+        return await self.push_checked(worker_id, clock, lambda store: store.decode(blocks))
+
+    async def push_runs(self, worker_id: int, clock: int, runs: Sequence[WireRun]) -> tuple[int, int]:
+        """:meth:`push` of an exchange, its blocks as runs."""
+        return await self.push_checked(worker_id, clock, lambda store: store.decode_runs(runs))
+
+    async def push_checked(
+        self, worker_id: int, clock: int, decode: Callable[[ShardStore], Decoded]
+    ) -> tuple[int, int]:
+        """Take a push whose blocks ``decode`` checks and converts (nothing is used before it is checked)."""
         if self.stopping:
             raise NotReady(f"shard {self.shard_id} is shutting down; retry against its replacement")
         store = self._require_store()
@@ -242,6 +255,8 @@ class Shard:
             # push, so it is acknowledged again and never applied twice.
             self.duplicates += 1
             self.membership.seen(worker_id)
+            if record.applying is not None:  # the original is still being applied: acknowledge once it is
+                await record.applying.wait()
             return 0, 0
         if clock < record.clock:
             raise InvalidRequest(f"push clock {clock} of worker {worker_id} is before its clock {record.clock}")
@@ -250,7 +265,7 @@ class Shard:
                 f"bsp: worker {worker_id} pushed clock {clock}, which shard {self.shard_id} already applied"
             )
         try:
-            decoded = store.decode(blocks)
+            decoded = decode(store)
         except NonFinite:
             if self.nan_policy == "reject":
                 raise
@@ -270,15 +285,23 @@ class Shard:
         self.membership.seen(worker_id)
         self.pushes_applied += 1
         if self.mode.kind == "bsp":
-            self._pending.setdefault(clock, {})[worker_id] = decoded
+            # Held until every worker's push of this clock is in: owned copies, not views of frames
+            # or of a shared region the worker will write again.
+            self._pending.setdefault(clock, {})[worker_id] = decoded.owned()
             await self._barrier_changed()
             return len(decoded), 0
-        async with self.apply_lock:
-            if decoded.nbytes >= OFF_LOOP_APPLY_BYTES:
-                # Big updates run in a thread (torch releases the GIL), so the loop keeps serving.
-                applied, version_sum = await asyncio.to_thread(self._timed_apply, store.apply, decoded)
-            else:
-                applied, version_sum = self._timed_apply(store.apply, decoded)
+        record.applying = applying = asyncio.Event()
+        try:
+            async with self.apply_lock:
+                if decoded.nbytes >= OFF_LOOP_APPLY_BYTES:
+                    # Big updates run in a thread (torch releases the GIL), so the loop keeps serving.
+                    applied, version_sum = await asyncio.to_thread(self._timed_apply, store.apply, decoded)
+                else:
+                    applied, version_sum = self._timed_apply(store.apply, decoded)
+        finally:
+            applying.set()
+            if record.applying is applying:
+                record.applying = None
         await self._notify()
         return applied, version_sum
 
@@ -294,14 +317,38 @@ class Shard:
     def _record_staleness(self, record: WorkerRecord, clock: int, decoded: Decoded) -> None:
         """How far behind its own clock the worker's view was, in clocks and (per block) in versions."""
         self.staleness.add(clock - 1 - record.view_clock)
-        assert self.store is not None
-        versions = self.store.versions()
-        for position in decoded.positions.tolist():
-            self.version_lag.add(versions[position] - record.view_versions.get(position, versions[position]))
+        if record.view_versions is not None and len(decoded):
+            assert self.store is not None
+            versions = self.store.version_tensor()
+            self.version_lag.add_all(versions[decoded.positions] - record.view_versions[decoded.positions])
 
     async def pull(self, worker_id: int, known_versions: Sequence[int]) -> Iterator[WireBlock]:
         """Wait at the barrier the consistency model sets, then the blocks newer than the worker's."""
         store = self._require_store()
+        record = await self._pulling(worker_id)
+        record.view_versions = store.version_tensor().clone()
+        return store.newer_than(known_versions)
+
+    def cursor(self, known: torch.Tensor | None) -> torch.Tensor:
+        """An exchange stream's record of the versions it answered with: what the worker says it holds
+        (aligned with this shard's block ids), or zeros (the first answer carries every block)."""
+        store = self._require_store()
+        if known is None:
+            return torch.zeros(len(store.block_ids), dtype=torch.int64)
+        if len(known) != len(store.block_ids):
+            raise InvalidRequest(f"{len(known)} known versions for a shard of {len(store.block_ids)} blocks")
+        return known.clone()
+
+    async def pull_changed(self, worker_id: int, sent: torch.Tensor) -> list[PulledRun]:
+        """:meth:`pull` for an exchange stream: the blocks whose version is above ``sent`` (the versions
+        this stream last answered with, which advance), as runs with their versions."""
+        store = self._require_store()
+        record = await self._pulling(worker_id)
+        record.view_versions = store.version_tensor().clone()
+        return store.changed_runs(sent)
+
+    async def _pulling(self, worker_id: int) -> WorkerRecord:
+        """A pull's bookkeeping: wait at the consistency barrier, then note the view the worker gets."""
         record = self.membership.get(worker_id)
         if record is None:
             raise NotRegistered(f"worker {worker_id} is not registered on shard {self.shard_id}: register again")
@@ -310,8 +357,7 @@ class Shard:
         self.membership.seen(worker_id)
         self.pulls_served += 1
         record.view_clock = self.applied_clock if self.mode.kind == "bsp" else self._slowest_or(record.clock)
-        record.view_versions = dict(enumerate(store.versions()))
-        return store.newer_than(known_versions)
+        return record
 
     async def _wait_for_view(self, record: WorkerRecord) -> None:
         def ready() -> bool:

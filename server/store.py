@@ -25,8 +25,9 @@ from ranger_ps.algorithm.rules import RuleConfig
 from ranger_ps.algorithm.table import BlockTable, Part
 from ranger_ps.errors import WireFormatError
 from ranger_ps.storage.checkpoint import BlockRecord
-from ranger_ps.wire.codec import bytes_to_tensor, codec_for_name, codec_for_wire, tensor_bytes
+from ranger_ps.wire.codec import bytes_to_tensor, codec_for_name, codec_for_torch, codec_for_wire, tensor_bytes
 from ranger_ps.wire.frames import WireBlock
+from ranger_ps.wire.runs import WireRun
 from ranger_ps.wire.status import InvalidRequest, NonFinite, NotReady
 
 
@@ -44,8 +45,22 @@ class Decoded:
     def __len__(self) -> int:
         return len(self.positions)
 
+    def owned(self) -> Decoded:
+        """The same push with values of its own (not views of a received frame or a shared region)."""
+        return Decoded(self.positions, [Part(p.segment, p.local, p.values.clone()) for p in self.parts])
+
 
 EMPTY = Decoded(torch.zeros(0, dtype=torch.int64), [])
+
+
+@dataclass(frozen=True)
+class PulledRun:
+    """Blocks of one type that changed: ids ascending, their versions, their values back to back (a copy)."""
+
+    block_ids: torch.Tensor
+    versions: torch.Tensor
+    values: torch.Tensor
+    lengths: torch.Tensor  # elements per block
 
 
 class ShardStore:
@@ -100,6 +115,70 @@ class ShardStore:
             positions.append(position)
             values.append(tensor)
         return self._decoded(positions, values)
+
+    def decode_runs(self, runs: Sequence[WireRun], what: str = "push") -> Decoded:
+        """Check runs of blocks (ownership, order, type, size, scales, finiteness) before any is used.
+
+        Each run must hold blocks of one type, strictly ascending; no block may appear twice.
+        """
+        parts: list[Part] = []
+        found: list[torch.Tensor] = []
+        for run in runs:
+            ids = run.block_ids
+            if not len(ids):
+                if run.values.numel():
+                    raise InvalidRequest(f"{what}: a run without blocks carries {run.values.numel()} values")
+                continue
+            if len(ids) > 1 and not bool((ids[1:] > ids[:-1]).all()):
+                raise InvalidRequest(f"{what}: a run's block ids must be strictly ascending")
+            try:
+                positions = self.space.positions(ids)
+            except ValueError as exc:
+                raise InvalidRequest(f"{what}: {exc} (not held by this shard)") from None
+            groups = self.space.by_segment(positions)
+            if len(groups) != 1:
+                raise InvalidRequest(f"{what}: a run mixes blocks of different types")
+            ((segment, local),) = groups
+            lengths = self.space.lengths[positions]
+            values = self._run_values(run, self.space.segments[segment].dtype, lengths, what)
+            if not math.isfinite(float(values.sum())) and not bool(torch.isfinite(values).all()):
+                raise NonFinite(f"{what}: blocks {int(ids[0])}..{int(ids[-1])} contain NaN or Inf")
+            parts.append(Part(segment, local, values))
+            found.append(positions)
+        if not parts:
+            return EMPTY
+        positions = torch.cat(found)
+        if len(found) > 1 and len(torch.unique(positions)) != len(positions):
+            raise InvalidRequest(f"{what}: a block appears twice")
+        return Decoded(positions, parts)
+
+    def _run_values(self, run: WireRun, own_dtype: torch.dtype, lengths: torch.Tensor, what: str) -> torch.Tensor:
+        """A run's values in the blocks' own type, checked for type, size and scales."""
+        own = codec_for_torch(own_dtype)
+        try:
+            codec = codec_for_wire(run.dtype)
+        except WireFormatError:
+            raise InvalidRequest(f"{what}: a run has unknown wire dtype {run.dtype}") from None
+        allowed = {own.wire}
+        if what == "push" and self.rule.push_dtype is not None:
+            allowed.add(codec_for_name(self.rule.push_dtype).wire)
+        if codec.wire not in allowed:
+            raise InvalidRequest(f"{what}: a run has wire dtype {codec.name}, expected {own.name}")
+        numel = int(lengths.sum())
+        if run.values.numel() != numel:
+            raise InvalidRequest(
+                f"{what}: a run of {len(lengths)} blocks carries {run.values.numel()} {codec.name} elements, "
+                f"expected {numel}"
+            )
+        if codec.name != "int8":
+            return run.values if codec.wire == own.wire else run.values.to(own.torch_dtype)
+        scales = run.scales
+        if scales is None or len(scales) != len(lengths):
+            raise InvalidRequest(f"{what}: an int8 run of {len(lengths)} blocks needs one scale per block")
+        if not bool((torch.isfinite(scales) & (scales > 0)).all()):
+            raise InvalidRequest(f"{what}: an int8 run needs finite scales > 0")
+        per_element = torch.repeat_interleave(scales, lengths, output_size=numel)
+        return (run.values.to(torch.float32) * per_element).to(own.torch_dtype)
 
     def _decoded(self, positions: list[int], values: list[torch.Tensor]) -> Decoded:
         """Blocks (in any order) as per-segment parts, each block's values end to end in the part."""
@@ -244,6 +323,28 @@ class ShardStore:
     def versions(self) -> list[int]:
         """Each block's version, in position order."""
         return self._require_table().versions.tolist()
+
+    def version_tensor(self) -> torch.Tensor:
+        """Each block's version, in position order (the live tensor: clone to keep)."""
+        return self._require_table().versions
+
+    def changed_runs(self, sent: torch.Tensor) -> list[PulledRun]:
+        """Blocks whose version is above ``sent`` (one entry per position, advanced to what is returned),
+        as runs per type; the values are copies taken at once, so they match their versions."""
+        table = self._require_table()
+        if len(sent) != len(self.block_ids):
+            raise InvalidRequest(f"{len(sent)} known versions for a shard of {len(self.block_ids)} blocks")
+        positions = table.changed(sent)
+        out = []
+        for part in table.read(positions):
+            held = self.space.segments[part.segment].positions[part.local]
+            out.append(
+                PulledRun(
+                    self.space.id_tensor[held], table.versions[held].clone(), part.values, self.space.lengths[held]
+                )
+            )
+        sent[positions] = table.versions[positions]
+        return out
 
     def newer_than(self, known_versions: Sequence[int]) -> Iterator[WireBlock]:
         """Blocks whose version is above what the caller holds (all of them when it holds none).

@@ -16,6 +16,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass(frozen=True)
 class ConsistencyMode:
@@ -52,6 +54,13 @@ class Histogram:
     def add(self, value: int, count: int = 1) -> None:
         value = max(0, value)
         self.counts[value] = self.counts.get(value, 0) + count
+
+    def add_all(self, values: torch.Tensor) -> None:
+        """Count every value of an integer tensor (negative ones as 0)."""
+        if values.numel():
+            found, counts = torch.unique(values.clamp(min=0), return_counts=True)
+            for value, count in zip(found.tolist(), counts.tolist(), strict=True):
+                self.add(int(value), int(count))
 
     def merge(self, counts: dict[int, int]) -> None:
         for value, count in counts.items():

@@ -6,9 +6,10 @@ to a per-block residual memory, (3) pushes the memory of a random subset of bloc
 (:func:`choose_blocks`, with a density from :func:`density_at`) and (4) zeroes what it pushed
 (:class:`~ranger_ps.algorithm.feedback.ErrorFeedback` states it block by block; the optimizer's
 flat buffers, :mod:`ranger_ps.optim.flat`, do the same for many blocks at once). Blocks not chosen
-keep their residual for a later step (Stich et al., "Sparsified SGD with memory", NeurIPS 2018). Every random draw comes from a generator seeded by
-:func:`derive_seed` from (seed, worker id, step, purpose), so a run can be replayed exactly and any
-process can recompute which blocks a worker pushed at a step.
+keep their residual for a later step (Stich et al., "Sparsified SGD with memory", NeurIPS 2018).
+Every random draw comes from a generator seeded by :func:`derive_seed` from (seed, worker id, step,
+purpose), so a run can be replayed exactly and any process can recompute which blocks a worker
+pushed at a step.
 
 Pushed values are *not* rescaled by ``1 / push_fraction``. Rescaling would make each push an
 unbiased estimate of the dense gradient, but its variance grows like ``1 / push_fraction``; with a

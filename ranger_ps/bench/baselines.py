@@ -332,12 +332,17 @@ def _rpc_trainer(port: int, model_bytes: int, tensors: int, transport: str, repe
     return 0
 
 
-def wire_torch_rpc(settings: WireSettings) -> dict[str, Any]:
-    """Full pull and dense push + SGD step through the torch.distributed.rpc parameter server (two helpers)."""
+def wire_torch_rpc(settings: WireSettings, transport: str | None = None, prefix: str = "torch_rpc") -> dict[str, Any]:
+    """Full pull and dense push + SGD step through the torch.distributed.rpc parameter server (two helpers).
+
+    ``transport`` (default: the settings') is TensorPipe's: ``uv`` (TCP), ``shm`` or ``default``; the
+    report's keys start with ``prefix``.
+    """
+    transport = transport or settings.torch_rpc_transport
 
     def unavailable(reason: str) -> dict[str, Any]:
-        log.warning("torch.distributed.rpc baseline unavailable: %s", reason)
-        return {"torch_rpc_pull_gbps": None, "torch_rpc_push_gbps": None, "torch_rpc_error": reason}
+        log.warning("torch.distributed.rpc baseline (%s) unavailable: %s", transport, reason)
+        return {f"{prefix}_pull_gbps": None, f"{prefix}_push_gbps": None, f"{prefix}_error": reason}
 
     try:
         from torch.distributed import rpc
@@ -345,7 +350,7 @@ def wire_torch_rpc(settings: WireSettings) -> dict[str, Any]:
         return unavailable(f"torch.distributed.rpc does not import: {exc}")
     if not rpc.is_available():
         return unavailable("torch.distributed.rpc is not available in this torch build")
-    args = (settings.model_bytes, settings.tensors, settings.torch_rpc_transport)
+    args = (settings.model_bytes, settings.tensors, transport)
     with bench_cluster() as cluster:
         port = free_port()
         server = spawn_helper(cluster, "rpc-server", "rpc-server", port, *args)
@@ -370,13 +375,13 @@ def wire_torch_rpc(settings: WireSettings) -> dict[str, Any]:
             return unavailable(f"the trainer printed no result: {stdout[-500:]!r}")
     nbytes = int(report["nbytes"])
     return {
-        "torch_rpc_pull_gbps": gbps(nbytes, median(report["pull_seconds"])),
-        "torch_rpc_push_gbps": gbps(nbytes, median(report["push_seconds"])),
-        "torch_rpc_pull_cold_gbps": gbps(nbytes, report["cold_seconds"][0]),
-        "torch_rpc_push_cold_gbps": gbps(nbytes, report["cold_seconds"][1]),
-        "torch_rpc_pull_seconds": report["pull_seconds"],
-        "torch_rpc_push_seconds": report["push_seconds"],
-        "torch_rpc_error": None,
+        f"{prefix}_pull_gbps": gbps(nbytes, median(report["pull_seconds"])),
+        f"{prefix}_push_gbps": gbps(nbytes, median(report["push_seconds"])),
+        f"{prefix}_pull_cold_gbps": gbps(nbytes, report["cold_seconds"][0]),
+        f"{prefix}_push_cold_gbps": gbps(nbytes, report["cold_seconds"][1]),
+        f"{prefix}_pull_seconds": report["pull_seconds"],
+        f"{prefix}_push_seconds": report["push_seconds"],
+        f"{prefix}_error": None,
     }
 
 

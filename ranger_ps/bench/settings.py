@@ -141,6 +141,10 @@ class WireSettings(_ModelSize, Settings):
         "TensorPipe transport: uv (TCP with the basic channel, as across machines), shm, or default "
         "(TensorPipe's own choice of transports and channels)",
     )
+    torch_rpc_same_host: bool = setting(
+        True, "also run the torch.distributed.rpc baseline with TensorPipe's default (same-host) channels"
+    )
+    exchange: bool = setting(True, "also measure ranger-ps's exchange path, over gRPC frames and over shared memory")
     tcp: bool = setting(True, "run the raw TCP baseline")
     threads: int = setting(1, "torch threads in this process", parse=_count)
     timeout: float = setting(300.0, "seconds any one stage may take", parse=_amount)
@@ -193,6 +197,9 @@ class TrainSettings(Settings):
     batch_size: int = setting(32, "examples per step and worker", parse=_count)
     seed: int = setting(0, "seed")
     ddp: bool = setting(True, "run the DDP baseline")
+    one_to_one: bool = setting(
+        True, "also train with one worker and one shard, dense (the parameter-server path's cost per torch step)"
+    )
     single: bool = setting(True, "run one-process baselines")
     timeout: float = setting(600.0, "seconds one cluster or the DDP baseline may take", parse=_amount)
     in_process: bool = setting(

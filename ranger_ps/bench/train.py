@@ -9,6 +9,7 @@ DistributedDataParallel over gloo (:mod:`ranger_ps.bench.baselines`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -30,6 +31,15 @@ TRAIN_TARGET: common.Target = (
     0.06,
     "bytes pushed per step at push fraction 0.05 <= 6% of dense",
 )
+TRAIN_TARGETS: tuple[common.Target, ...] = (
+    TRAIN_TARGET,
+    ("dense_steps_vs_ddp", 2.0, "steady steps/s, dense, the job's workers and shards >= 2x torch DDP (gloo)"),
+    (
+        "one_to_one_step_overhead",
+        0.25,
+        "one worker and one shard: time per step beyond a one-process torch.optim.SGD step <= 25%",
+    ),
+)
 
 
 def run_train(settings: TrainSettings) -> dict[str, Any]:
@@ -40,6 +50,10 @@ def run_train(settings: TrainSettings) -> dict[str, Any]:
     for fraction in settings.fractions:
         log.info("train: ranger-ps push fraction %g", fraction)
         rows.append(_train_cluster(settings, fraction))
+    if settings.one_to_one:
+        log.info("train: ranger-ps, one worker and one shard, dense")
+        one = _train_cluster(dataclasses.replace(settings, workers=1, shards=1), 1.0)
+        rows.append(one | {"name": "ranger-ps, 1 worker and 1 shard", "kind": "ranger-ps-1x1"})
     if settings.single:
         log.info("train: one process, torch.optim.SGD")
         rows.append(train_single(settings))
@@ -60,6 +74,13 @@ def run_train(settings: TrainSettings) -> dict[str, Any]:
     ratios["dense_steps_vs_single_sgd"] = (
         common.ratio(dense["steps_per_second"], single["steps_per_second"]) if dense and single else None
     )
+    ddp = next((r for r in rows if r["kind"] == "ddp" and "error" not in r), None)
+    ratios["dense_steps_vs_ddp"] = (
+        common.ratio(dense["steps_per_second"], ddp["steps_per_second"]) if dense and ddp else None
+    )
+    one_row = next((r for r in rows if r["kind"] == "ranger-ps-1x1"), None)
+    slower = common.ratio(single["steps_per_second"], one_row["steps_per_second"]) if one_row and single else None
+    ratios["one_to_one_step_overhead"] = slower - 1 if slower is not None else None
     return {
         "benchmark": "train",
         "settings": {
@@ -79,7 +100,7 @@ def run_train(settings: TrainSettings) -> dict[str, Any]:
         "load_average_after": common.load_average(),
         "rows": rows,
         "ratios": ratios,
-        "targets": common.check_targets(ratios, (TRAIN_TARGET,)),
+        "targets": common.check_targets(ratios, TRAIN_TARGETS),
     }
 
 

@@ -30,6 +30,18 @@ WIRE_TARGETS: tuple[common.Target, ...] = (
     ("pull_vs_torch_rpc", 1.5, "full-model pull >= 1.5x torch.distributed.rpc"),
     ("push_vs_torch_rpc", 1.5, "dense push + apply >= 1.5x torch.distributed.rpc"),
     ("pull_vs_tcp", 0.5, "full-model pull >= 50% of raw TCP (its fastest repetition: the loopback limit)"),
+    (
+        "shm_pull_vs_torch_rpc_same_host",
+        2.0,
+        "same-host pull (shared memory) >= 2x torch.distributed.rpc with TensorPipe's default channels",
+    ),
+    (
+        "shm_push_vs_torch_rpc_same_host",
+        2.0,
+        "same-host push + apply (shared memory) >= 2x torch.distributed.rpc with TensorPipe's default channels",
+    ),
+    ("exchange_pull_vs_torch_rpc", 1.0, "pull over gRPC (no shared memory) >= torch.distributed.rpc over TCP"),
+    ("exchange_push_vs_torch_rpc", 1.0, "push + apply over gRPC (no shared memory) >= torch.distributed.rpc over TCP"),
 )
 
 
@@ -66,6 +78,11 @@ def run_wire(settings: WireSettings) -> dict[str, Any]:
             out |= wire_torch_rpc(settings)
         else:
             out |= {"torch_rpc_pull_gbps": None, "torch_rpc_push_gbps": None, "torch_rpc_error": "skipped"}
+        if settings.torch_rpc and settings.torch_rpc_same_host:
+            log.info("wire: torch.distributed.rpc (TensorPipe's default, same-host channels)")
+            out |= wire_torch_rpc(settings, "default", prefix="torch_rpc_same_host")
+        else:
+            out |= {"torch_rpc_same_host_pull_gbps": None, "torch_rpc_same_host_push_gbps": None}
         with bench_cluster() as cluster:
             grpc_server, ready = start_grpc_server(cluster, settings.use_uvloop)
             shards, addresses = start_shards(cluster, settings.shards, use_uvloop=settings.use_uvloop)
@@ -75,6 +92,12 @@ def run_wire(settings: WireSettings) -> dict[str, Any]:
             cluster.stop(grpc_server)
             log.info("wire: ranger-ps, %d shards, %.1f MB", settings.shards, nbytes / 1e6)
             out |= _wire_ranger_ps(settings, named, addresses, [shard.process.pid for shard in shards])
+            for shared, prefix in ((False, "exchange"), (True, "shm")):
+                if settings.exchange:
+                    log.info("wire: ranger-ps exchanges, %s", "shared memory" if shared else "gRPC frames")
+                    out |= _wire_exchange(settings, named, addresses, shared=shared, prefix=prefix)
+                else:
+                    out |= {f"{prefix}_pull_gbps": None, f"{prefix}_push_gbps": None}
     out["load_average_after"] = common.load_average()
     out["ratios"] = {
         "pull_vs_torch_rpc": common.ratio(out["pull_gbps"], out["torch_rpc_pull_gbps"]),
@@ -86,6 +109,10 @@ def run_wire(settings: WireSettings) -> dict[str, Any]:
         "push_vs_grpc": common.ratio(out["push_gbps"], out["grpc_push_gbps"]),
         "grpc_pull_vs_tcp": common.ratio(out["grpc_pull_gbps"], out.get("tcp_best_gbps")),
         "torch_rpc_pull_vs_tcp": common.ratio(out["torch_rpc_pull_gbps"], out.get("tcp_best_gbps")),
+        "shm_pull_vs_torch_rpc_same_host": common.ratio(out["shm_pull_gbps"], out["torch_rpc_same_host_pull_gbps"]),
+        "shm_push_vs_torch_rpc_same_host": common.ratio(out["shm_push_gbps"], out["torch_rpc_same_host_push_gbps"]),
+        "exchange_pull_vs_torch_rpc": common.ratio(out["exchange_pull_gbps"], out["torch_rpc_pull_gbps"]),
+        "exchange_push_vs_torch_rpc": common.ratio(out["exchange_push_gbps"], out["torch_rpc_push_gbps"]),
     }
     out["targets"] = common.check_targets(out["ratios"], WIRE_TARGETS)
     return out
@@ -172,6 +199,82 @@ def _wire_ranger_ps(
         "empty_push_bytes": small_pushes[0][1],
         "empty_pull_ms": 1e3 * common.median(small_pulls),
         "cpu": cpu.report(),
+    }
+
+
+def _wire_exchange(
+    settings: WireSettings,
+    named: list[tuple[str, torch.Tensor]],
+    addresses: list[str],
+    *,
+    shared: bool,
+    prefix: str,
+) -> dict[str, Any]:
+    """Full pulls and dense pushes + apply as a worker makes them: exchanges on a stream per shard.
+
+    The push is what the optimizer does: one gather of every block out of a flat buffer in shard
+    order (:meth:`~ranger_ps.optim.flat.FlatState.take`), then the exchange (no answer blocks); the
+    pull lands every block in the flat parameter buffer.
+    """
+    from ranger_ps.algorithm.layout import Layout
+    from ranger_ps.algorithm.rules import RuleConfig
+    from ranger_ps.client.sharded import ShardedClient
+    from ranger_ps.optim.flat import FlatState
+
+    params = [t.clone() for _, t in named]
+    nbytes = sum(t.numel() * t.element_size() for t in params)
+    layout = Layout.from_named_tensors(list(zip([n for n, _ in named], params, strict=True)), settings.block_size)
+    flat = FlatState(layout, params, ["grad"])
+    client = ShardedClient(
+        addresses, use_uvloop=settings.use_uvloop, call_timeout=settings.timeout, shared_memory=shared
+    )
+    try:
+        client.register(layout, RuleConfig(rule="sgd", lr=1e-3, momentum=0.0), params)  # as _wire_ranger_ps
+        expected = "shared-memory" if shared else "exchange"
+        if client.transports != [expected] * len(addresses):
+            raise ClusterError(f"expected {expected} traffic, the shards agreed to {client.transports}")
+        every = client.shard_order(torch.arange(layout.num_blocks))
+        clock = client.start_clock
+
+        def pull(apply: bool) -> float:
+            for shard in client._shards:  # forget what is held: the next answer carries every block
+                shard.known_versions.zero_()
+                shard.drop_stream()
+            start = time.perf_counter()
+            result = client.exchange([], 0).result(timeout=settings.timeout)
+            if apply:
+                flat.land(result.pulled)
+            seconds = time.perf_counter() - start
+            got = sum(r.values.numel() * r.values.element_size() for r in result.pulled)
+            if got != nbytes:
+                raise ClusterError(f"a full pull returned {got} bytes, expected {nbytes}")
+            return seconds
+
+        def push() -> float:
+            nonlocal clock
+            clock += 1
+            for buffer in flat.buffers["grad"]:
+                buffer.fill_(1e-6)
+            start = time.perf_counter()
+            runs = flat.take(flat.buffers["grad"], every, None)
+            result = client.exchange(runs, clock, pull=False).result(timeout=settings.timeout)
+            seconds = time.perf_counter() - start
+            if result.blocks_applied != layout.num_blocks:
+                raise ClusterError(f"a dense push applied {result.blocks_applied} of {layout.num_blocks} blocks")
+            return seconds
+
+        pull(False), push()  # warm-up: streams, HTTP/2 windows, fresh memory
+        pulls = [pull(False) for _ in range(settings.repeat)]
+        pull_applies = [pull(True) for _ in range(settings.repeat)]
+        pushes = [push() for _ in range(settings.repeat)]
+    finally:
+        client.close()
+    return {
+        f"{prefix}_pull_gbps": common.gbps(nbytes, common.median(pulls)),
+        f"{prefix}_pull_apply_gbps": common.gbps(nbytes, common.median(pull_applies)),
+        f"{prefix}_push_gbps": common.gbps(nbytes, common.median(pushes)),
+        f"{prefix}_pull_seconds": pulls,
+        f"{prefix}_push_seconds": pushes,
     }
 
 

@@ -38,7 +38,8 @@ class PulledBlock:
 
 @dataclass(frozen=True)
 class Run:
-    """Blocks of one dtype end to end: ``block_ids`` ascending, their ``values`` in that order.
+    """Blocks of one dtype end to end: ``block_ids`` (ascending, or in a backend's push order), their
+    ``values`` in that order.
 
     A pushed run may be int8 with one ``scales`` entry per block (values = int8 x scale).
     """
@@ -81,6 +82,10 @@ class Backend(Protocol):
     @property
     def worker_id(self) -> int:
         """The id this worker pushes as (0 in process)."""
+        ...
+
+    def order(self, block_ids: torch.Tensor) -> torch.Tensor:
+        """The chosen blocks in the order a push should lay them out (a cluster splits a run by shard)."""
         ...
 
     def exchange(self, runs: Sequence[Run], steps: int) -> None:

@@ -19,7 +19,7 @@ import torch
 from ranger_ps.algorithm.layout import Layout
 from ranger_ps.algorithm.rules import RuleConfig
 from ranger_ps.client.backend import PulledBlock, Run, Traffic, blocks_of, runs_of
-from ranger_ps.client.sharded import ShardedClient
+from ranger_ps.client.sharded import ExchangeResult, ShardedClient
 from ranger_ps.config.client import ConnectionSettings
 from ranger_ps.errors import ClusterError
 from ranger_ps.wire.security import ClientSecurity
@@ -59,7 +59,7 @@ class RemoteBackend:
         self.layout = layout
         self.rule = rule
         self.overlap = connection.overlap
-        self._pending: Future[list[PulledBlock]] | None = None
+        self._pending: Future[list[PulledBlock]] | Future[ExchangeResult] | None = None
         self._failure: BaseException | None = None
         self._lock = threading.Lock()
         self._dense_bytes: dict[int, int] = {}
@@ -72,15 +72,27 @@ class RemoteBackend:
             retry_timeout=connection.retry_timeout,
             use_uvloop=use_uvloop,
             security=security,
+            use_exchange=connection.exchange,
+            shared_memory=connection.shared_memory,
         )
         try:
             self._worker_id = self.client.register(
                 layout, rule, initial, worker_id, observer=observer, consistency=consistency
             )
-            self.first_pull = runs_of(self.client.pull().result())
+            self.first_pull = self._pull_now()
         except BaseException:
             self.client.close()
             raise
+
+    @property
+    def streaming(self) -> bool:
+        """Whether pushes and pulls go as exchanges (every shard serves them and they are not disabled)."""
+        return self.client.serves_exchange
+
+    def _pull_now(self) -> list[Run]:
+        if self.streaming:
+            return self.client.exchange([], 0).result().pulled
+        return runs_of(self.client.pull().result())
 
     @property
     def worker_id(self) -> int:
@@ -114,16 +126,27 @@ class RemoteBackend:
     def collect(self) -> list[Run]:
         pending, self._pending = self._pending, None
         try:
-            return runs_of(pending.result()) if pending is not None else []
+            if pending is None:
+                return []
+            result = pending.result()
+            return result.pulled if isinstance(result, ExchangeResult) else runs_of(result)
         finally:
             self._raise_failure()
 
+    def order(self, block_ids: torch.Tensor) -> torch.Tensor:
+        """Block ids in the order a push lays them out (by shard: each shard's part is one slice)."""
+        return self.client.shard_order(block_ids)
+
     def _dense_wire_bytes(self, clock: int) -> int:
-        """What a push of every block costs at this clock (cached per clock varint length)."""
+        """What a push of every block costs at this clock (computed once per clock varint length)."""
         width = max(1, (clock.bit_length() + 6) // 7)
         cached = self._dense_bytes.get(width)
         if cached is None:
-            cached = self._dense_bytes[width] = self.client.push_wire_bytes(None, clock=clock)
+            if self.streaming:
+                cached = self.client.exchange_wire_bytes(clock)
+            else:
+                cached = self.client.push_wire_bytes(None, clock=clock)
+            self._dense_bytes[width] = cached
         return cached
 
     def exchange(self, runs: Sequence[Run], steps: int) -> None:
@@ -133,12 +156,17 @@ class RemoteBackend:
         self._pushes += 1
         clock = self.client.start_clock + self._pushes  # the cluster's clock: a joining worker starts where it is
         before = self.client.bytes_pushed
-        blocks = [b for run in runs for b in blocks_of(run, self._lengths(run.block_ids))]
-        handle = self.client.push_blocks(blocks, clock=clock)
+        if self.streaming:
+            exchanged = self.client.exchange(runs, clock)
+            self._pending = exchanged
+            handle: Future[Any] = exchanged
+        else:
+            blocks = [b for run in runs for b in blocks_of(run, self._lengths(run.block_ids))]
+            handle = self.client.push_blocks(blocks, clock=clock)
+            self._pending = self.client.pull(after=handle)
         self._bytes_pushed_dense += steps * self._dense_wire_bytes(clock)
         if steps == 0:  # a flush
             self._bytes_flushed += self.client.bytes_pushed - before
-        self._pending = self.client.pull(after=handle)
         if self.overlap:
             handle.add_done_callback(self._remember_failure)
         else:
@@ -149,7 +177,7 @@ class RemoteBackend:
 
     def pull_all(self) -> list[Run]:
         pending = self.collect()
-        return [*pending, *runs_of(self.client.pull().result())]
+        return [*pending, *self._pull_now()]
 
     def stats(self) -> list[ShardStats]:
         return self.client.stats()

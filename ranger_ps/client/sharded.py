@@ -10,20 +10,24 @@ on the way in (pulled blocks are tensors over the received messages).
 from __future__ import annotations
 
 import asyncio
+import functools
+import ipaddress
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
 import torch
 
+from ranger_ps.algorithm.blocks import runs as runs_index
 from ranger_ps.algorithm.layout import Layout
 from ranger_ps.algorithm.placement import Placement
 from ranger_ps.algorithm.rules import RuleConfig
-from ranger_ps.client.backend import OutgoingBlock, PulledBlock
+from ranger_ps.client.backend import OutgoingBlock, PulledBlock, Run
 from ranger_ps.client.retry import Attempts, transient
 from ranger_ps.errors import (
     ClusterError,
@@ -40,13 +44,16 @@ from ranger_ps.wire.frames import (
     WireBlock,
     chunk_frames,
     decode_frame,
+    encode_frame,
     split_blocks,
 )
 from ranger_ps.wire.loop import LoopThread
 from ranger_ps.wire.messages import layout_to_proto
 from ranger_ps.wire.pushes import group_by_shard, push_header, push_wire_bytes
 from ranger_ps.wire.rpc import CHANNEL_OPTIONS, ERROR_METADATA_KEY, describe_rpc_error, method_path
+from ranger_ps.wire.runs import WireRun, decode_runs, encode_exchange, encode_shared, exchange_wire_bytes
 from ranger_ps.wire.security import ClientSecurity
+from ranger_ps.wire.shared import SharedSegment, create_or_none
 from ranger_ps.wire.stats import ShardStats
 
 log = logging.getLogger(__name__)
@@ -70,6 +77,28 @@ def _marker(exc: grpc.aio.AioRpcError) -> str | None:
     return None
 
 
+def _lost(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    """A stream failure the retry policy treats as the status ``code`` would be."""
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+
+
+def is_local_address(address: str) -> bool:
+    """Whether ``HOST:PORT`` names this host (loopback, or one of this host's own names and addresses)."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host in ("localhost", socket.gethostname()):
+        return True
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return True
+    except ValueError:
+        pass
+    try:
+        own = set(socket.gethostbyname_ex(socket.gethostname())[2])
+    except OSError:
+        return False
+    return host in own
+
+
 def _wire_block(block: OutgoingBlock) -> WireBlock:
     return WireBlock(
         block.block_id, 0, codec_for_torch(block.payload.dtype).wire, tensor_bytes(block.payload), block.scale
@@ -90,8 +119,62 @@ class _Shard:
         self.stats = self.channel.unary_unary(method_path("Stats"))
         self.heartbeat = self.channel.unary_unary(method_path("Heartbeat"))
         self.leave = self.channel.unary_unary(method_path("Leave"))
+        self.exchange = self.channel.stream_stream(method_path("Exchange"))
         self.block_ids: tuple[int, ...] = ()
-        self.known: list[int] = []
+        self.known: list[int] = []  # Push/Pull path: versions held, aligned with block_ids
+        self.known_versions = torch.zeros(0, dtype=torch.int64)  # Exchange path: the same, as a tensor
+        self.serves_exchange = False
+        self.segment: SharedSegment | None = None  # same-host shared memory, when the shard took the offer
+        self.stream: Any = None  # the open Exchange call
+
+    def drop_stream(self) -> None:
+        """Forget the open Exchange stream (cancelled: the shard sees the worker's next one)."""
+        if self.stream is not None:
+            self.stream.cancel()
+            self.stream = None
+
+    def drop_segment(self) -> None:
+        if self.segment is not None:
+            self.segment.close()
+            self.segment = None
+
+
+@dataclass
+class ExchangeRequest:
+    """One shard's part of an exchange: its runs, and their encoding for the shard's shared memory as it
+    was (frames, or one frame whose bytes are in ``segment``); encoded again if a re-registration
+    changed the shared memory before a retry."""
+
+    header: pb.ExchangeHeader
+    pieces: list[tuple[WireRun, torch.Tensor]]
+    chunk_bytes: int
+    frames: list[bytes] = field(default_factory=list)
+    shared_bytes: int = 0
+    segment: SharedSegment | None = None
+
+    def encode(self, segment: SharedSegment | None) -> None:
+        """Encode for ``segment`` (None: bytes in the frames, as for a segment too small to hold them)."""
+        wire = [r for r, _ in self.pieces]
+        moved = sum(r.nbytes for r in wire)
+        if segment is not None and moved <= segment.request_bytes:
+            self.frames = [encode_shared(self.header, wire, segment.request)]
+            self.shared_bytes = moved
+        else:
+            self.frames = encode_exchange(self.header, wire, [n for _, n in self.pieces], chunk_bytes=self.chunk_bytes)
+            self.shared_bytes = 0
+        self.segment = segment
+
+
+@dataclass(frozen=True)
+class ExchangeResult:
+    """What an exchange brought back from every shard: blocks applied, and the blocks that changed.
+
+    ``pulled`` values view the received messages or the shared regions: land them before the next
+    exchange.
+    """
+
+    blocks_applied: int
+    pulled: list[Run]
 
 
 class ShardedClient:
@@ -105,6 +188,8 @@ class ShardedClient:
         chunk_bytes: payload size of streamed frames.
         use_uvloop: run the I/O loop on uvloop.
         security: token and TLS settings (default: plaintext, no token).
+        use_exchange: push and pull in one round trip on a stream per shard where the shard serves it.
+        shared_memory: offer same-host shards shared memory for the exchanges' bytes.
     """
 
     def __init__(
@@ -117,6 +202,8 @@ class ShardedClient:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         use_uvloop: bool = True,
         security: ClientSecurity | None = None,
+        use_exchange: bool = True,
+        shared_memory: bool = True,
     ) -> None:
         if not servers:
             raise UserError("at least one server address is needed")
@@ -142,6 +229,13 @@ class ShardedClient:
         self._heartbeats: asyncio.Task[None] | None = None
         self._register_template: pb.RegisterRequest | None = None
         self._live_values: Sequence[torch.Tensor] = ()
+        self.use_exchange = use_exchange
+        self.use_shared_memory = shared_memory
+        self.push_dtype: str | None = None
+        self._shard_of = torch.zeros(0, dtype=torch.int64)
+        self._position = torch.zeros(0, dtype=torch.int64)  # block id -> its position in its shard
+        self._lengths = torch.zeros(0, dtype=torch.int64)  # block id -> elements
+        self._wire_dtype = torch.zeros(0, dtype=torch.int64)  # block id -> its wire dtype
 
     async def _open(self) -> list[_Shard]:
         return [_Shard(i, address, self.security) for i, address in enumerate(self.servers)]
@@ -164,7 +258,11 @@ class ShardedClient:
                 for shard, result in zip(self._shards, results, strict=True):
                     if isinstance(result, Exception):
                         log.warning("leaving shard %d at %s failed: %s", shard.index, shard.address, result)
+            for shard in self._shards:
+                shard.drop_stream()
             await asyncio.gather(*(s.channel.close() for s in self._shards), return_exceptions=True)
+            for shard in self._shards:
+                shard.drop_segment()
 
         try:
             self._io.run(_close(), timeout=10)
@@ -211,9 +309,17 @@ class ShardedClient:
         self.layout = layout
         self.placement = Placement.compute(layout, len(self._shards))
         self.observer = observer
+        self.push_dtype = rule.push_dtype
+        self._shard_of = torch.tensor(self.placement.shard_of, dtype=torch.int64)
+        self._lengths = torch.tensor([b.numel for b in layout.blocks], dtype=torch.int64)
+        self._wire_dtype = torch.tensor([codec_for_name(b.dtype).wire for b in layout.blocks], dtype=torch.int64)
+        self._position = torch.zeros(layout.num_blocks, dtype=torch.int64)
+        for ids in self.placement.blocks_by_shard:
+            self._position[list(ids)] = torch.arange(len(ids))
         self.worker_id = self._io.run(
             self._register_all(layout, rule, flats, -1 if worker_id is None else worker_id, observer, consistency)
         )
+        log.info("worker %d registered; traffic per shard: %s", self.worker_id, ", ".join(self.transports))
         return self.worker_id
 
     async def _register_all(
@@ -273,6 +379,13 @@ class ShardedClient:
         request.CopyFrom(template)
         request.worker_id = worker_id
         request.expected_shard_id = shard.index
+        offer = self._offer(shard)
+        if offer is not None:
+            request.shared_memory.CopyFrom(
+                pb.SharedMemoryOffer(
+                    path=offer.path, nonce=offer.nonce, request_bytes=offer.request_bytes, reply_bytes=offer.reply_bytes
+                )
+            )
         payload = request.SerializeToString()
         attempts = Attempts(deadline - time.monotonic())
         while True:
@@ -281,6 +394,9 @@ class ShardedClient:
                 raw = await shard.register(payload, timeout=max(1.0, attempts.remaining) + 60.0, metadata=self._md)
                 break
             except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.OK and offer is not None and not transient(exc):
+                    offer.close()
+                    offer.unlink()
                 if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
                     raise LayoutMismatchError(f"server {shard.address} refused registration: {exc.details()}") from None
                 if not transient(exc):
@@ -306,7 +422,29 @@ class ShardedClient:
             )
         shard.block_ids = expected
         shard.known = [0] * len(expected)
+        shard.known_versions = torch.zeros(len(expected), dtype=torch.int64)
+        shard.serves_exchange = reply.exchange and self.use_exchange
+        shard.drop_stream()  # a stream of the old registration would answer from an old cursor
+        if offer is not None:
+            offer.unlink()  # taken or not, the name goes: nothing is left behind, nobody else can open it
+            if reply.shared_memory:
+                shard.drop_segment()
+                shard.segment = offer
+            else:
+                offer.close()
         return reply
+
+    def _offer(self, shard: _Shard) -> SharedSegment | None:
+        """A shared-memory segment to offer a shard on this host (None across hosts or when disabled)."""
+        if not (self.use_shared_memory and self.use_exchange and is_local_address(shard.address)):
+            return None
+        assert self.layout is not None and self.placement is not None
+        ids = list(self.placement.blocks_by_shard[shard.index])
+        numel = int(self._lengths[ids].sum()) if ids else 0
+        native = max((self.layout.blocks[b].itemsize for b in ids), default=1)
+        pushed = codec_for_name(self.push_dtype).itemsize if self.push_dtype else native
+        reply = sum(self.layout.blocks[b].nbytes for b in ids)
+        return create_or_none(numel * max(native, pushed), reply)
 
     async def _initialize(self, shard: _Shard, reply: pb.RegisterReply, flats: list[torch.Tensor]) -> None:
         assert self.layout is not None
@@ -514,6 +652,161 @@ class ShardedClient:
                 count += 1
         return count
 
+    # -- the exchange path ---------------------------------------------------------------------------
+
+    @property
+    def serves_exchange(self) -> bool:
+        """Whether every shard takes exchanges (else pushes and pulls go as Push and Pull calls)."""
+        return bool(self._shards) and all(s.serves_exchange for s in self._shards)
+
+    @property
+    def transports(self) -> list[str]:
+        """How each shard's traffic travels: ``shared-memory`` (exchanges, bytes in a shared region),
+        ``exchange`` (exchanges, bytes in gRPC frames) or ``push-pull`` (v1 Push and Pull calls)."""
+        if not self.serves_exchange:
+            return ["push-pull"] * len(self._shards)
+        return ["shared-memory" if s.segment is not None else "exchange" for s in self._shards]
+
+    def shard_order(self, block_ids: torch.Tensor) -> torch.Tensor:
+        """Block ids sorted by shard, then id: a run in this order splits into one slice per shard."""
+        if self.placement is None or len(block_ids) == 0 or self.placement.num_shards == 1:
+            return block_ids
+        key = self._shard_of[block_ids] * len(self._shard_of) + block_ids
+        return block_ids[torch.argsort(key)]
+
+    def exchange(self, runs: Sequence[Run], clock: int, *, pull: bool = True) -> Future[ExchangeResult]:
+        """Push ``runs`` as the push of ``clock`` (0: no push) and pull what changed, one round trip per shard.
+
+        The bytes are copied (into frames, or into the shared regions) before this returns; the runs'
+        tensors must stay unchanged until the future resolves (a retry after a shard restarted may
+        encode them again). The future resolves with what every shard answered. Every shard gets the
+        clock, with or without blocks of its own. Runs in :meth:`shard_order` split without a copy.
+        Without ``pull`` the answers carry only the acknowledgements.
+        """
+        _, _, worker_id = self._require_registered()
+        requests = []
+        for shard, pieces in zip(self._shards, self._by_shard(runs), strict=True):
+            header = pb.ExchangeHeader(worker_id=worker_id, clock=clock, no_pull=not pull)
+            request = ExchangeRequest(header, pieces, self.chunk_bytes)
+            request.encode(shard.segment)
+            requests.append(request)
+        if clock:  # a pull on its own is not a push
+            self.bytes_pushed += sum(r.shared_bytes + sum(len(f) for f in r.frames) for r in requests)
+        future: Future[ExchangeResult] = self._io.submit(self._exchange_all(requests))
+        return future
+
+    def _by_shard(self, runs: Sequence[Run]) -> list[list[tuple[WireRun, torch.Tensor]]]:
+        """Each shard's pieces of the runs, with each piece's elements per block."""
+        out: list[list[tuple[WireRun, torch.Tensor]]] = [[] for _ in self._shards]
+        for run in runs:
+            ids = run.block_ids
+            if not len(ids):
+                continue
+            values, scales = run.values, run.scales
+            ordered = self.shard_order(ids)
+            if not torch.equal(ordered, ids):  # not in shard order: one gather puts it there
+                order = torch.argsort(self._shard_of[ids] * len(self._shard_of) + ids)
+                starts = torch.cumsum(self._lengths[ids], 0) - self._lengths[ids]
+                values = values[runs_index(starts[order], self._lengths[ids][order])]
+                scales = scales[order] if scales is not None else None
+                ids = ordered
+            wire = codec_for_torch(values.dtype).wire
+            counts = torch.bincount(self._shard_of[ids], minlength=len(self._shards)).tolist()
+            lengths = self._lengths[ids]
+            ends = torch.cumsum(lengths, 0)
+            lo = 0
+            for shard, count in enumerate(counts):
+                if not count:
+                    continue
+                hi = lo + count
+                start = int(ends[lo - 1]) if lo else 0
+                piece = WireRun(
+                    wire,
+                    ids[lo:hi],
+                    values[start : int(ends[hi - 1])],
+                    None,
+                    scales[lo:hi] if scales is not None else None,
+                )
+                out[shard].append((piece, lengths[lo:hi]))
+                lo = hi
+        return out
+
+    async def _exchange_all(self, requests: list[ExchangeRequest]) -> ExchangeResult:
+        results = await asyncio.gather(
+            *(
+                self._retrying(shard, "exchange with", functools.partial(self._exchange_attempt, shard, request))
+                for shard, request in zip(self._shards, requests, strict=True)
+            )
+        )
+        return ExchangeResult(sum(a for a, _ in results), [run for _, pulled in results for run in pulled])
+
+    async def _exchange_attempt(self, shard: _Shard, request: ExchangeRequest) -> tuple[int, list[Run]]:
+        """One try at one shard's part: open the stream if needed, send, read the answer, check it."""
+        assert self.worker_id is not None
+        if request.segment is not shard.segment:  # re-registered since it was encoded
+            request.encode(shard.segment)
+        try:
+            if shard.stream is None:
+                shard.stream = shard.exchange(metadata=self._md)
+                known = shard.known_versions
+                opening = pb.FrameHeader()
+                opening.exchange.worker_id = self.worker_id
+                opening.exchange.more = True
+                if bool(known.any()):
+                    opening.exchange.known_versions = known.numpy().tobytes()
+                await shard.stream.write(encode_frame(opening, []))
+            for frame in request.frames:
+                await shard.stream.write(frame)
+            applied = 0
+            pulled: list[WireRun] = []
+            while True:
+                message = await asyncio.wait_for(shard.stream.read(), self.call_timeout)
+                if message is grpc.aio.EOF:
+                    raise _lost(grpc.StatusCode.UNAVAILABLE, "the shard ended the exchange stream without answering")
+                self.bytes_pulled += len(message)
+                header, payload = decode_frame(message)
+                region = shard.segment.reply if shard.segment is not None else None
+                runs = decode_runs(header, payload, region)
+                if header.exchange.shared:
+                    self.bytes_pulled += sum(r.nbytes for r in runs)
+                pulled.extend(runs)
+                applied += header.exchange.blocks_applied
+                if not header.exchange.more:
+                    break
+        except TimeoutError:
+            shard.drop_stream()
+            raise _lost(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {self.call_timeout:g}s") from None
+        except WireFormatError as exc:
+            shard.drop_stream()
+            raise ClusterError(f"exchange with shard {shard.index} at {shard.address}: {exc}") from None
+        except BaseException:
+            shard.drop_stream()
+            raise
+        return applied, self._accept(shard, pulled)
+
+    def _accept(self, shard: _Shard, pulled: Sequence[WireRun]) -> list[Run]:
+        """Check what a shard sent (its own blocks, their types and sizes) and note the versions now held."""
+        assert self.layout is not None
+        out = []
+        for run in pulled:
+            ids = run.block_ids
+            if not len(ids):
+                continue
+            if (
+                int(ids.min()) < 0
+                or int(ids.max()) >= self.layout.num_blocks
+                or bool((self._shard_of[ids] != shard.index).any())
+            ):
+                raise ClusterError(f"shard {shard.index} at {shard.address} sent blocks it does not hold")
+            if bool((self._wire_dtype[ids] != run.dtype).any()) or run.values.numel() != int(self._lengths[ids].sum()):
+                raise ClusterError(f"shard {shard.index} at {shard.address} sent blocks with the wrong type or size")
+            if run.versions is None:
+                raise ClusterError(f"shard {shard.index} at {shard.address} sent blocks without versions")
+            positions = self._position[ids]
+            shard.known_versions[positions] = torch.maximum(shard.known_versions[positions], run.versions)
+            out.append(Run(ids, run.values))
+        return out
+
     def stats(self) -> list[ShardStats]:
         """Every shard's stats, in shard order."""
         return self._io.run(self._stats_all(), timeout=self.call_timeout + 5)
@@ -531,6 +824,29 @@ class ShardedClient:
             return ShardStats.from_proto(pb.StatsReply.FromString(raw))
 
         return list(await asyncio.gather(*(one(s) for s in self._shards)))
+
+    def exchange_wire_bytes(self, clock: int) -> int:
+        """What an exchange pushing every block at ``clock`` sends, headers included (counted, not encoded)."""
+        layout, placement, worker_id = self._require_registered()
+        total = 0
+        for shard in self._shards:
+            ids = torch.tensor(placement.blocks_by_shard[shard.index], dtype=torch.int64)
+            header = pb.ExchangeHeader(worker_id=worker_id, clock=clock)
+            by_dtype: dict[str, list[int]] = {}
+            for block_id in ids.tolist():
+                by_dtype.setdefault(self.push_dtype or layout.blocks[block_id].dtype, []).append(block_id)
+            runs = []
+            for name, members in by_dtype.items():
+                codec = codec_for_name(name)
+                block_ids = torch.tensor(members, dtype=torch.int64)
+                count = int(self._lengths[block_ids].sum())
+                values = torch.zeros(1, dtype=codec.torch_dtype).expand(count)
+                scales = torch.ones(len(members)) if name == "int8" else None
+                runs.append((WireRun(codec.wire, block_ids, values, None, scales), self._lengths[block_ids]))
+            wire = [r for r, _ in runs]
+            shared = shard.segment is not None and sum(r.nbytes for r in wire) <= shard.segment.request_bytes
+            total += exchange_wire_bytes(header, wire, [n for _, n in runs], self.chunk_bytes, shared=shared)
+        return total
 
     def _require_registered(self) -> tuple[Layout, Placement, int]:
         if self.layout is None or self.placement is None or self.worker_id is None:

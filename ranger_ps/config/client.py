@@ -18,6 +18,16 @@ class ConnectionSettings(Settings):
     overlap: bool = setting(False, "pull the next weights while the next step computes (one step of staleness)")
     connect_timeout: float = setting(30.0, "seconds to keep retrying servers that are not up yet")
     retry_timeout: float = setting(60.0, "seconds a push or pull keeps retrying a shard that went away (restart)")
+    shared_memory: bool = setting(
+        True,
+        "on a shard's own host, move pushes and pulls through shared memory (a private /dev/shm file agreed at "
+        "registration); off, or across hosts, they travel in the gRPC frames",
+    )
+    exchange: bool = setting(
+        True,
+        "one push-and-pull round trip per step on a persistent stream per shard (off: a Push then a Pull call, "
+        "as v1 workers do; servers without Exchange get those anyway)",
+    )
 
     def __post_init__(self) -> None:
         if not self.connect_timeout > 0:

@@ -53,6 +53,9 @@ class ShardSettings(MembershipSettings):
         choices=NAN_POLICIES,
     )
     max_workers: int = setting(1024, "registered workers allowed")
+    shared_memory: bool = setting(
+        True, "accept a same-host worker's offer to exchange bytes through shared memory (a private /dev/shm file)"
+    )
     init_claim_seconds: float = setting(
         30.0, "how long the worker asked to initialize the shard has to do it", cli=False
     )

@@ -300,7 +300,7 @@ class Ranger(torch.optim.Optimizer):
     @property
     def last_chosen(self) -> list[int]:
         """Block ids the last push carried (ascending)."""
-        return [int(b) for b in self._chosen.tolist()]
+        return sorted(int(b) for b in self._chosen.tolist())
 
     @property
     def traffic(self) -> Traffic:
@@ -344,7 +344,7 @@ class Ranger(torch.optim.Optimizer):
             return
         self.synchronize()
         residual = self.flat.buffers["ef_residual"]
-        owed = self.flat.nonzero_blocks(residual)
+        owed = self.backend.order(self.flat.nonzero_blocks(residual))
         if len(owed):
             self._chosen = owed
             self._push(self.flat.take(residual, owed, None), steps=0)
@@ -413,7 +413,7 @@ class Ranger(torch.optim.Optimizer):
             worker_id=self.backend.worker_id,
             step=step,
         )
-        return self.flat.trained_blocks(chosen, has_grad)
+        return self.backend.order(self.flat.trained_blocks(chosen, has_grad))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]

@@ -46,6 +46,10 @@ class LocalBackend:
     def traffic(self) -> Traffic:
         return Traffic()
 
+    def order(self, block_ids: torch.Tensor) -> torch.Tensor:
+        """Pushes keep block id order here."""
+        return block_ids
+
     def configure(self, configs: Sequence[RuleConfig]) -> None:
         """Each table's settings now (an lr schedule changes them between steps)."""
         for table, config in zip(self.tables, configs, strict=True):

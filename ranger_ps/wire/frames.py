@@ -137,9 +137,12 @@ def split_blocks(header: pb.FrameHeader, payload: memoryview) -> list[WireBlock]
 
 def frame_size(header: pb.FrameHeader, parts: Sequence[bytes | memoryview]) -> int:
     """The exact length :func:`encode_frame` would produce, without copying any payload."""
-    head = header.ByteSize()
-    payload_len = sum(memoryview(p).nbytes for p in parts)
-    return 1 + len(_varint(head)) + head + 1 + len(_varint(payload_len)) + payload_len
+    return frame_bytes(header.ByteSize(), sum(memoryview(p).nbytes for p in parts))
+
+
+def frame_bytes(header_bytes: int, payload_bytes: int) -> int:
+    """The length of a ``Frame`` with a header and a payload of these sizes."""
+    return 1 + len(_varint(header_bytes)) + header_bytes + 1 + len(_varint(payload_bytes)) + payload_bytes
 
 
 def _chunks(

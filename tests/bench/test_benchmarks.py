@@ -132,14 +132,21 @@ def test_wire_smoke(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     )  # fmt: skip
     for key in ("pull_gbps", "push_gbps", "tcp_gbps", "tcp_send_gbps", "grpc_pull_gbps", "pull_apply_gbps"):
         assert _positive(result[key]), (key, result[key])
-    for key in ("torch_rpc_pull_gbps", "torch_rpc_push_gbps"):
-        # null where torch.distributed.rpc cannot run here, with the reason
-        assert _positive(result[key]) or (result[key] is None and result["torch_rpc_error"]), result
+    for prefix in ("exchange", "shm"):  # the exchange path, over gRPC frames and over shared memory
+        for what in ("pull", "pull_apply", "push"):
+            assert _positive(result[f"{prefix}_{what}_gbps"]), (prefix, what, result)
+    for prefix in ("torch_rpc", "torch_rpc_same_host"):
+        for key in (f"{prefix}_pull_gbps", f"{prefix}_push_gbps"):
+            # null where torch.distributed.rpc cannot run here, with the reason
+            assert _positive(result[key]) or (result[key] is None and result[f"{prefix}_error"]), result
     assert result["model_bytes"] == 1_000_000
     assert result["pull_wire_bytes"] >= result["model_bytes"]
     assert _positive(result["empty_push_ms"]) and _positive(result["empty_pull_ms"])
     assert set(result["ratios"]) >= {"pull_vs_torch_rpc", "push_vs_torch_rpc", "pull_vs_tcp"}
-    assert set(result["targets"]) == {"pull_vs_torch_rpc", "push_vs_torch_rpc", "pull_vs_tcp"}
+    assert set(result["targets"]) == {
+        "pull_vs_torch_rpc", "push_vs_torch_rpc", "pull_vs_tcp", "shm_pull_vs_torch_rpc_same_host",
+        "shm_push_vs_torch_rpc_same_host", "exchange_pull_vs_torch_rpc", "exchange_push_vs_torch_rpc",
+    }  # fmt: skip
     assert result["settings"]["shards"] == 1
     _check_plot(tmp_path, "wire")
 
@@ -166,7 +173,7 @@ def test_apply_smoke(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None
 def test_train_smoke(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     result = _run(capsys, "train", "--epochs", "1", "--fractions", "1,0.05", *_plot_args(tmp_path, "train"))
     kinds = [row["kind"] for row in result["rows"]]
-    assert kinds == ["ranger-ps", "ranger-ps", "torch-sgd", "ranger-in-process", "ddp"]
+    assert kinds == ["ranger-ps", "ranger-ps", "ranger-ps-1x1", "torch-sgd", "ranger-in-process", "ddp"]
     for row in result["rows"]:
         if row["kind"] == "ddp" and "error" in row:
             continue  # torch.distributed unavailable here: reported, not fatal

@@ -100,6 +100,9 @@ def _run_and_compare(servers: list[str], settings: dict[str, Any], *, overlap: b
         remote_model.parameters(), block_size=BLOCK_SIZE, seed=SEED, servers=servers, overlap=overlap, **settings
     ) as remote:
         assert remote.worker_id == 0  # the same worker id as in-process, so the same blocks are chosen
+        expected = "shared-memory" if settings.get("shared_memory", True) else "exchange"
+        assert remote.client is not None
+        assert remote.client.transports == ["push-pull" if not settings.get("exchange", True) else expected] * 2
         assert remote.layout.num_blocks == NUM_BLOCKS
         for t, batch in enumerate(_batches(), start=1):
             # Before the forward pass: zero_grad has swapped in any pull in flight.
@@ -196,6 +199,29 @@ def test_local_steps_push_every_h_steps(start_servers: ServerFactory) -> None:
     settings = {**SGD, "push_fraction": 0.5, "local_steps": 5}
     run = _run_and_compare(start_servers(2), settings)
     assert list(run.pushes_applied) == [STEPS // 5] * 2
+
+
+TRANSPORTS = [
+    pytest.param({"exchange": False}, id="v1-push-and-pull-calls"),
+    pytest.param({"shared_memory": False}, id="exchange-over-grpc-frames"),
+]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize(
+    "settings",
+    [
+        pytest.param({**SGD, "outer": "rule", "push_fraction": 0.3}, id="rule-sgd"),
+        pytest.param({**RANGER_GC, "push_fraction": 0.3, "push_dtype": "int8"}, id="mean-ranger-int8"),
+    ],
+)
+def test_every_transport_equals_local(
+    start_servers: ServerFactory, settings: dict[str, Any], transport: dict[str, Any]
+) -> None:
+    """The default (one exchange per step, bytes through shared memory on this host) is what the cases
+    above run; the same trajectory over exchange frames and over a v1 worker's Push and Pull calls."""
+    run = _run_and_compare(start_servers(2), {**settings, **transport})
+    _assert_blocks_applied_equal_blocks_chosen(run, 0.3)
 
 
 def test_overlap_equals_local(start_servers: ServerFactory) -> None:

@@ -2,7 +2,7 @@
 
 One server process, registered and initialized once by a real client whose weights are recorded.
 A property-based test (hypothesis, derandomized) then sends random bytes, well-formed messages with
-random field values, and mutations of a valid push (truncated, bytes flipped, inserted, deleted,
+random field values, and mutations of a valid push or exchange (truncated, bytes flipped, inserted, deleted,
 frames dropped or repeated) to every RPC over a raw channel. A valid push from the registered worker
 is never sent (a check written from the wire contract filters them out), so afterwards the weights
 must be exactly the recorded ones, and the server must still answer health checks.
@@ -43,6 +43,7 @@ from tests.server.test_security import (
     RULE,
     RawShard,
     Server,
+    exchange_frames,
     pull_into,
     push_frames,
     serve,
@@ -127,6 +128,65 @@ def valid_push(method: str, messages: Sequence[bytes]) -> bool:
     return True
 
 
+def valid_exchange(method: str, messages: Sequence[bytes]) -> bool:
+    """Whether a correct shard must apply a push of the registered worker from this Exchange stream.
+
+    Written from the wire contract, independently of ranger_ps.wire.runs and the shard's checks: an
+    exchange is the frames up to one with ``more`` false; it pushes when its clock is not 0. Conservative:
+    any such exchange in the stream whose frames all belong to the registered worker and whose runs
+    are well-formed (ids ascending, owned, once each, the blocks' own types, sizes adding up, finite)
+    counts, even one a failed earlier exchange would keep the shard from reading.
+    """
+    if method != "Exchange":
+        return False
+    try:
+        stream = [pb.Frame.FromString(m) for m in messages]
+    except DecodeError:
+        return False
+    exchange: list[pb.Frame] = []
+    for frame in stream:
+        exchange.append(frame)
+        if frame.header.exchange.more:
+            continue
+        if _pushes(exchange):
+            return True
+        exchange = []
+    return False
+
+
+def _pushes(frames: Sequence[pb.Frame]) -> bool:
+    if not frames[-1].header.exchange.clock:
+        return False
+    seen: set[int] = set()
+    for frame in frames:
+        header = frame.header
+        if not header.HasField("exchange") or header.exchange.worker_id != WORKER or header.exchange.shared:
+            return False
+        pos = 0
+        for run in header.runs:
+            if len(run.block_ids) % 4 or run.scales or run.versions:
+                return False
+            ids = [int.from_bytes(run.block_ids[i : i + 4], "little") for i in range(0, len(run.block_ids), 4)]
+            if not ids or ids != sorted(set(ids)) or seen & set(ids) or any(b not in _OWN for b in ids):
+                return False
+            seen |= set(ids)
+            codecs = {codec_for_name(_OWN[b].dtype) for b in ids}
+            if len(codecs) != 1 or run.dtype != next(iter(codecs)).wire:
+                return False
+            codec = next(iter(codecs))
+            if run.nbytes != sum(_OWN[b].numel for b in ids) * codec.itemsize:
+                return False
+            data = frame.payload[pos : pos + run.nbytes]
+            pos += run.nbytes
+            if len(data) != run.nbytes:
+                return False
+            if not bool(torch.isfinite(torch.frombuffer(bytearray(data), dtype=codec.torch_dtype)).all()):
+                return False
+        if pos != len(frame.payload):
+            return False
+    return True
+
+
 def replica_accepts(messages: Sequence[bytes]) -> bool:
     """What the library's own checks (frame decoding, ShardStore.decode) say about the same push."""
     first: pb.PushHeader | None = None
@@ -187,15 +247,16 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
+msgpack_ints = st.integers(-(2**63), 2**64 - 1)  # what msgpack can encode
 rule_blobs = st.one_of(
     st.just(RULE.to_msgpack()),
     st.binary(max_size=40),
     st.dictionaries(
         st.sampled_from(["name", "lr", "momentum", "betas", "k", "eps", "clip_norm", "nesterov", "bogus"]),
-        st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=6), st.lists(st.floats())),
+        st.one_of(st.none(), st.booleans(), msgpack_ints, st.floats(), st.text(max_size=6), st.lists(st.floats())),
         max_size=4,
     ).map(lambda d: msgpack.packb(d, use_bin_type=True)),
-    st.lists(st.integers(), max_size=3).map(msgpack.packb),
+    st.lists(msgpack_ints, max_size=3).map(msgpack.packb),
 )
 
 layouts = st.builds(
@@ -289,9 +350,27 @@ def _base_pushes() -> list[list[bytes]]:
 BASES = _base_pushes()
 
 
+def _base_exchanges() -> list[list[bytes]]:
+    """Valid exchanges to mutate, as :func:`_base_pushes`, and a pull of the registered worker."""
+    ids = list(range(LAYOUT.num_blocks))
+    nan = [float("nan")] + [0.0] * (LAYOUT.blocks[1].numel - 1)
+    return [
+        exchange_frames(WORKER, 1, ids, [0.25] * len(ids)),
+        exchange_frames(WORKER, 7, ids, [0.25] * len(ids), chunk_bytes=64),  # several frames
+        exchange_frames(987_654_321, 1, ids),
+        exchange_frames(WORKER, 1, [0, 1, 5], [0.25, nan, 0.25]),
+        exchange_frames(WORKER, 0, []),
+    ]
+
+
+EXCHANGES = _base_exchanges()
+
+
 @st.composite
-def mutated_pushes(draw: st.DrawFn) -> Action:
-    stream = [bytearray(f) for f in draw(st.sampled_from(BASES))]
+def mutated_pushes(draw: st.DrawFn, exchanges: bool = False) -> Action:
+    """A valid Push stream (or Exchange stream) mutated, sent mostly to its own method."""
+    bases = EXCHANGES if exchanges else BASES
+    stream = [bytearray(f) for f in draw(st.sampled_from(bases))]
     for _ in range(draw(st.integers(1, 4))):
         op = draw(st.sampled_from(["truncate", "flip", "insert", "delete", "drop", "repeat", "swap", "splice"]))
         i = draw(st.integers(0, len(stream) - 1)) if stream else 0
@@ -315,14 +394,15 @@ def mutated_pushes(draw: st.DrawFn) -> Action:
         elif op == "swap" and len(stream) > 1:
             stream[0], stream[i] = stream[i], stream[0]
         elif op == "splice":
-            other = draw(st.sampled_from(BASES))[0]
+            other = draw(st.sampled_from(bases))[0]
             frame[pos:] = other[at % (len(other) + 1) :]
-    method = draw(st.sampled_from(["Push"] * 6 + ["Init", "Pull", "Register", "Stats"]))
+    main = "Exchange" if exchanges else "Push"
+    method = draw(st.sampled_from([main] * 6 + ["Init", "Pull", "Register", "Stats", "Push", "Exchange"]))
     return method, [bytes(f) for f in stream]
 
 
 actions: st.SearchStrategy[Action] = st.one_of(
-    random_bytes, well_formed, well_formed_with_unknown_fields, mutated_pushes()
+    random_bytes, well_formed, well_formed_with_unknown_fields, mutated_pushes(), mutated_pushes(exchanges=True)
 )
 
 
@@ -341,7 +421,7 @@ def send(raw: RawShard, method: str, messages: Sequence[bytes]) -> grpc.StatusCo
 
 def test_random_and_mutated_messages_never_crash_the_server_or_move_the_weights(live: Live) -> None:
     @settings(
-        max_examples=150,
+        max_examples=250,
         derandomize=True,
         database=None,
         deadline=None,
@@ -352,7 +432,7 @@ def test_random_and_mutated_messages_never_crash_the_server_or_move_the_weights(
     @given(actions)
     def attack(action: Action) -> None:
         method, messages = action
-        valid = valid_push(method, messages)
+        valid = valid_push(method, messages) or valid_exchange(method, messages)
         # the library's own checks never accept what the contract forbids (they may be stricter: groups)
         assert valid or method != "Push" or not replica_accepts(messages), "ShardStore.decode accepts a bad push"
         if valid:
@@ -362,6 +442,7 @@ def test_random_and_mutated_messages_never_crash_the_server_or_move_the_weights(
         code = send(live.raw, method, messages)
         event(f"{method}: {code.name}")
         assert not (method == "Push" and code == grpc.StatusCode.OK), "the shard accepted a push"
+        assert live.raw.stats().pushes_applied == 0, "the shard accepted a push"
         assert live.raw.weights(WORKER) == live.raw_weights, "the weights moved"
 
     attack()

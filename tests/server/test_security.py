@@ -46,6 +46,7 @@ from ranger_ps.wire.codec import codec_for_name, tensor_bytes
 from ranger_ps.wire.frames import WireBlock, chunk_frames, decode_frame, encode_frame, split_blocks
 from ranger_ps.wire.messages import layout_to_proto
 from ranger_ps.wire.rpc import ERROR_METADATA_KEY, METHODS, SERVICE_NAME, method_path
+from ranger_ps.wire.runs import WireRun, encode_exchange
 from ranger_ps.wire.security import ClientSecurity
 from tests.conftest import one_line_error, pid_alive, ranger_ps_cmd, stop_process
 
@@ -169,6 +170,8 @@ class RawShard:
         deadline = timeout or self.timeout
         if method in CLIENT_STREAMING:
             messages = [request] if isinstance(request, bytes) else list(request)
+            if method in SERVER_STREAMING:
+                return list(self.channel.stream_stream(path)(iter(messages), timeout=deadline, metadata=md))
             return self.channel.stream_unary(path)(iter(messages), timeout=deadline, metadata=md)
         payload = request if isinstance(request, bytes) else b"".join(request)
         if method in SERVER_STREAMING:
@@ -276,6 +279,26 @@ def init_frames(worker_id: int, block_ids: Iterable[int]) -> list[bytes]:
 def push_frames(worker_id: int, clock: int, blocks: Sequence[WireBlock], *, chunk_bytes: int = 1 << 20) -> list[bytes]:
     header = pb.FrameHeader(push=pb.PushHeader(worker_id=worker_id, clock=clock))
     return list(chunk_frames(blocks, chunk_bytes=chunk_bytes, first_header=header, always_one=True))
+
+
+def exchange_frames(
+    worker_id: int,
+    clock: int,
+    block_ids: Sequence[int],
+    fills: Sequence[float | Sequence[float]] | None = None,
+    *,
+    chunk_bytes: int = 1 << 20,
+) -> list[bytes]:
+    """An exchange pushing these blocks (a run per block, in its own type; ``fills`` as for
+    :func:`block_values`, 1.0 by default) and pulling."""
+    runs = []
+    for index, block_id in enumerate(block_ids):
+        codec = codec_for_name(LAYOUT.blocks[block_id].dtype)
+        values = block_values(block_id, 1.0 if fills is None else fills[index]).reshape(-1)
+        runs.append(WireRun(codec.wire, torch.tensor([block_id]), values))
+    lengths = [torch.tensor([LAYOUT.blocks[b].numel]) for b in block_ids]
+    header = pb.ExchangeHeader(worker_id=worker_id, clock=clock)
+    return encode_exchange(header, runs, lengths, chunk_bytes=chunk_bytes)
 
 
 def pull_into(client: ShardedClient) -> list[torch.Tensor]:
@@ -408,6 +431,7 @@ def _requests_that_would_change_state() -> dict[str, bytes | list[bytes]]:
         "Register": register_request(LAYOUT, RULE, worker_id=0),
         "Init": init_frames(0, range(LAYOUT.num_blocks)),
         "Push": push_frames(0, 1, [wire(0), wire(4)]),
+        "Exchange": exchange_frames(0, 1, [0, 4]),
         "Pull": pb.PullRequest(worker_id=0).SerializeToString(),
         "Stats": pb.StatsRequest().SerializeToString(),
         "Heartbeat": pb.HeartbeatRequest(worker_id=0).SerializeToString(),

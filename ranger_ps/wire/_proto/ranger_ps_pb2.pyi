@@ -49,7 +49,7 @@ class RuleSpec(_message.Message):
     def __init__(self, msgpack: _Optional[bytes] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("worker_id", "layout", "rule", "expected_shard_id", "expected_num_shards", "observer", "consistency")
+    __slots__ = ("worker_id", "layout", "rule", "expected_shard_id", "expected_num_shards", "observer", "consistency", "shared_memory")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     RULE_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,7 @@ class RegisterRequest(_message.Message):
     EXPECTED_NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     OBSERVER_FIELD_NUMBER: _ClassVar[int]
     CONSISTENCY_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     layout: LayoutSpec
     rule: RuleSpec
@@ -64,10 +65,23 @@ class RegisterRequest(_message.Message):
     expected_num_shards: int
     observer: bool
     consistency: str
-    def __init__(self, worker_id: _Optional[int] = ..., layout: _Optional[_Union[LayoutSpec, _Mapping]] = ..., rule: _Optional[_Union[RuleSpec, _Mapping]] = ..., expected_shard_id: _Optional[int] = ..., expected_num_shards: _Optional[int] = ..., observer: _Optional[bool] = ..., consistency: _Optional[str] = ...) -> None: ...
+    shared_memory: SharedMemoryOffer
+    def __init__(self, worker_id: _Optional[int] = ..., layout: _Optional[_Union[LayoutSpec, _Mapping]] = ..., rule: _Optional[_Union[RuleSpec, _Mapping]] = ..., expected_shard_id: _Optional[int] = ..., expected_num_shards: _Optional[int] = ..., observer: _Optional[bool] = ..., consistency: _Optional[str] = ..., shared_memory: _Optional[_Union[SharedMemoryOffer, _Mapping]] = ...) -> None: ...
+
+class SharedMemoryOffer(_message.Message):
+    __slots__ = ("path", "nonce", "request_bytes", "reply_bytes")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REPLY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    nonce: bytes
+    request_bytes: int
+    reply_bytes: int
+    def __init__(self, path: _Optional[str] = ..., nonce: _Optional[bytes] = ..., request_bytes: _Optional[int] = ..., reply_bytes: _Optional[int] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("worker_id", "shard_id", "num_shards", "must_initialize", "block_ids", "clock", "lease_seconds", "consistency")
+    __slots__ = ("worker_id", "shard_id", "num_shards", "must_initialize", "block_ids", "clock", "lease_seconds", "consistency", "exchange", "shared_memory")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +90,8 @@ class RegisterReply(_message.Message):
     CLOCK_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CONSISTENCY_FIELD_NUMBER: _ClassVar[int]
+    EXCHANGE_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     shard_id: int
     num_shards: int
@@ -84,7 +100,9 @@ class RegisterReply(_message.Message):
     clock: int
     lease_seconds: float
     consistency: str
-    def __init__(self, worker_id: _Optional[int] = ..., shard_id: _Optional[int] = ..., num_shards: _Optional[int] = ..., must_initialize: _Optional[bool] = ..., block_ids: _Optional[_Iterable[int]] = ..., clock: _Optional[int] = ..., lease_seconds: _Optional[float] = ..., consistency: _Optional[str] = ...) -> None: ...
+    exchange: bool
+    shared_memory: bool
+    def __init__(self, worker_id: _Optional[int] = ..., shard_id: _Optional[int] = ..., num_shards: _Optional[int] = ..., must_initialize: _Optional[bool] = ..., block_ids: _Optional[_Iterable[int]] = ..., clock: _Optional[int] = ..., lease_seconds: _Optional[float] = ..., consistency: _Optional[str] = ..., exchange: _Optional[bool] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
 
 class BlockEntry(_message.Message):
     __slots__ = ("block_id", "version", "dtype", "nbytes", "scale")
@@ -115,14 +133,54 @@ class InitHeader(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ...) -> None: ...
 
 class FrameHeader(_message.Message):
-    __slots__ = ("blocks", "push", "init")
+    __slots__ = ("blocks", "push", "init", "exchange", "runs")
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     PUSH_FIELD_NUMBER: _ClassVar[int]
     INIT_FIELD_NUMBER: _ClassVar[int]
+    EXCHANGE_FIELD_NUMBER: _ClassVar[int]
+    RUNS_FIELD_NUMBER: _ClassVar[int]
     blocks: _containers.RepeatedCompositeFieldContainer[BlockEntry]
     push: PushHeader
     init: InitHeader
-    def __init__(self, blocks: _Optional[_Iterable[_Union[BlockEntry, _Mapping]]] = ..., push: _Optional[_Union[PushHeader, _Mapping]] = ..., init: _Optional[_Union[InitHeader, _Mapping]] = ...) -> None: ...
+    exchange: ExchangeHeader
+    runs: _containers.RepeatedCompositeFieldContainer[BlockRun]
+    def __init__(self, blocks: _Optional[_Iterable[_Union[BlockEntry, _Mapping]]] = ..., push: _Optional[_Union[PushHeader, _Mapping]] = ..., init: _Optional[_Union[InitHeader, _Mapping]] = ..., exchange: _Optional[_Union[ExchangeHeader, _Mapping]] = ..., runs: _Optional[_Iterable[_Union[BlockRun, _Mapping]]] = ...) -> None: ...
+
+class BlockRun(_message.Message):
+    __slots__ = ("dtype", "block_ids", "versions", "scales", "nbytes")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    SCALES_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    dtype: DType
+    block_ids: bytes
+    versions: bytes
+    scales: bytes
+    nbytes: int
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., block_ids: _Optional[bytes] = ..., versions: _Optional[bytes] = ..., scales: _Optional[bytes] = ..., nbytes: _Optional[int] = ...) -> None: ...
+
+class ExchangeHeader(_message.Message):
+    __slots__ = ("worker_id", "clock", "more", "known_versions", "shared", "shared_offset", "blocks_applied", "version_sum", "no_pull")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_FIELD_NUMBER: _ClassVar[int]
+    SHARED_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    VERSION_SUM_FIELD_NUMBER: _ClassVar[int]
+    NO_PULL_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    clock: int
+    more: bool
+    known_versions: bytes
+    shared: bool
+    shared_offset: int
+    blocks_applied: int
+    version_sum: int
+    no_pull: bool
+    def __init__(self, worker_id: _Optional[int] = ..., clock: _Optional[int] = ..., more: _Optional[bool] = ..., known_versions: _Optional[bytes] = ..., shared: _Optional[bool] = ..., shared_offset: _Optional[int] = ..., blocks_applied: _Optional[int] = ..., version_sum: _Optional[int] = ..., no_pull: _Optional[bool] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("header", "payload")
