@@ -82,6 +82,8 @@ class BlockSpace:
         for segment in self.segments:
             self._local[segment.positions] = torch.arange(len(segment.positions))
         self._segment_tensor = torch.tensor(self.segment_of, dtype=torch.int64)
+        self._every = self.ids == tuple(range(len(ids)))  # positions are the ids themselves
+        self._all_local = [torch.arange(len(s.positions)) for s in self.segments]  # a whole segment, in order
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -93,6 +95,12 @@ class BlockSpace:
     def positions(self, block_ids: torch.Tensor) -> torch.Tensor:
         """Positions of the given block ids (int64), or ``ValueError`` naming one this space does not hold."""
         ids = block_ids.to(torch.int64)
+        if self._every:
+            if not ids.shape[0]:
+                return ids
+            low, high = torch.aminmax(ids)
+            if int(low) >= 0 and int(high) < len(self.ids):
+                return ids
         found = torch.searchsorted(self.id_tensor, ids)
         inside = found < len(self.ids)
         held = inside.clone()
@@ -105,7 +113,9 @@ class BlockSpace:
     def by_segment(self, positions: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
         """``positions`` split by segment: (segment, local indices in the order given), skipping empty ones."""
         if len(self.segments) == 1:
-            return [(0, self._local[positions])] if len(positions) else []
+            if not positions.shape[0]:
+                return []
+            return [(0, positions if self._every else self._local[positions])]
         segments = self._segment_tensor[positions]
         out = []
         for index in range(len(self.segments)):
@@ -122,7 +132,7 @@ class BlockSpace:
         None when they are the whole segment in order: callers then use the buffer itself.
         """
         info = self.segments[segment]
-        if len(local) == len(info.positions) and bool((local == torch.arange(len(local))).all()):
+        if local.shape[0] == info.positions.shape[0] and torch.equal(local, self._all_local[segment]):
             return None
         index = runs(info.starts[local], info.lengths[local])
         return index if str(device) == "cpu" else index.to(device)

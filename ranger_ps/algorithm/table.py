@@ -61,7 +61,7 @@ class BlockTable:
         for part in parts:
             self._apply_part(part, contributions)
         positions = torch.cat([self.space.segments[p.segment].positions[p.local] for p in parts]) if parts else None
-        if positions is not None and len(positions):
+        if positions is not None and positions.shape[0]:
             self.versions[positions] += 1
             self.steps[positions] += 1
 
@@ -155,8 +155,15 @@ class BlockTable:
             return torch.arange(len(self.space))
         return (self.versions > known).nonzero().flatten()
 
-    def read(self, positions: torch.Tensor) -> list[Part]:
-        """The current values of blocks, end to end per segment (copies: safe to send while updates go on)."""
+    def read(self, positions: torch.Tensor, *, copy: bool = True) -> list[Part]:
+        """The current values of blocks, end to end per segment: copies, safe to send while updates go on
+        (without ``copy``, a whole segment is the live buffer itself)."""
+        if not copy:
+            out = []
+            for segment, local in self.space.by_segment(positions):
+                index = self.space.element_index(segment, local, self.values[segment].device)
+                out.append(Part(segment, local, _part(self.values[segment], index)))
+            return out
         return [
             Part(
                 segment,

@@ -58,8 +58,10 @@ def helper_main(argv: Sequence[str]) -> int:
     if role == "rpc-trainer":
         return _rpc_trainer(int(rest[0]), int(rest[1]), int(rest[2]), rest[3], int(rest[4]))
     if role == "ddp":
-        port, rank, world, dataset, epochs, batch_size, rule, seed = rest
-        return _ddp_rank(int(port), int(rank), int(world), dataset, int(epochs), int(batch_size), rule, int(seed))
+        port, rank, world, dataset, epochs, batch_size, rule, seed, model = rest
+        return _ddp_rank(
+            int(port), int(rank), int(world), dataset, int(epochs), int(batch_size), rule, int(seed), model
+        )
     raise SystemExit(f"unknown helper role {role!r}")
 
 
@@ -442,6 +444,7 @@ def train_ddp(settings: TrainSettings) -> dict[str, Any]:
         return base | {"error": "torch.distributed with gloo is not available in this torch build"}
     args = (
         settings.workers, settings.dataset, settings.epochs, settings.batch_size, settings.rule, settings.seed,
+        settings.model,
     )  # fmt: skip
     with bench_cluster() as cluster:
         port = free_port()
@@ -477,7 +480,7 @@ def train_ddp(settings: TrainSettings) -> dict[str, Any]:
 
 
 def _ddp_rank(
-    port: int, rank: int, world: int, dataset: str, epochs: int, batch_size: int, rule: str, seed: int
+    port: int, rank: int, world: int, dataset: str, epochs: int, batch_size: int, rule: str, seed: int, model_name: str
 ) -> int:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -488,7 +491,7 @@ def _ddp_rank(
     from ranger_ps.workloads.job import batch_loss, build
 
     torch.set_num_threads(1)
-    config = TrainConfig(rule=rule, dataset=dataset, epochs=epochs, batch_size=batch_size, seed=seed)
+    config = TrainConfig(rule=rule, dataset=dataset, model=model_name, epochs=epochs, batch_size=batch_size, seed=seed)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         data, model, device = build(config)

@@ -194,6 +194,7 @@ class TrainSettings(Settings):
     shards: int = setting(2, "shard processes", parse=_count)
     rule: str = setting("sgd", "update rule")
     dataset: str = setting("digits", "dataset")
+    model: str = setting("mlp", "model (mlp, cnn, vgg, ...; as the worker's --model)")
     batch_size: int = setting(32, "examples per step and worker", parse=_count)
     seed: int = setting(0, "seed")
     ddp: bool = setting(True, "run the DDP baseline")
@@ -219,6 +220,7 @@ class TrainSettings(Settings):
         values: dict[str, Any] = {
             "rule": self.rule,
             "dataset": self.dataset,
+            "model": self.model,
             "epochs": self.epochs,
             "batch_size": self.batch_size,
             "block_size": self.block_size,

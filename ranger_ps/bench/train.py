@@ -34,6 +34,7 @@ TRAIN_TARGET: common.Target = (
 TRAIN_TARGETS: tuple[common.Target, ...] = (
     TRAIN_TARGET,
     ("dense_steps_vs_ddp", 2.0, "steady steps/s, dense, the job's workers and shards >= 2x torch DDP (gloo)"),
+    ("steps_at_0.01_vs_dense", 5.0, "steady steps/s at push fraction 0.01 >= 5x dense (on a model of >= 1,000 blocks)"),
     (
         "one_to_one_step_overhead",
         0.25,
@@ -69,6 +70,12 @@ def run_train(settings: TrainSettings) -> dict[str, Any]:
         for f in settings.fractions
     }
     ratios.setdefault("push_bytes_ratio_at_0.05", None)
+    dense_row = by_fraction.get(1.0)
+    for f, row in by_fraction.items():  # does a sparse push pay? steady steps/s against dense
+        if f < 1:
+            ratios[f"steps_at_{f:g}_vs_dense"] = (
+                common.ratio(row["steps_per_second"], dense_row["steps_per_second"]) if dense_row else None
+            )
     single = next((r for r in rows if r["kind"] == "torch-sgd"), None)
     dense = by_fraction.get(1.0)
     ratios["dense_steps_vs_single_sgd"] = (
@@ -91,6 +98,7 @@ def run_train(settings: TrainSettings) -> dict[str, Any]:
             "shards": settings.shards,
             "rule": settings.rule,
             "dataset": settings.dataset,
+            "model": settings.model,
             "batch_size": settings.batch_size,
             "seed": settings.seed,
             "num_blocks": _num_blocks(settings),

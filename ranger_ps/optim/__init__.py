@@ -168,6 +168,8 @@ class Ranger(torch.optim.Optimizer):
             first, count = self._param_blocks[block.param_index]
             self._param_blocks[block.param_index] = (block.block_id if count == 0 else first, count + 1)
         self._views: dict[str, list[torch.Tensor]] = {}
+        self._step_counters: list[torch.Tensor] = []  # each parameter's "step" state
+        self._rule_states: list[BlockState] = []  # each parameter's inner rule state (views)
         self._linked: list[RuleConfig] | None = None  # the settings the state views were made for
 
     def _local_backend(self) -> LocalBackend:
@@ -254,6 +256,20 @@ class Ranger(torch.optim.Optimizer):
             if self.inner:
                 state.setdefault("rule_steps", torch.zeros(1, dtype=torch.int64))
         self._views = {name: self.flat.param_views(buffers) for name, buffers in self.flat.buffers.items()}
+        self._step_counters = [self.state[p]["step"] for p in self._params]
+        self._steps = int(self._step_counters[0]) if self._step_counters else 0
+        if self._step_counters:
+            for counter in self._step_counters[1:]:
+                counter.fill_(self._steps)
+        self._rule_states = [
+            BlockState(
+                {n: self.state[p][n] for n in configs[self._group_of[i]].rule_state_names()},
+                self.state[p]["rule_steps"],
+            )
+            if self.inner
+            else BlockState()
+            for i, p in enumerate(self._params)
+        ]
         self._linked = configs
 
     def _state_views(self, index: int, config: RuleConfig) -> dict[str, torch.Tensor]:
@@ -381,12 +397,12 @@ class Ranger(torch.optim.Optimizer):
 
     # -- the step ------------------------------------------------------------------------------------
 
-    def _check_cluster_rule(self) -> None:
-        configs = set(self._group_configs())
-        if configs != {self._cluster_rule}:
+    def _check_cluster_rule(self, configs: Sequence[RuleConfig]) -> None:
+        changed = [c for c in configs if c != self._cluster_rule]
+        if changed:
             raise RuntimeError(
                 "the rule settings changed after registration (e.g. an lr scheduler); with servers they are "
-                "fixed for the cluster: " + "; ".join(self._cluster_rule.differences(next(iter(configs))))
+                "fixed for the cluster: " + "; ".join(self._cluster_rule.differences(changed[0]))
             )
 
     def _grads(self, trained: Sequence[int], like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -425,22 +441,21 @@ class Ranger(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.flat.check_bound(self._params)
-        if self.config.servers is not None:
-            self._check_cluster_rule()
         configs = self._group_configs()
+        if self.config.servers is not None:
+            self._check_cluster_rule(configs)
         if configs != self._linked:  # the first step, or settings changed (an lr schedule, in process)
             if isinstance(self.backend, LocalBackend):
                 self.backend.configure(configs)
             self._link()
         self.synchronize()  # overlap: the previous push's pull lands before this step reads the weights
-        states = [self.state[p] for p in self._params]
-        self._steps = step = int(states[0]["step"]) + 1 if states else 1
-        for s in states:
-            s["step"].fill_(step)
+        self._steps = step = self._steps + 1
+        if self._step_counters:
+            torch._foreach_add_(self._step_counters, 1)  # every parameter's "step" (all equal)
         has_grad = [p.grad is not None for p in self._params]
         trained = [i for i, ok in enumerate(has_grad) if ok]
         if self.inner:
-            self._inner_step(trained, has_grad, step)
+            self._inner_step(trained, has_grad, step, configs)
         else:
             self._rule_step(trained, has_grad, step)
         return loss
@@ -461,9 +476,10 @@ class Ranger(torch.optim.Optimizer):
             torch._foreach_add_(targets, self._grads(trained, views))
         self._push(self.flat.take(owed, chosen, self.config.push_dtype), steps=1)
 
-    def _inner_step(self, trained: list[int], has_grad: list[bool], step: int) -> None:
+    def _inner_step(
+        self, trained: list[int], has_grad: list[bool], step: int, configs: Sequence[RuleConfig]
+    ) -> None:
         """The inner rule on this worker's view, then every ``local_steps`` steps a push of its residual."""
-        configs = self._group_configs()
         by_config: dict[RuleConfig, list[int]] = {}
         for i in trained:
             by_config.setdefault(configs[self._group_of[i]], []).append(i)
@@ -474,11 +490,7 @@ class Ranger(torch.optim.Optimizer):
         grads = dict(zip(trained, self._grads(trained, self._views["ef_residual"]), strict=True))
         for config, members in by_config.items():
             inner = self._inner_config(config)
-            states = [
-                BlockState({n: self.state[self._params[i]][n] for n in config.rule_state_names()},
-                           self.state[self._params[i]]["rule_steps"])
-                for i in members
-            ]  # fmt: skip
+            states = [self._rule_states[i] for i in members]
             # RAdam's rectification and bias correction need the cluster's clock with several workers
             # (each worker's own count would keep it in its warm-up); Lookahead counts own steps.
             clock = step * config.num_workers if config.rule == "ranger" and config.num_workers > 1 else None

@@ -64,7 +64,10 @@ class LocalBackend:
                 positions = space.positions(ids)
                 ((segment, local),) = space.by_segment(positions)
                 dtype = torch.float32 if scales is not None else table.values[segment].dtype
-                pushed = Run(ids, values, scales).dequantized(dtype, space.lengths[positions])
+                if scales is None and values.dtype == dtype:
+                    pushed = values  # the table never writes into what it applies
+                else:
+                    pushed = Run(ids, values, scales).dequantized(dtype, space.lengths[positions])
                 parts[index].append(Part(segment, local, pushed.to(table.values[segment].device)))
                 if self._hands_back:
                     self._changed[index].append(positions)
@@ -99,7 +102,7 @@ class LocalBackend:
             self._changed[index] = []
             table = self.tables[index]
             positions = torch.unique(torch.cat(changed))
-            for part in table.read(positions):
+            for part in table.read(positions, copy=False):  # landed before the table changes again
                 ids = table.space.id_tensor[table.space.segments[part.segment].positions[part.local]]
                 out.append(Run(ids, part.values))
         return out
