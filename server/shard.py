@@ -341,11 +341,14 @@ class Shard:
 
     async def pull_changed(self, worker_id: int, sent: torch.Tensor) -> list[PulledRun]:
         """:meth:`pull` for an exchange stream: the blocks whose version is above ``sent`` (the versions
-        this stream last answered with, which advance), as runs with their versions."""
+        this stream last answered with, which advance), as runs with their versions.
+
+        A whole segment's values are the live buffer: encode them before awaiting anything.
+        """
         store = self._require_store()
         record = await self._pulling(worker_id)
         record.view_versions = store.version_tensor().clone()
-        return store.changed_runs(sent)
+        return store.changed_runs(sent, copy=False)
 
     async def _pulling(self, worker_id: int) -> WorkerRecord:
         """A pull's bookkeeping: wait at the consistency barrier, then note the view the worker gets."""

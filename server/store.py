@@ -328,15 +328,17 @@ class ShardStore:
         """Each block's version, in position order (the live tensor: clone to keep)."""
         return self._require_table().versions
 
-    def changed_runs(self, sent: torch.Tensor) -> list[PulledRun]:
+    def changed_runs(self, sent: torch.Tensor, *, copy: bool = True) -> list[PulledRun]:
         """Blocks whose version is above ``sent`` (one entry per position, advanced to what is returned),
-        as runs per type; the values are copies taken at once, so they match their versions."""
+        as runs per type, their values taken at once so they match their versions: copies, or without
+        ``copy`` (a whole segment) the live buffer, for a caller that encodes them before anything
+        else runs."""
         table = self._require_table()
         if len(sent) != len(self.block_ids):
             raise InvalidRequest(f"{len(sent)} known versions for a shard of {len(self.block_ids)} blocks")
         positions = table.changed(sent)
         out = []
-        for part in table.read(positions):
+        for part in table.read(positions, copy=copy):
             held = self.space.segments[part.segment].positions[part.local]
             out.append(
                 PulledRun(
