@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -21,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from ranger_ps.config.server import ServerConfig
 from ranger_ps.errors import UserError
 from ranger_ps.observability.metrics import MetricsEndpoint, ServerMetrics, start_metrics_server
-from ranger_ps.server.checkpointer import Checkpointer, restore
+from ranger_ps.server.checkpointer import Checkpointer, check_directory, restore
 from ranger_ps.server.servicer import ParameterServerServicer
 from ranger_ps.server.shard import Shard
 from ranger_ps.wire.loop import LoopThread
@@ -67,10 +68,12 @@ class ShardServer:
             The port the server listens on.
 
         Raises:
-            UserError: the port or the metrics port is taken, or a checkpoint cannot be restored.
+            UserError: the port or the metrics port is taken, the checkpoint folder is not a writable
+                folder, or a checkpoint cannot be restored.
         """
         config = self.config
         if config.checkpoint_dir is not None:
+            check_directory(config.checkpoint_dir)  # before anything is served: a real write, then removed
             restore(self.shard, config.checkpoint_dir)
         server = grpc.aio.server(
             options=(
@@ -98,6 +101,7 @@ class ShardServer:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if config.checkpoint_dir is not None:
             self._saver = Checkpointer(self.shard, config.checkpoint_dir, config)
+            self._saver.listeners.append(self._checkpoint_health)
         try:
             self.metrics = self._start_metrics()
         except OSError as exc:
@@ -123,23 +127,42 @@ class ShardServer:
             return None
         saver = self._saver
         metrics = ServerMetrics(
-            self.shard.stats, shard_id=self.shard.shard_id, checkpoint_age=saver.age if saver is not None else None
+            self.shard.stats,
+            shard_id=self.shard.shard_id,
+            checkpoint_age=saver.age if saver is not None else None,
+            checkpoint_failures=(lambda: saver.failures) if saver is not None else None,
         )
         endpoint, _ = start_metrics_server(metrics.registry, self.config.metrics_host, self.config.metrics_port)
         self.shard.apply_observers.append(metrics.observe_apply)
         return endpoint
 
+    async def _checkpoint_health(self, healthy: bool) -> None:
+        """A checkpoint failed (NOT_SERVING) or succeeded again (SERVING): both health service names follow."""
+        if self._health is None or self._stopped:
+            return
+        status = health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, status)
+
     async def stop(self, grace: float | None = None) -> None:
         """Stop cleanly: refuse new pushes, let those in flight finish, apply incomplete bsp clocks,
         write the final checkpoint; nothing acknowledged is lost. Idempotent.
 
+        The final checkpoint is retried (with a short pause) until the grace period, counted from
+        this call, is over; at least one attempt is made.
+
         Args:
-            grace: seconds in-flight calls get (default: the configured ``--grace``).
+            grace: seconds in-flight calls get, and the final checkpoint's retries end by (default:
+                the configured ``--grace``).
+
+        Raises:
+            FinalCheckpointError: the final checkpoint failed on every attempt (the server is stopped).
         """
         if self._stopped or self._server is None:
             return
         self._stopped = True
         grace = self.config.grace_seconds if grace is None else grace
+        deadline = time.monotonic() + grace
         for task in self._tasks:
             task.cancel()
         log.info("shard %d shutting down (grace %.1fs)", self.config.shard_id, grace)
@@ -154,7 +177,7 @@ class ShardServer:
             log.info("shard %d applied %d incomplete bsp clocks before stopping", self.config.shard_id, flushed)
         try:
             if self._saver is not None:
-                await self._saver.save("final")
+                await self._saver.save_final(deadline)
         finally:
             if self.metrics is not None:
                 await asyncio.to_thread(self.metrics.close)  # last: a final scrape still sees the final state

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,8 +27,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     c = actions.add_parser(
         "export",
         help="write plain weights a model loads with load_state_dict",
-        description="Assemble every parameter from the newest good checkpoint of each shard and save them "
-        "with torch.save as {name: tensor} (load with torch.load(path, weights_only=True)).",
+        description="Assemble every parameter from the newest complete generation (the files of one shard "
+        "count, every shard present; the newest good file of each shard) and save them with torch.save as "
+        "{name: tensor} (load with torch.load(path, weights_only=True)). Refuses when no generation is complete.",
         allow_abbrev=False,
     )
     c.add_argument("directory", type=Path, help="the --checkpoint-dir of the servers")
@@ -57,25 +59,42 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run_checkpoint(args: argparse.Namespace) -> int:
+    """``checkpoint inspect|export``: always on one generation, the newest complete one.
+
+    A generation is the files one shard count wrote. ``export`` assembles the newest complete one
+    (every shard has a good file) and names it; blocks of other generations never mix in. With no
+    complete generation it refuses (exit 2). Both print one warning line on stderr when the newest
+    generation is incomplete or several are present.
+    """
     from ranger_ps.storage import checkpoint
 
     if not args.directory.is_dir():
         raise UserError(f"{args.directory} is not a folder")
     files = checkpoint.list_checkpoints(args.directory)
-    saved = checkpoint.load_cluster(args.directory)
-    if not saved:
+    generations = checkpoint.load_generations(args.directory)
+    if not any(g.checkpoints() for g in generations):
         raise UserError(f"{args.directory} holds no readable checkpoint (files: {sum(map(len, files.values()))})")
+    chosen = checkpoint.newest_complete(generations)
     if args.checkpoint_command == "export":
         import torch
 
+        if chosen is None:
+            listed = "; ".join(g.describe() for g in generations)
+            raise UserError(f"{args.directory} holds no complete generation ({listed}): nothing consistent to export")
+        _warn(checkpoint.generations_warning(generations))
         try:
-            weights = checkpoint.assemble_weights(saved)
+            weights = checkpoint.assemble_weights(chosen.checkpoints())
         except checkpoint.CheckpointError as exc:
             raise UserError(str(exc)) from None
+        used = ", ".join(p.name for s in range(chosen.num_shards) if (p := chosen.path(s)) is not None)
         torch.save(weights, args.out)
-        print(f"wrote {len(weights)} parameters ({sum(t.numel() for t in weights.values())} elements) to {args.out}")
+        print(
+            f"wrote {len(weights)} parameters ({sum(t.numel() for t in weights.values())} elements) to {args.out} "
+            f"from the {chosen.num_shards}-shard generation ({used})"
+        )
         return 0
-    summary = checkpoint.describe(saved, files)
+    summary = checkpoint.describe_folder(generations)
+    _warn(summary["warning"])
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -83,13 +102,21 @@ def run_checkpoint(args: argparse.Namespace) -> int:
     print(", ".join([*head, f"rule {summary['rule']['name']}", str(summary["consistency"])]))
     for name, shape, dtype in summary["parameters"]:
         print(f"  {name}: {tuple(shape)} {dtype}")
-    for shard in summary["shards"]:
-        print(
-            f"shard {shard['shard_id']}/{shard['num_shards']}: {shard['blocks']} blocks, {shard['elements']} elements, "
-            f"versions {shard['version_sum']}, pushes applied {shard['counters'].get('pushes_applied', 0)}, "
-            f"files {', '.join(shard['files'])}"
-        )
+    for generation, entry in zip(generations, summary["generations"], strict=True):
+        used = " (used by export)" if generation is chosen else ""
+        print(f"generation of {generation.describe()}{used}")
+        for shard in entry["shards"]:
+            pushes = shard["counters"].get("pushes_applied", 0)
+            print(
+                f"  shard {shard['shard_id']}/{shard['num_shards']}: {shard['blocks']} blocks, {shard['elements']} "
+                f"elements, versions {shard['version_sum']}, pushes applied {pushes}, files {', '.join(shard['files'])}"
+            )
     return 0
+
+
+def _warn(warning: str | None) -> None:
+    if warning is not None:
+        print(f"ranger-ps checkpoint: warning: {warning}", file=sys.stderr)
 
 
 def run_health(args: argparse.Namespace) -> int:

@@ -94,9 +94,12 @@ class ServerMetrics(Collector):
             (``shard.stats``); called on the HTTP thread at every scrape.
         shard_id: this shard's index (the ``shard`` label of the apply histogram).
         registry: where to register; default: a new private :class:`CollectorRegistry`.
-        checkpoint_age: seconds since the shard last wrote a checkpoint, or None while it has
-            written none (the gauge is then NaN). Leave it None when checkpointing is off: the
+        checkpoint_age: seconds since the shard last wrote a good checkpoint, or None while it
+            has written none (the gauge is then NaN). Leave it None when checkpointing is off: the
             gauge is then not exported at all.
+        checkpoint_failures: how many checkpoints failed to write since start (a counter; it
+            grows at every failed attempt until one succeeds). None when checkpointing is off:
+            not exported.
     """
 
     def __init__(
@@ -106,10 +109,12 @@ class ServerMetrics(Collector):
         shard_id: int,
         registry: CollectorRegistry | None = None,
         checkpoint_age: Callable[[], float | None] | None = None,
+        checkpoint_failures: Callable[[], int] | None = None,
     ) -> None:
         self._stats = stats
         self._shard_label = str(shard_id)
         self._checkpoint_age = checkpoint_age
+        self._checkpoint_failures = checkpoint_failures
         self.registry = registry if registry is not None else CollectorRegistry()
         self._apply = Histogram(
             f"{PREFIX}_apply_seconds",
@@ -161,13 +166,23 @@ class ServerMetrics(Collector):
         if self._checkpoint_age is not None:
             age = GaugeMetricFamily(
                 f"{PREFIX}_checkpoint_age_seconds",
-                "Seconds since the shard last wrote a checkpoint (NaN while it has written none).",
+                "Seconds since the shard last wrote a good checkpoint (NaN while it has written none).",
                 labels=labels,
             )
             if stats is not None:
                 seconds = self._checkpoint_age()
                 age.add_metric(values, math.nan if seconds is None else seconds)
             yield age
+        if self._checkpoint_failures is not None:
+            failures = CounterMetricFamily(
+                f"{PREFIX}_checkpoint_failures",
+                "Checkpoints that failed to write (full disk, folder gone or read-only); health is NOT_SERVING "
+                "from a failure until a checkpoint succeeds.",
+                labels=labels,
+            )
+            if stats is not None:
+                failures.add_metric(values, float(self._checkpoint_failures()))
+            yield failures
         info = InfoMetricFamily(f"{PREFIX}_shard", "What the shard runs (value always 1).", labels=labels)
         if stats is not None:
             info.add_metric(

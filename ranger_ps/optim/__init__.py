@@ -476,9 +476,7 @@ class Ranger(torch.optim.Optimizer):
             torch._foreach_add_(targets, self._grads(trained, views))
         self._push(self.flat.take(owed, chosen, self.config.push_dtype), steps=1)
 
-    def _inner_step(
-        self, trained: list[int], has_grad: list[bool], step: int, configs: Sequence[RuleConfig]
-    ) -> None:
+    def _inner_step(self, trained: list[int], has_grad: list[bool], step: int, configs: Sequence[RuleConfig]) -> None:
         """The inner rule on this worker's view, then every ``local_steps`` steps a push of its residual."""
         by_config: dict[RuleConfig, list[int]] = {}
         for i in trained:

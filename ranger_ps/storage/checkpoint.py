@@ -10,21 +10,33 @@ A file holds one shard's state at one moment, as a stream of msgpack objects:
    them;
 3. a footer map with the block count, so a truncated file is detected.
 
-Files are written to a temporary name, fsynced, renamed atomically, and the folder fsynced; the
-newest ``keep`` files of a shard are kept. A torn, truncated or bit-flipped file fails to load with
-:class:`CheckpointError`, and :func:`load_newest` falls back to the previous good file with a
-warning naming the bad one. Blocks are stored individually, so a checkpoint can be restored onto
-any shard count (each new shard takes the blocks its placement gives it). msgpack only: nothing in
-a checkpoint can execute code when loaded (no pickle, no ``torch.load``).
+Files are written to a temporary name in the same folder, fsynced, renamed atomically, and the
+folder fsynced; a write that fails removes its temporary file and leaves every earlier file as it
+was. A torn, truncated or bit-flipped file fails to load with :class:`CheckpointError`, and
+:func:`load_newest` falls back to the previous good file with a warning naming the bad one. Blocks
+are stored individually, so a checkpoint can be restored onto any shard count (each new shard takes
+the blocks its placement gives it). msgpack only: nothing in a checkpoint can execute code when
+loaded (no pickle, no ``torch.load``).
+
+**Generations.** The files written by one shard count (``num_shards`` in the header) form a
+*generation* (:class:`Generation`, :func:`load_generations`); it is *complete* when every shard
+``0..num_shards-1`` of it has a good file. After a write, :func:`write` keeps the newest ``keep``
+files of that (generation, shard) and deletes the writer's files of older generations only once
+the writer's generation is complete (shard 0 also removes older generations' files of shard ids
+the new count no longer has): an older generation is never deleted while a newer one is
+incomplete, since a shard of the newer one that has not written yet still restores from it.
+A file whose header cannot be read is never deleted by pruning.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,9 +151,36 @@ def list_checkpoints(directory: Path) -> dict[int, list[Path]]:
     return {shard: [p for _, p in sorted(files)] for shard, files in sorted(out.items())}
 
 
-def write(checkpoint: ShardCheckpoint, directory: Path, *, keep: int = 3) -> Path:
-    """Write a checkpoint atomically and durably; keep the newest ``keep`` files of this shard."""
-    directory.mkdir(parents=True, exist_ok=True)
+def write(checkpoint: ShardCheckpoint, directory: Path, *, keep: int = 3, create: bool = True) -> Path:
+    """Write a checkpoint atomically and durably, then prune (see the module docstring).
+
+    The bytes go to ``<name>.tmp`` in ``directory``, are fsynced, and the file is renamed to its
+    final name; when anything fails (a full disk, a folder that vanished or turned read-only) the
+    temporary file is removed and the error raised: no partial file is left and no earlier file is
+    touched. Pruning runs only after a successful rename.
+
+    Args:
+        checkpoint: what to save.
+        directory: the checkpoint folder.
+        keep: files kept per (generation, shard); at least 1.
+        create: create ``directory`` when it is missing. A server passes False: its folder was
+            checked at start, and one that vanished since is an error, not a new empty folder.
+
+    Returns:
+        The path of the new file.
+
+    Raises:
+        OSError: the file could not be written (nothing was left behind).
+    """
+    if create:
+        directory.mkdir(parents=True, exist_ok=True)
+    elif not directory.is_dir():
+        gone = not directory.exists()
+        raise OSError(
+            errno.ENOENT if gone else errno.ENOTDIR,
+            "the checkpoint folder is gone" if gone else "the checkpoint folder is no longer a folder",
+            str(directory),
+        )
     existing = list_checkpoints(directory).get(checkpoint.shard_id, [])
     sequence = int(_NAME.match(existing[-1].name).group(2)) + 1 if existing else 1  # type: ignore[union-attr]
     target = checkpoint_path(directory, checkpoint.shard_id, sequence)
@@ -161,10 +200,27 @@ def write(checkpoint: ShardCheckpoint, directory: Path, *, keep: int = 3) -> Pat
         "blocks": len(checkpoint.blocks),
     }
     header["crc32"] = _header_crc(header)
+    try:
+        _write_stream(tmp, header, checkpoint.blocks)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(directory)
+    written = CheckpointFile(target, checkpoint.shard_id, sequence, checkpoint.num_shards, checkpoint.created)
+    try:
+        _prune(directory, written, keep)
+    except OSError as exc:  # the new file is safe; old ones are only left for the next write to remove
+        log.warning("could not prune old checkpoints in %s: %s", directory, exc)
+    return target
+
+
+def _write_stream(path: Path, header: dict[str, Any], blocks: list[BlockRecord]) -> None:
     packer = msgpack.Packer(use_bin_type=True)
-    with open(tmp, "wb") as out:
+    with open(path, "wb") as out:
         out.write(packer.pack(header))
-        for block in checkpoint.blocks:
+        for block in blocks:
             value = tensor_bytes(block.value)
             state = {name: tensor_bytes(t) for name, t in sorted(block.state.items())}
             residual = tensor_bytes(block.residual) if block.residual is not None else None
@@ -182,14 +238,35 @@ def write(checkpoint: ShardCheckpoint, directory: Path, *, keep: int = 3) -> Pat
             }
             record["crc32"] = _block_crc(record)
             out.write(packer.pack(record))
-        out.write(packer.pack({"end": True, "blocks": len(checkpoint.blocks)}))
+        out.write(packer.pack({"end": True, "blocks": len(blocks)}))
         out.flush()
         os.fsync(out.fileno())
-    os.replace(tmp, target)
-    _fsync_dir(directory)
-    for old in (existing + [target])[:-keep] if keep > 0 else []:
-        old.unlink(missing_ok=True)
-    return target
+
+
+def _prune(directory: Path, written: CheckpointFile, keep: int) -> None:
+    """Delete what ``written`` made redundant (see the module docstring); never fails the write."""
+    generations = load_generations(directory)
+    mine = next((g for g in generations if g.num_shards == written.num_shards), None)
+    doomed: list[Path] = []
+    if mine is not None and keep > 0:
+        doomed += mine.files.get(written.shard_id, [])[:-keep]
+    superseded = [
+        path
+        for generation in generations
+        if generation.num_shards != written.num_shards and generation.created < written.created
+        for shard_id, paths in generation.files.items()
+        if shard_id == written.shard_id or (written.shard_id == 0 and shard_id >= written.num_shards)
+        for path in paths
+    ]
+    # An older generation goes only once this one is complete: until then a shard of this
+    # generation that has not written yet restores from it.
+    if superseded and mine is not None and mine.complete(assume_good=written.shard_id):
+        doomed += superseded
+    for path in doomed:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("could not remove old checkpoint %s: %s", path, exc)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -203,10 +280,11 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _objects(path: Path) -> Iterator[Any]:
+def _objects(path: Path, *, read_size: int = 0) -> Generator[Any, None, None]:
     with open(path, "rb") as source:
         unpacker = msgpack.Unpacker(
             source,
+            read_size=read_size,
             raw=False,
             strict_map_key=False,
             max_bin_len=_MAX_BIN,
@@ -314,36 +392,202 @@ def load_cluster(directory: Path) -> list[ShardCheckpoint]:
     return out
 
 
-def load_cluster_generations(directory: Path) -> list[tuple[int, list[ShardCheckpoint]]]:
-    """Checkpoints grouped by cluster size, newest generation first.
+@dataclass(frozen=True)
+class CheckpointFile:
+    """A checkpoint file as its name and its verified header describe it (its blocks unread)."""
 
-    Within a generation (one shard count), each shard id's newest good file of that count.
+    path: Path
+    shard_id: int
+    sequence: int
+    num_shards: int
+    created: float
+
+
+def read_header(path: Path) -> CheckpointFile:
+    """Read and verify only the header of a checkpoint file (cheap: the blocks are not read).
+
+    Raises:
+        CheckpointError: the file is unreadable, not a ranger-ps checkpoint, or its header is damaged
+            or disagrees with the file's name.
     """
-    by_count: dict[int, dict[int, ShardCheckpoint]] = {}
+    match = _NAME.match(path.name)
+    if match is None:
+        raise CheckpointError(f"{path}: not a checkpoint file name (shard-<id>-<sequence>.ckpt)")
+    try:
+        with contextlib.closing(_objects(path, read_size=1 << 16)) as objects:
+            header = next(objects, None)
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
+            raise CheckpointError(f"{path}: not a ranger-ps checkpoint")
+        if header.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"{path}: format version {header.get('format_version')} is not supported")
+        if header.get("crc32") != _header_crc(header):
+            raise CheckpointError(f"{path}: header checksum mismatch")
+        shard_id, num_shards = int(header["shard_id"]), int(header["num_shards"])
+        created = float(header["created"])
+    except OSError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: malformed header ({exc})") from None
+    if shard_id != int(match.group(1)) or not 0 <= shard_id < num_shards:
+        raise CheckpointError(f"{path}: header says shard {shard_id} of {num_shards}, which the name contradicts")
+    return CheckpointFile(path, shard_id, int(match.group(2)), num_shards, created)
+
+
+@dataclass
+class Generation:
+    """The checkpoint files one shard count (``num_shards``) wrote to a folder.
+
+    Files are grouped by their verified headers; blocks are read only when asked for
+    (:meth:`checkpoint`), once, newest file first, falling back past bad files with a warning.
+
+    Attributes:
+        num_shards: the shard count that wrote these files.
+        created: the newest creation time among its files (orders generations).
+        files: shard id -> its files of this generation, oldest first.
+    """
+
+    num_shards: int
+    created: float
+    files: dict[int, list[Path]]
+    _loaded: dict[int, tuple[Path, ShardCheckpoint] | None] = field(default_factory=dict, repr=False)
+
+    def checkpoint(self, shard_id: int) -> ShardCheckpoint | None:
+        """The newest good checkpoint of ``shard_id`` in this generation (None when it has none)."""
+        found = self._load(shard_id)
+        return found[1] if found is not None else None
+
+    def path(self, shard_id: int) -> Path | None:
+        """The file :meth:`checkpoint` comes from (None when the shard has no good file here)."""
+        found = self._load(shard_id)
+        return found[0] if found is not None else None
+
+    def _load(self, shard_id: int) -> tuple[Path, ShardCheckpoint] | None:
+        if shard_id not in self._loaded:
+            self._loaded[shard_id] = None
+            for path in reversed(self.files.get(shard_id, [])):
+                try:
+                    saved = read(path)
+                except CheckpointError as exc:
+                    log.warning("skipping bad checkpoint %s: %s", path, exc)
+                    continue
+                if saved.num_shards == self.num_shards and saved.shard_id == shard_id:
+                    self._loaded[shard_id] = (path, saved)
+                    break
+        return self._loaded[shard_id]
+
+    def checkpoints(self) -> list[ShardCheckpoint]:
+        """Every shard's newest good checkpoint of this generation, in shard order (missing ones left out)."""
+        return [c for s in sorted(self.files) if (c := self.checkpoint(s)) is not None]
+
+    def missing(self, *, assume_good: int | None = None) -> list[int]:
+        """Shard ids of ``0..num_shards-1`` without a good file in this generation.
+
+        Args:
+            assume_good: a shard id not to read (its file was just written).
+        """
+        absent = [s for s in range(self.num_shards) if not self.files.get(s)]
+        if absent:  # decided by names and headers alone: no block is read
+            return absent
+        return [s for s in range(self.num_shards) if s != assume_good and self.checkpoint(s) is None]
+
+    def complete(self, *, assume_good: int | None = None) -> bool:
+        """Whether every shard of this generation has a good file (see :meth:`missing`)."""
+        return not self.missing(assume_good=assume_good)
+
+    def describe(self) -> str:
+        """``3 shards, complete`` or ``3 shards, incomplete: shard 2 has no good file``."""
+        missing = self.missing()
+        if not missing:
+            return f"{self.num_shards} shard{'s' if self.num_shards > 1 else ''}, complete"
+        which = f"shard {missing[0]} has" if len(missing) == 1 else f"shards {missing} have"
+        return f"{self.num_shards} shard{'s' if self.num_shards > 1 else ''}, incomplete: {which} no good file"
+
+
+def load_generations(directory: Path) -> list[Generation]:
+    """The generations of checkpoints in ``directory``, newest first (by their newest file's creation
+    time, then by the highest file number).
+
+    Files whose header cannot be read are left out (with a warning); no block is read here.
+    """
+    groups: dict[int, dict[int, list[CheckpointFile]]] = {}
     for shard_id, paths in list_checkpoints(directory).items():
-        for path in reversed(paths):
+        for path in paths:
             try:
-                saved = read(path)
+                info = read_header(path)
             except CheckpointError as exc:
-                log.warning("skipping bad checkpoint %s: %s", path, exc)
+                if path.exists():  # a file pruned meanwhile by its shard is not worth a warning
+                    log.warning("skipping bad checkpoint %s: %s", path, exc)
                 continue
-            by_count.setdefault(saved.num_shards, {}).setdefault(shard_id, saved)
-    generations = [(count, list(shards.values())) for count, shards in by_count.items()]
-    generations.sort(key=lambda g: max(c.created for c in g[1]), reverse=True)
+            groups.setdefault(info.num_shards, {}).setdefault(shard_id, []).append(info)
+    generations = []
+    order: dict[int, tuple[float, int]] = {}
+    for count, shards in groups.items():
+        files = {s: [f.path for f in sorted(infos, key=lambda f: f.sequence)] for s, infos in sorted(shards.items())}
+        created = max(f.created for infos in shards.values() for f in infos)
+        generations.append(Generation(count, created, files))
+        # Equal creation times (copied files, coarse clocks) fall back to the file numbers, which grow per shard.
+        order[count] = (created, max(f.sequence for infos in shards.values() for f in infos))
+    generations.sort(key=lambda g: order[g.num_shards], reverse=True)
     return generations
 
 
+def newest_complete(generations: list[Generation]) -> Generation | None:
+    """The newest generation in which every shard has a good file, or None."""
+    return next((g for g in generations if g.complete()), None)
+
+
+def generations_warning(generations: list[Generation]) -> str | None:
+    """One line for a folder whose newest generation is incomplete or that holds several; None otherwise."""
+    if not generations or (len(generations) == 1 and generations[0].complete()):
+        return None
+    chosen = newest_complete(generations)
+    listed = "; ".join(g.describe() for g in generations)
+    if chosen is None:
+        return f"{len(generations)} generation(s) and none complete ({listed})"
+    if chosen is generations[0]:
+        return f"{len(generations)} generations ({listed}); the newest, {chosen.num_shards}-shard one is used"
+    return (
+        f"the newest generation is incomplete ({listed}); the newest complete one ({chosen.num_shards} shards) is "
+        "used, and blocks trained since by the newer shards are not in it"
+    )
+
+
+def load_cluster_generations(directory: Path) -> list[tuple[int, list[ShardCheckpoint]]]:
+    """Checkpoints grouped by cluster size, newest generation first.
+
+    Within a generation (one shard count), each shard id's newest good file of that count; every
+    file's blocks are read (use :func:`load_generations` to read only what is needed).
+    """
+    out = []
+    for generation in load_generations(directory):
+        saved = generation.checkpoints()
+        if saved:
+            out.append((generation.num_shards, saved))
+    return out
+
+
 def assemble_weights(checkpoints: list[ShardCheckpoint]) -> dict[str, torch.Tensor]:
-    """Whole parameters, by name, from the blocks of a cluster's checkpoints.
+    """Whole parameters, by name, from the blocks of one generation's checkpoints (one file per shard).
 
     Raises:
-        CheckpointError: the checkpoints disagree on the layout or lack some blocks.
+        CheckpointError: the checkpoints disagree on the layout, come from several generations or
+            repeat a shard, or lack some blocks.
     """
     if not checkpoints:
         raise CheckpointError("no checkpoints")
     layout = checkpoints[0].layout
     if any(c.layout.fingerprint != layout.fingerprint for c in checkpoints):
         raise CheckpointError("the checkpoints hold different models (layout fingerprints differ)")
+    counts = sorted({c.num_shards for c in checkpoints})
+    if len(counts) > 1:
+        raise CheckpointError(
+            f"the checkpoints come from different generations (shard counts {counts}): assemble one generation"
+        )
+    ids = [c.shard_id for c in checkpoints]
+    if len(set(ids)) != len(ids):
+        raise CheckpointError(
+            f"several checkpoints of one shard (shard ids {sorted(ids)}): assemble one file per shard"
+        )
     blocks = {b.block_id: b for c in checkpoints for b in c.blocks}
     missing = [b.block_id for b in layout.blocks if b.block_id not in blocks]
     if missing:
@@ -357,7 +601,7 @@ def assemble_weights(checkpoints: list[ShardCheckpoint]) -> dict[str, torch.Tens
 
 
 def describe(checkpoints: list[ShardCheckpoint], files: dict[int, list[Path]]) -> dict[str, Any]:
-    """A JSON-ready summary of a checkpoint folder (``ranger-ps checkpoint inspect``)."""
+    """A JSON-ready summary of some shards' checkpoints (one generation's, for ``checkpoint inspect``)."""
     shards = []
     for c in sorted(checkpoints, key=lambda c: c.shard_id):
         shards.append(
@@ -383,3 +627,28 @@ def describe(checkpoints: list[ShardCheckpoint], files: dict[int, list[Path]]) -
         "consistency": first.consistency if first else None,
         "shards": shards,
     }
+
+
+def describe_folder(generations: list[Generation]) -> dict[str, Any]:
+    """A JSON-ready summary of a checkpoint folder (``ranger-ps checkpoint inspect``).
+
+    The top level describes the generation an export would use (the newest complete one; the
+    newest one with a readable file when none is complete) and names it in ``generation``; ``generations`` lists every
+    generation, newest first, with its shards; ``warning`` is :func:`generations_warning`'s line.
+    """
+    chosen = newest_complete(generations) or next((g for g in generations if g.checkpoints()), None)
+    summary = describe(chosen.checkpoints(), chosen.files) if chosen is not None else describe([], {})
+    summary["generation"] = chosen.num_shards if chosen is not None else None
+    summary["complete"] = chosen.complete() if chosen is not None else False
+    summary["generations"] = [
+        {
+            "num_shards": g.num_shards,
+            "complete": g.complete(),
+            "missing_shards": g.missing(),
+            "created": g.created,
+            "shards": describe(g.checkpoints(), g.files)["shards"],
+        }
+        for g in generations
+    ]
+    summary["warning"] = generations_warning(generations)
+    return summary

@@ -7,10 +7,17 @@ fallback on a real server) live in ``tests/server/test_durability.py``.
 from __future__ import annotations
 
 import ast
+import asyncio
+import ctypes
+import dataclasses
+import errno
 import logging
+import os
 import pickle
+import shutil
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +28,9 @@ import torch
 from ranger_ps.algorithm.layout import Layout
 from ranger_ps.algorithm.placement import Placement
 from ranger_ps.algorithm.rules import RuleConfig, new_block_state
-from ranger_ps.errors import UserError
-from ranger_ps.server.checkpointer import restore
+from ranger_ps.config.server import CheckpointSettings
+from ranger_ps.errors import ClusterError, UserError
+from ranger_ps.server.checkpointer import Checkpointer, FinalCheckpointError, check_directory, restore
 from ranger_ps.server.shard import Shard
 from ranger_ps.server.store import ShardStore
 from ranger_ps.storage import checkpoint
@@ -496,6 +504,301 @@ def test_restore_on_start_takes_its_own_file_or_reshards_all_of_them(tmp_path: P
     (tmp_path / "shard-1-00000001.ckpt").unlink()
     with pytest.raises(UserError, match=r"2-shard checkpoints of shards \[0\]"):
         restore(Shard(2, 3), tmp_path)
+
+
+# -- generations: pruning, restore, export ------------------------------------------------------------------
+
+
+def _written(
+    directory: Path, shard_id: int, num_shards: int, created: float, *, keep: int = 3, pushes: int = 1
+) -> Path:
+    """Write one checkpoint of shard ``shard_id`` of ``num_shards`` created at ``created``."""
+    saved = dataclasses.replace(_checkpoint(shard_id=shard_id, num_shards=num_shards, pushes=pushes), created=created)
+    return checkpoint.write(saved, directory, keep=keep)
+
+
+def _by_generation(directory: Path) -> dict[int, dict[int, list[str]]]:
+    """num_shards -> shard id -> file names, read from the headers."""
+    out: dict[int, dict[int, list[str]]] = {}
+    for shard_id, paths in checkpoint.list_checkpoints(directory).items():
+        for path in paths:
+            out.setdefault(checkpoint.read_header(path).num_shards, {}).setdefault(shard_id, []).append(path.name)
+    return out
+
+
+def test_keep_counts_per_generation_and_an_older_generation_outlives_an_incomplete_newer_one(tmp_path: Path) -> None:
+    """Issue 15, item 2: new shards 0 and 1 of 3 (keep 1) must not delete the 2-shard files shard 2 restores from."""
+    for shard_id in range(2):
+        _written(tmp_path, shard_id, 2, created=100.0, pushes=4)
+    for n in range(5):  # shards 0 and 1 of 3 start first and checkpoint several times, keeping 1 file
+        for shard_id in range(2):
+            _written(tmp_path, shard_id, 3, created=200.0 + n, keep=1, pushes=10 + n)
+    assert _by_generation(tmp_path) == {
+        2: {0: ["shard-0-00000001.ckpt"], 1: ["shard-1-00000001.ckpt"]},
+        3: {0: ["shard-0-00000006.ckpt"], 1: ["shard-1-00000006.ckpt"]},
+    }
+    generations = checkpoint.load_generations(tmp_path)
+    assert [(g.num_shards, g.complete(), g.missing()) for g in generations] == [(3, False, [2]), (2, True, [])]
+    chosen = checkpoint.newest_complete(generations)
+    assert chosen is not None and chosen.num_shards == 2
+    # Shard 2 starts late: it restores its blocks from the complete 2-shard generation.
+    late = Shard(2, 3)
+    restore(late, tmp_path)
+    assert late.store is not None and late.store.block_ids == Placement.compute(_layout(), 3).blocks_by_shard[2]
+    # Every block is found: the newest complete generation assembles the whole model.
+    weights = checkpoint.assemble_weights(chosen.checkpoints())
+    assert all(torch.equal(weights[name], want) for name, want in _params())
+    # Shard 2's first checkpoint completes the 3-shard generation; each shard's next write removes
+    # its own 2-shard files.
+    _written(tmp_path, 2, 3, created=300.0, keep=1)
+    assert sorted(_by_generation(tmp_path)) == [2, 3]  # shard 2 had no 2-shard file; 0 and 1 did not write since
+    for shard_id in range(2):
+        _written(tmp_path, shard_id, 3, created=301.0 + shard_id, keep=1)
+    assert _by_generation(tmp_path) == {
+        3: {0: ["shard-0-00000007.ckpt"], 1: ["shard-1-00000007.ckpt"], 2: ["shard-2-00000001.ckpt"]}
+    }
+
+
+def test_resharding_down_removes_the_older_generation_once_the_new_one_is_complete(tmp_path: Path) -> None:
+    for shard_id in range(3):
+        _written(tmp_path, shard_id, 3, created=100.0)
+    _written(tmp_path, 0, 2, created=200.0, keep=2)
+    assert sorted(_by_generation(tmp_path)) == [2, 3]  # 2-shard generation incomplete: nothing of 3 deleted
+    _written(tmp_path, 1, 2, created=201.0, keep=2)  # complete now: shard 1 drops its own 3-shard file
+    assert _by_generation(tmp_path) == {
+        2: {0: ["shard-0-00000002.ckpt"], 1: ["shard-1-00000002.ckpt"]},
+        3: {0: ["shard-0-00000001.ckpt"], 2: ["shard-2-00000001.ckpt"]},
+    }
+    _written(tmp_path, 0, 2, created=202.0, keep=2)  # shard 0 also drops the ids 2 shards no longer have
+    assert _by_generation(tmp_path) == {
+        2: {0: ["shard-0-00000002.ckpt", "shard-0-00000003.ckpt"], 1: ["shard-1-00000002.ckpt"]}
+    }
+
+
+def test_an_older_generation_is_kept_while_a_file_of_the_newer_one_is_damaged(tmp_path: Path) -> None:
+    for shard_id in range(2):
+        _written(tmp_path, shard_id, 2, created=100.0)
+    damaged = _written(tmp_path, 1, 3, created=150.0)
+    at, size = _value_offset(damaged)
+    _flip(damaged, at + size // 2)  # shard 1 of 3 has a file, but not a good one
+    for shard_id in (0, 2):
+        _written(tmp_path, shard_id, 3, created=300.0 + shard_id)
+    gens = checkpoint.load_generations(tmp_path)
+    assert [(g.num_shards, g.missing()) for g in gens] == [(3, [1]), (2, [])]
+    assert sorted(_by_generation(tmp_path)[2]) == [0, 1]  # the 2-shard files are all still there
+
+
+def test_assemble_weights_refuses_to_mix_generations_or_repeat_a_shard() -> None:
+    two = [_checkpoint(shard_id=s, num_shards=2) for s in range(2)]
+    one = _checkpoint(shard_id=0, num_shards=1)
+    with pytest.raises(CheckpointError, match=r"different generations \(shard counts \[1, 2\]\)"):
+        checkpoint.assemble_weights([one, *two])
+    with pytest.raises(CheckpointError, match="several checkpoints of one shard"):
+        checkpoint.assemble_weights([two[0], two[0], two[1]])
+
+
+def test_generations_warning_and_folder_summary(tmp_path: Path) -> None:
+    only = tmp_path / "only"
+    for shard_id in range(2):
+        _written(only, shard_id, 2, created=100.0)
+    generations = checkpoint.load_generations(only)
+    assert checkpoint.generations_warning(generations) is None
+    summary = checkpoint.describe_folder(generations)
+    assert summary["generation"] == 2 and summary["complete"] and summary["warning"] is None
+    assert [s["shard_id"] for s in summary["shards"]] == [0, 1]
+
+    # Two complete generations side by side (a 1-shard file copied in): the newest one is used.
+    shutil.copy(_written(tmp_path / "elsewhere", 0, 1, created=200.0), only / "shard-0-00000009.ckpt")
+    generations = checkpoint.load_generations(only)
+    assert [g.num_shards for g in generations] == [1, 2]
+    warning = checkpoint.generations_warning(generations)
+    assert warning == "2 generations (1 shard, complete; 2 shards, complete); the newest, 1-shard one is used"
+    summary = checkpoint.describe_folder(generations)
+    assert summary["generation"] == 1 and [s["num_shards"] for s in summary["shards"]] == [1]
+    assert [(g["num_shards"], g["complete"]) for g in summary["generations"]] == [(1, True), (2, True)]
+
+    partial = tmp_path / "partial"
+    for shard_id in range(2):
+        _written(partial, shard_id, 2, created=100.0)
+    _written(partial, 0, 3, created=200.0)
+    warning = checkpoint.generations_warning(checkpoint.load_generations(partial))
+    assert warning is not None and warning.startswith("the newest generation is incomplete (3 shards, incomplete: ")
+    assert "shards [1, 2] have no good file" in warning and "(2 shards) is used" in warning
+
+    none = tmp_path / "none"
+    _written(none, 1, 2, created=100.0)
+    warning = checkpoint.generations_warning(checkpoint.load_generations(none))
+    assert warning == "1 generation(s) and none complete (2 shards, incomplete: shard 0 has no good file)"
+
+
+def test_read_header_reads_only_the_header_and_checks_the_name(tmp_path: Path) -> None:
+    path = _written(tmp_path, 1, 2, created=123.5)
+    info = checkpoint.read_header(path)
+    assert (info.shard_id, info.sequence, info.num_shards, info.created) == (1, 1, 2, 123.5)
+    data = path.read_bytes()
+    torn = tmp_path / "shard-1-00000002.ckpt"
+    torn.write_bytes(data[: _boundaries(data)[0]])  # the header alone: still a readable header
+    assert checkpoint.read_header(torn).sequence == 2
+    renamed = tmp_path / "shard-0-00000009.ckpt"
+    renamed.write_bytes(data)
+    with pytest.raises(CheckpointError, match="header says shard 1 of 2, which the name contradicts"):
+        checkpoint.read_header(renamed)
+    with pytest.raises(CheckpointError, match="not a checkpoint file name"):
+        checkpoint.read_header(tmp_path / "model.pt")
+
+
+# -- disk faults -----------------------------------------------------------------------------------------------
+
+_MS_RDONLY = 1
+_MNT_DETACH = 2
+
+
+@contextmanager
+def tmpfs(mountpoint: Path, size: str = "64k", *, read_only: bool = False) -> Iterator[Path]:
+    """A tiny tmpfs mounted on ``mountpoint`` (a real file system that fills up), unmounted after.
+
+    Skips the test when this process may not mount (not root, or no CAP_SYS_ADMIN).
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    flags = _MS_RDONLY if read_only else 0
+    if libc.mount(b"tmpfs", bytes(mountpoint), b"tmpfs", flags, f"size={size}".encode()) != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({os.strerror(ctypes.get_errno())}): the disk-fault test needs root")
+    try:
+        yield mountpoint
+    finally:
+        if libc.umount2(bytes(mountpoint), 0) != 0:
+            libc.umount2(bytes(mountpoint), _MNT_DETACH)  # something still holds a file there
+
+
+def fill(folder: Path) -> Path:
+    """Fill the file system of ``folder`` to the last byte with one file; returns it (delete it to free the space)."""
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as out:
+        try:
+            while True:
+                out.write(b"\0" * 4096)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+    return filler
+
+
+def test_a_write_on_a_full_disk_fails_without_a_partial_file_and_keeps_the_last_good_one(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "disk") as disk:
+        folder = disk / "ckpt"
+        folder.mkdir()
+        good = checkpoint.write(_checkpoint(pushes=1), folder, keep=1, create=False)
+        before = good.read_bytes()
+        filler = fill(disk)
+        with pytest.raises(OSError) as info:
+            checkpoint.write(_checkpoint(pushes=2), folder, keep=1, create=False)
+        assert info.value.errno == errno.ENOSPC
+        assert sorted(p.name for p in folder.iterdir()) == [good.name]  # no .tmp left, the good one kept
+        assert good.read_bytes() == before
+        filler.unlink()
+        newer = checkpoint.write(_checkpoint(pushes=3), folder, keep=1, create=False)
+        assert sorted(p.name for p in folder.iterdir()) == [newer.name]
+        assert checkpoint.read(newer).counters["pushes_applied"] == 3
+
+
+def test_a_server_write_never_recreates_a_vanished_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "ckpt"
+    with pytest.raises(OSError, match="the checkpoint folder is gone") as info:
+        checkpoint.write(_checkpoint(), folder, create=False)
+    assert info.value.errno == errno.ENOENT and not folder.exists()
+    folder.write_bytes(b"")
+    with pytest.raises(OSError, match="the checkpoint folder is no longer a folder") as info:
+        checkpoint.write(_checkpoint(), folder, create=False)
+    assert info.value.errno == errno.ENOTDIR
+    assert checkpoint.write(_checkpoint(), tmp_path / "new") == tmp_path / "new" / "shard-0-00000001.ckpt"
+
+
+def test_check_directory_creates_the_folder_and_refuses_unusable_paths(tmp_path: Path) -> None:
+    created = tmp_path / "a" / "b"
+    check_directory(created)
+    assert created.is_dir() and list(created.iterdir()) == []  # the probe file is gone
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(UserError, match=f"^--checkpoint-dir {a_file} is not a folder$"):
+        check_directory(a_file)
+    with pytest.raises(UserError, match=f"^--checkpoint-dir {a_file}/sub cannot be created: Not a directory"):
+        check_directory(a_file / "sub")
+    with tmpfs(tmp_path / "ro", read_only=True) as read_only:
+        with pytest.raises(UserError, match=f"^--checkpoint-dir {read_only} is not writable: Read-only file system"):
+            check_directory(read_only)
+    with tmpfs(tmp_path / "full") as disk:
+        fill(disk)
+        with pytest.raises(UserError, match="is not writable: No space left on device"):
+            check_directory(disk)
+        assert [p.name for p in disk.iterdir()] == ["filler"]
+
+
+def _restored_shard() -> Shard:
+    shard = Shard(0, 1)
+    shard.restore([_checkpoint(pushes=5)])
+    return shard
+
+
+def test_a_failing_checkpointer_counts_tells_once_and_recovers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    saver = Checkpointer(_restored_shard(), folder, CheckpointSettings(checkpoint_every=0, keep=1))
+    told: list[bool] = []
+
+    async def listen(healthy: bool) -> None:
+        told.append(healthy)
+
+    saver.listeners.append(listen)
+
+    async def scenario() -> None:
+        assert await saver.attempt("periodic") and saver.failures == 0 and saver.failing is None
+        folder.rename(tmp_path / "away")
+        with caplog.at_level(logging.INFO, logger="ranger_ps.server.checkpointer"):
+            assert not await saver.attempt("periodic")
+            assert not await saver.attempt("periodic")
+        (tmp_path / "away").rename(folder)
+        assert await saver.attempt("periodic")
+
+    asyncio.run(scenario())
+    assert told == [False, True] and saver.failures == 2 and saver.failing is None
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 2 and all(r.exc_info is None for r in errors)
+    assert f"periodic checkpoint to {folder} failed: the checkpoint folder is gone ({folder})" in errors[0].getMessage()
+    assert "2 failed so far" in errors[1].getMessage()
+    age = saver.age()
+    assert age is not None and 0 <= age < 60
+    assert [p.name for p in folder.iterdir()] == ["shard-0-00000002.ckpt"]
+
+
+def test_the_final_checkpoint_retries_until_the_deadline_then_fails_in_one_line(tmp_path: Path) -> None:
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    shard = _restored_shard()
+    saver = Checkpointer(shard, folder, CheckpointSettings(checkpoint_every=0, keep=1))
+    asyncio.run(saver.save("periodic"))
+    good = folder / "shard-0-00000001.ckpt"
+    folder.rename(tmp_path / "away")
+    folder.write_bytes(b"")  # the folder became a file
+    started = time.monotonic()
+    with pytest.raises(FinalCheckpointError) as info:
+        asyncio.run(saver.save_final(time.monotonic() + 1.2))
+    assert time.monotonic() - started < 10
+    message = str(info.value)
+    assert "\n" not in message and saver.failures >= 2
+    assert message.startswith(f"shard 0: the final checkpoint to {folder} failed {saver.failures} time(s) in ")
+    assert (
+        f"the checkpoint folder is no longer a folder ({folder}); the last good one this process wrote is {good}"
+        in (message)
+    )
+    assert message.endswith("and the 0 push(es) applied since it are not saved")
+    assert isinstance(info.value, ClusterError)  # the command line: one line, exit 1
+    # With the folder back, a single attempt is enough.
+    folder.unlink()
+    (tmp_path / "away").rename(folder)
+    asyncio.run(saver.save_final(time.monotonic()))
+    assert saver.failing is None and [p.name for p in folder.iterdir()] == ["shard-0-00000002.ckpt"]
 
 
 # -- no pickle -------------------------------------------------------------------------------------------------
