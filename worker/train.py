@@ -68,11 +68,9 @@ def train(
         model.named_parameters(),
         servers=servers,
         worker_id=worker_id,
-        overlap=config.overlap,
-        connect_timeout=config.connect_timeout,
-        retry_timeout=config.retry_timeout,
         security=security,
         use_uvloop=use_uvloop,
+        **config.connection_kwargs(),  # overlap, timeouts, shared memory, exchange
         **config.optimizer_kwargs(),
     )
     with optimizer:

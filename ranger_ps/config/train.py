@@ -61,6 +61,10 @@ class TrainConfig(ConnectionSettings, OptimizerConfig, JobSettings):
         """Keyword arguments of :class:`ranger_ps.Ranger` for these settings (the algorithm's)."""
         return {spec.key: getattr(self, spec.name) for spec in specs(OptimizerConfig)}
 
+    def connection_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`ranger_ps.Ranger` for how the worker talks to the shards."""
+        return {spec.key: getattr(self, spec.name) for spec in specs(ConnectionSettings)}
+
     def to_dict(self) -> dict[str, Any]:
         """The report's ``config``: every setting by its key."""
         return to_plain(self)

@@ -55,8 +55,8 @@ def evaluate_cluster(
         servers=servers,
         observer=True,
         security=security,
-        connect_timeout=config.connect_timeout,
         use_uvloop=use_uvloop,
+        **config.connection_kwargs(),
         **config.optimizer_kwargs(),
     ) as optimizer:
         return evaluate(model, data, device), optimizer.traffic.bytes_pulled

@@ -197,6 +197,24 @@ def test_local_with_sparse_pushes_records_every_knob(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("flags", "transport"),
+    [((), "shared-memory"), (("--no-shared-memory",), "exchange"), (("--no-exchange",), "push-pull")],
+)
+def test_local_workers_and_evaluator_talk_to_the_shards_as_the_flags_say(
+    flags: tuple[str, ...], transport: str, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    result = _run("local", "--epochs", "1", "--log-level", "INFO", "--run-dir", str(run), *flags, timeout=110)
+    assert result.returncode == 0, result.stderr
+    said = [line for line in (result.stderr + "".join(p.read_text() for p in run.glob("*.log"))).splitlines()]
+    lines = sorted(line.split(" ranger_ps.client.sharded: ")[1] for line in said if "traffic per shard" in line)
+    assert lines == [f"worker {w} registered; traffic per shard: {transport}, {transport}" for w in (-2, 0, 1)], (
+        lines
+    )  # the evaluator (an observer, id -2) and both workers
+
+
+@pytest.mark.timeout(120)
 def test_bench_convergence_smoke() -> None:
     result = _run(
         "bench", "convergence", "--datasets", "digits", "--rules", "sgd,ranger", "--fractions", "1,0.5",
