@@ -32,6 +32,8 @@ class WorkerRecord:
     view_versions: torch.Tensor | None = None  # each block's version at the worker's last pull
     # Set while the worker's latest push is being applied: a retry of it is acknowledged once it is.
     applying: asyncio.Event | None = None
+    # What the registration's later calls carry (None: a v1 worker, whose calls are not checked).
+    secret: bytes | None = None
 
 
 class Membership:
@@ -102,6 +104,18 @@ class Membership:
         for worker_id in gone:
             self._workers[worker_id].live = False
         return gone
+
+    def forget_departed(self, after_seconds: float, keep: int) -> int:
+        """Drop records of workers gone (left or lease lapsed) for ``after_seconds``, and the oldest beyond
+        ``keep`` departed ones; returns how many were dropped."""
+        now = self._now()
+        departed = sorted((r for r in self._workers.values() if not r.live), key=lambda r: r.last_seen)
+        drop = [r for r in departed if r.last_seen < now - after_seconds]
+        kept = [r for r in departed if r.last_seen >= now - after_seconds]
+        drop += kept[: max(0, len(kept) - keep)]
+        for record in drop:
+            del self._workers[record.worker_id]
+        return len(drop)
 
     def trainers(self) -> list[WorkerRecord]:
         """Live training workers (not observers), by id."""

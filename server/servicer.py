@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -27,7 +28,7 @@ from ranger_ps.wire.messages import layout_from_proto
 from ranger_ps.wire.rpc import ERROR_METADATA_KEY, SERVICE_NAME
 from ranger_ps.wire.runs import WireRun, decode_runs, encode_exchange, encode_shared
 from ranger_ps.wire.shared import SharedSegment
-from ranger_ps.wire.status import InvalidRequest, NotReady, NotRegistered, RequestError
+from ranger_ps.wire.status import Exhausted, InvalidRequest, NotReady, NotRegistered, RequestError
 
 log = logging.getLogger(__name__)
 
@@ -75,20 +76,45 @@ def _translating(
 async def _read_frames(
     requests: AsyncIterator[bytes], shard: Shard, header_field: str
 ) -> tuple[Message, list[WireBlock]]:
-    """Read a client stream of frames; the first must carry the ``header_field`` header."""
+    """Read a client stream of frames; the first must carry the ``header_field`` header.
+
+    Checked frame by frame: a push's sender must be a live worker with its secret before anything
+    more is read, and a stream may carry at most :meth:`Shard.stream_limit` bytes.
+    """
     first: Message | None = None
     blocks: list[WireBlock] = []
+    received = 0
     async for message in requests:
         shard.bytes_received += len(message)
+        received += len(message)
         header, payload = decode_frame(message)
         if first is None:
             if not header.HasField(header_field):
                 raise InvalidRequest(f"the first frame of the stream must carry a {header_field} header")
             first = getattr(header, header_field)
+            if header_field == "push":
+                shard.authenticate(header.push.worker_id, header.push.secret)
+            limit = shard.stream_limit()
+        if received > limit:
+            raise Exhausted(f"a {header_field} stream may carry at most {limit} bytes on this shard")
         blocks.extend(split_blocks(header, payload))
     if first is None:
         raise InvalidRequest("empty stream: expected at least one frame")
     return first, blocks
+
+
+def _check_layout_size(spec: pb.LayoutSpec, max_blocks: int) -> None:
+    """Refuse a layout with more blocks than allowed before anything is built from it."""
+    if spec.block_size <= 0:
+        return  # layout_from_proto names the problem
+    blocks = 0
+    for param in spec.params:
+        numel = math.prod(param.shape)
+        blocks += max(1, -(-numel // spec.block_size))
+        if blocks > max_blocks:
+            raise InvalidRequest(
+                f"bad layout: more than {max_blocks} blocks (the server's --max-blocks); use a larger block size"
+            )
 
 
 def _known_versions(data: bytes) -> torch.Tensor | None:
@@ -121,6 +147,7 @@ class ParameterServerServicer:
     @_translating
     async def Register(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         req = _parse(pb.RegisterRequest, request)
+        _check_layout_size(req.layout, self.shard.settings.max_blocks)
         try:
             layout = layout_from_proto(req.layout)
         except ValueError as exc:
@@ -137,6 +164,8 @@ class ParameterServerServicer:
             req.expected_num_shards,
             observer=req.observer,
             consistency=req.consistency,
+            identity=req.identity,
+            secret=req.secret,
         )
         reply = pb.RegisterReply(
             worker_id=result.worker_id,
@@ -149,6 +178,8 @@ class ParameterServerServicer:
             consistency=str(self.shard.mode),
             exchange=True,
             shared_memory=req.HasField("shared_memory") and self._attach(result.worker_id, req.shared_memory),
+            pushed_clock=result.pushed_clock,
+            secret=result.secret,
         )
         return reply.SerializeToString()
 
@@ -177,20 +208,24 @@ class ParameterServerServicer:
     async def Init(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
         header, blocks = await _read_frames(requests, self.shard, "init")
         assert isinstance(header, pb.InitHeader)
-        count = await self.shard.initialize(header.worker_id, blocks)
+        count = await self.shard.initialize(header.worker_id, blocks, header.secret)
         return pb.InitReply(blocks_initialized=count).SerializeToString()
 
     @_translating
     async def Push(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
         header, blocks = await _read_frames(requests, self.shard, "push")
         assert isinstance(header, pb.PushHeader)
-        applied, version_sum = await self.shard.push(header.worker_id, header.clock, blocks)
+        applied, version_sum = await self.shard.push(header.worker_id, header.clock, blocks, header.secret)
         return pb.PushReply(blocks_applied=applied, version_sum=version_sum).SerializeToString()
 
     async def Pull(self, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         try:
+            if len(request) > self.shard.pull_request_limit():
+                raise InvalidRequest(
+                    f"a pull request of {len(request)} bytes: more known versions than this shard has blocks"
+                )
             req = _parse(pb.PullRequest, request)
-            blocks = await self.shard.pull(req.worker_id, list(req.known_versions))
+            blocks = await self.shard.pull(req.worker_id, list(req.known_versions), req.secret)
             frames = chunk_frames(blocks, always_one=True)
             for frame in frames:
                 self.shard.bytes_sent += len(frame)
@@ -204,6 +239,7 @@ class ParameterServerServicer:
         worker_id: int | None = None
         sent: torch.Tensor | None = None
         runs: list[WireRun] = []
+        received = 0  # bytes of the exchange being read
         try:
             async for message in requests:
                 self.shard.bytes_received += len(message)
@@ -212,6 +248,7 @@ class ParameterServerServicer:
                     raise InvalidRequest("every Exchange frame must carry an exchange header")
                 exchange = header.exchange
                 if worker_id is None:
+                    self.shard.authenticate(exchange.worker_id, exchange.secret)  # before it takes anything over
                     worker_id = exchange.worker_id
                     self._streams[worker_id] = stream
                 elif exchange.worker_id != worker_id:
@@ -220,6 +257,9 @@ class ParameterServerServicer:
                     )
                 if exchange.known_versions or sent is None:
                     sent = self.shard.cursor(_known_versions(exchange.known_versions))
+                received += len(message)
+                if received > self.shard.stream_limit():
+                    raise Exhausted(f"an exchange may carry at most {self.shard.stream_limit()} bytes on this shard")
                 segment = self._shared.get(worker_id)
                 if exchange.shared and segment is None:  # e.g. this server restarted: agree on it again
                     raise NotRegistered(
@@ -230,10 +270,12 @@ class ParameterServerServicer:
                     continue
                 pushed = runs
                 runs = []
+                received = 0
+                secret = exchange.secret
                 applied, version_sum = (
-                    await self.shard.push_runs(worker_id, exchange.clock, pushed) if exchange.clock else (0, 0)
+                    await self.shard.push_runs(worker_id, exchange.clock, pushed, secret) if exchange.clock else (0, 0)
                 )
-                pulled = [] if exchange.no_pull else await self.shard.pull_changed(worker_id, sent)
+                pulled = [] if exchange.no_pull else await self.shard.pull_changed(worker_id, sent, secret)
                 answer = pb.ExchangeHeader(worker_id=worker_id, blocks_applied=applied, version_sum=version_sum)
                 if exchange.shared:
                     if self._streams.get(worker_id) is not stream or segment is not self._shared.get(worker_id):
@@ -254,13 +296,13 @@ class ParameterServerServicer:
     @_translating
     async def Heartbeat(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         req = _parse(pb.HeartbeatRequest, request)
-        lease = await self.shard.heartbeat(req.worker_id)
+        lease = await self.shard.heartbeat(req.worker_id, req.secret)
         return pb.HeartbeatReply(lease_seconds=lease).SerializeToString()
 
     @_translating
     async def Leave(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         req = _parse(pb.LeaveRequest, request)
-        await self.shard.leave(req.worker_id)
+        await self.shard.leave(req.worker_id, req.secret)
         segment = self._shared.pop(req.worker_id, None)
         if segment is not None:
             segment.close()

@@ -10,7 +10,9 @@ once and a block is never seen half-updated.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
+import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -28,13 +30,29 @@ from ranger_ps.server.store import EMPTY, Decoded, PulledRun, ShardStore
 from ranger_ps.storage.checkpoint import ShardCheckpoint
 from ranger_ps.version import __version__
 from ranger_ps.wire.frames import WireBlock
+from ranger_ps.wire.pushes import SECRET_BYTES
 from ranger_ps.wire.runs import WireRun
 from ranger_ps.wire.stats import ShardStats
-from ranger_ps.wire.status import Exhausted, InvalidRequest, NonFinite, NotReady, NotRegistered, PreconditionFailed
+from ranger_ps.wire.status import (
+    Exhausted,
+    IdInUse,
+    InvalidRequest,
+    NonFinite,
+    NotReady,
+    NotRegistered,
+    PreconditionFailed,
+    WrongSecret,
+)
 
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+
+DEPARTED_SECONDS = 600.0
+"""How long a shard remembers a worker that left or lost its lease (its clock, for a late retry)."""
+
+MAX_CLOCK_AHEAD = 1 << 20
+"""A push clock this far beyond every clock the shard has seen is refused (a real worker moves by one)."""
 
 OFF_LOOP_APPLY_BYTES = 1 << 20
 """An async push carrying at least this many gradient bytes is applied in a worker thread."""
@@ -48,6 +66,8 @@ class Registration:
     must_initialize: bool
     block_ids: tuple[int, ...]
     clock: int
+    pushed_clock: int = 0  # the clock of the worker's last push this shard holds (0: none)
+    secret: bytes = b""  # what the worker's later calls carry (empty: a v1 worker, not checked)
 
 
 class Shard:
@@ -108,8 +128,15 @@ class Shard:
         *,
         observer: bool = False,
         consistency: str = "",
+        identity: bool = False,
+        secret: bytes = b"",
     ) -> Registration:
-        """Handshake: adopt or check the layout and rule; maybe ask this worker to initialize."""
+        """Handshake: adopt or check the layout and rule; maybe ask this worker to initialize.
+
+        With ``identity`` the registration gets a fresh secret its later calls must carry; a worker id
+        that is live under another registration's secret is refused (``secret`` renews one's own).
+        """
+        self._check_identity(worker_id, secret)
         if (expected_shard_id, expected_num_shards) != (self.shard_id, self.num_shards):
             raise PreconditionFailed(
                 f"this server is shard {self.shard_id} of {self.num_shards}, but the worker lists it as "
@@ -126,6 +153,14 @@ class Shard:
                 )
         deadline = time.monotonic() + self.register_wait_seconds
         while True:
+            claim = self._claim
+            if self.store is not None and not self.store.initialized and claim and time.monotonic() >= claim[1]:
+                # The worker that brought the layout never initialized it: forget both, so the next
+                # worker's layout (right or wrong) is not judged against an abandoned one.
+                log.warning(
+                    "worker %d did not initialize shard %d in time; its layout is forgotten", claim[0], self.shard_id
+                )
+                self.store, self._claim = None, None
             if self.store is None:
                 placement = Placement.compute(layout, self.num_shards)
                 self.store = ShardStore(layout, placement.blocks_by_shard[self.shard_id], rule)
@@ -133,17 +168,17 @@ class Shard:
                     "shard %d adopted layout %s (%d blocks here, rule %s, %s)",
                     self.shard_id, layout.fingerprint, len(self.store.block_ids), rule.rule, self.mode,
                 )  # fmt: skip
-                return await self._grant_claim(worker_id, observer)
+                return await self._grant_claim(worker_id, observer, identity)
             self._check_match(layout, None if observer else rule)
             if self.store.initialized:
-                return await self._admit(worker_id, observer, must_initialize=False)
+                return await self._admit(worker_id, observer, must_initialize=False, identity=identity)
             now = time.monotonic()
             assert self._claim is not None
             holder, claim_deadline = self._claim
             if holder == worker_id or now >= claim_deadline:
                 if holder != worker_id:
                     log.warning("worker %d did not initialize shard %d in time; handing over", holder, self.shard_id)
-                return await self._grant_claim(worker_id, observer)
+                return await self._grant_claim(worker_id, observer, identity)
             wait = min(claim_deadline, deadline) - now
             if wait <= 0:
                 raise NotReady(f"shard {self.shard_id} is still waiting for worker {holder} to initialize it")
@@ -152,16 +187,32 @@ class Shard:
             except TimeoutError:
                 pass
 
-    async def _grant_claim(self, worker_id: int, observer: bool) -> Registration:
-        registration = await self._admit(worker_id, observer, must_initialize=True)
+    def _check_identity(self, worker_id: int, secret: bytes) -> None:
+        """Refuse to hand a live worker id that carries a secret to a caller that does not know it."""
+        record = self.membership.get(worker_id) if worker_id >= 0 else None
+        if record is None or not record.live or record.secret is None:
+            return
+        if not hmac.compare_digest(secret, record.secret):
+            raise IdInUse(
+                f"worker id {worker_id} is live on shard {self.shard_id} under another registration (another "
+                f"process uses it): choose another --worker-id, or wait {self.membership.lease_seconds:g}s for "
+                "its lease to lapse"
+            )
+
+    async def _grant_claim(self, worker_id: int, observer: bool, identity: bool) -> Registration:
+        registration = await self._admit(worker_id, observer, must_initialize=True, identity=identity)
         self._claim = (registration.worker_id, time.monotonic() + self.init_claim_seconds)
         return registration
 
-    async def _admit(self, worker_id: int, observer: bool, *, must_initialize: bool) -> Registration:
+    async def _admit(
+        self, worker_id: int, observer: bool, *, must_initialize: bool, identity: bool = False
+    ) -> Registration:
         """(Re)admit a worker and set its clock so it neither holds the others back nor runs ahead."""
         assert self.store is not None
         others = [r.clock for r in self.membership.trainers() if r.worker_id != worker_id]
-        known = self.membership.get(worker_id) is not None
+        before = self.membership.get(worker_id)
+        known = before is not None
+        pushed_clock = before.clock if before is not None and before.pushes > 0 else 0
         if not known and sum(1 for _, r in self.membership.items() if r.live) >= self.max_workers:
             raise Exhausted(f"shard {self.shard_id} has {self.max_workers} registered workers, its limit")
         record = self.membership.register(worker_id, observer=observer)
@@ -174,9 +225,12 @@ class Shard:
         record.clock = max(record.clock, start) if known else start
         record.join_clock = record.clock
         record.pushed_since_join = False
+        record.secret = secrets.token_bytes(SECRET_BYTES) if identity else None
         await self._barrier_changed()
         log.info("worker %d joined shard %d at clock %d", record.worker_id, self.shard_id, record.clock)
-        return Registration(record.worker_id, must_initialize, self.store.block_ids, record.clock)
+        return Registration(
+            record.worker_id, must_initialize, self.store.block_ids, record.clock, pushed_clock, record.secret or b""
+        )
 
     def _check_match(self, layout: Layout, rule: RuleConfig | None) -> None:
         """Refuse a worker whose model or rule differs from the shard's (an observer only pulls: no rule)."""
@@ -195,9 +249,12 @@ class Shard:
                 f"update rule mismatch on shard {self.shard_id} (shard != worker): {'; '.join(diffs)}"
             )
 
-    async def initialize(self, worker_id: int, blocks: Sequence[WireBlock]) -> int:
+    async def initialize(self, worker_id: int, blocks: Sequence[WireBlock], secret: bytes = b"") -> int:
         """Install the initial block values sent by the worker holding the claim."""
         store = self._require_store()
+        record = self.membership.get(worker_id)
+        if record is not None:
+            self._check_secret(record, secret)
         holder = self._claim[0] if self._claim else None
         if store.initialized:
             if worker_id == holder:
@@ -212,20 +269,25 @@ class Shard:
 
     # -- membership ----------------------------------------------------------------------------
 
-    async def heartbeat(self, worker_id: int) -> float:
+    async def heartbeat(self, worker_id: int, secret: bytes = b"") -> float:
         """Renew a worker's lease; returns the lease length."""
-        self._require_live(worker_id)
+        self._require_live(worker_id, secret)
         self.membership.seen(worker_id)
         return self.membership.lease_seconds
 
-    async def leave(self, worker_id: int) -> None:
+    async def leave(self, worker_id: int, secret: bytes = b"") -> None:
         """A worker is done: drop it from the barriers now."""
+        record = self.membership.get(worker_id)
+        if record is not None and record.live:
+            self._check_secret(record, secret)
         if self.membership.leave(worker_id):
             log.info("worker %d left shard %d", worker_id, self.shard_id)
             await self._barrier_changed()
 
     async def expire_leases(self) -> list[int]:
-        """Drop workers whose lease lapsed (called periodically); returns their ids."""
+        """Drop workers whose lease lapsed (called periodically); returns their ids. Records of workers
+        gone long ago are forgotten (at most ``max_workers`` of them are kept)."""
+        self.membership.forget_departed(max(DEPARTED_SECONDS, 20 * self.membership.lease_seconds), self.max_workers)
         gone = self.membership.expire()
         if gone:
             log.warning("shard %d: lease lapsed for workers %s; the others go on without them", self.shard_id, gone)
@@ -234,22 +296,34 @@ class Shard:
 
     # -- training traffic --------------------------------------------------------------------
 
-    async def push(self, worker_id: int, clock: int, blocks: Sequence[WireBlock]) -> tuple[int, int]:
+    async def push(
+        self, worker_id: int, clock: int, blocks: Sequence[WireBlock], secret: bytes = b""
+    ) -> tuple[int, int]:
         """Take a worker's push for ``clock``; returns (blocks applied or queued, version sum)."""
-        return await self.push_checked(worker_id, clock, lambda store: store.decode(blocks))
+        return await self.push_checked(worker_id, clock, lambda store: store.decode(blocks), secret)
 
-    async def push_runs(self, worker_id: int, clock: int, runs: Sequence[WireRun]) -> tuple[int, int]:
+    async def push_runs(
+        self, worker_id: int, clock: int, runs: Sequence[WireRun], secret: bytes = b""
+    ) -> tuple[int, int]:
         """:meth:`push` of an exchange, its blocks as runs."""
-        return await self.push_checked(worker_id, clock, lambda store: store.decode_runs(runs))
+        return await self.push_checked(worker_id, clock, lambda store: store.decode_runs(runs), secret)
 
     async def push_checked(
-        self, worker_id: int, clock: int, decode: Callable[[ShardStore], Decoded]
+        self, worker_id: int, clock: int, decode: Callable[[ShardStore], Decoded], secret: bytes = b""
     ) -> tuple[int, int]:
         """Take a push whose blocks ``decode`` checks and converts (nothing is used before it is checked)."""
         if self.stopping:
             raise NotReady(f"shard {self.shard_id} is shutting down; retry against its replacement")
         store = self._require_store()
-        record = self._require_live(worker_id)
+        record = self._require_live(worker_id, secret)
+        if record.observer:
+            raise PreconditionFailed(f"worker {worker_id} registered as an observer: observers only pull")
+        highest = max([self.applied_clock, *(r.clock for _, r in self.membership.items())])
+        if clock > highest + MAX_CLOCK_AHEAD:
+            raise InvalidRequest(
+                f"push clock {clock} of worker {worker_id} is far beyond every clock shard {self.shard_id} has "
+                f"seen ({highest})"
+            )
         if clock == record.clock and record.pushes > 0:
             # A retry of a push whose acknowledgement was lost: (worker id, clock) identifies a
             # push, so it is acknowledged again and never applied twice.
@@ -257,6 +331,8 @@ class Shard:
             self.membership.seen(worker_id)
             if record.applying is not None:  # the original is still being applied: acknowledge once it is
                 await record.applying.wait()
+                if record.clock != clock:  # the original was refused after all: this is a push of its own
+                    return await self.push_checked(worker_id, clock, decode, secret)
             return 0, 0
         if clock < record.clock:
             raise InvalidRequest(f"push clock {clock} of worker {worker_id} is before its clock {record.clock}")
@@ -280,6 +356,7 @@ class Shard:
             # counted: its view predates the join.
             record.pushed_since_join = True
             record.join_clock = max(record.join_clock, clock - 1)
+        before = (record.clock, record.pushes)
         record.clock = clock
         record.pushes += 1
         self.membership.seen(worker_id)
@@ -298,6 +375,16 @@ class Shard:
                     applied, version_sum = await asyncio.to_thread(self._timed_apply, store.apply, decoded)
                 else:
                     applied, version_sum = self._timed_apply(store.apply, decoded)
+        except NonFinite:  # the update would make weights non-finite: nothing of it was applied
+            if self.nan_policy == "reject":
+                record.clock, record.pushes = before
+                self.pushes_applied -= 1
+                raise
+            self.pushes_skipped += 1
+            log.warning(
+                "shard %d skipped a push of worker %d that would make weights non-finite", self.shard_id, worker_id
+            )
+            applied, version_sum = 0, 0
         finally:
             applying.set()
             if record.applying is applying:
@@ -322,10 +409,10 @@ class Shard:
             versions = self.store.version_tensor()
             self.version_lag.add_all(versions[decoded.positions] - record.view_versions[decoded.positions])
 
-    async def pull(self, worker_id: int, known_versions: Sequence[int]) -> Iterator[WireBlock]:
+    async def pull(self, worker_id: int, known_versions: Sequence[int], secret: bytes = b"") -> Iterator[WireBlock]:
         """Wait at the barrier the consistency model sets, then the blocks newer than the worker's."""
         store = self._require_store()
-        record = await self._pulling(worker_id)
+        record = await self._pulling(worker_id, secret)
         record.view_versions = store.version_tensor().clone()
         return store.newer_than(known_versions)
 
@@ -337,24 +424,26 @@ class Shard:
             return torch.zeros(len(store.block_ids), dtype=torch.int64)
         if len(known) != len(store.block_ids):
             raise InvalidRequest(f"{len(known)} known versions for a shard of {len(store.block_ids)} blocks")
+        _check_known(known, store.version_tensor())
         return known.clone()
 
-    async def pull_changed(self, worker_id: int, sent: torch.Tensor) -> list[PulledRun]:
+    async def pull_changed(self, worker_id: int, sent: torch.Tensor, secret: bytes = b"") -> list[PulledRun]:
         """:meth:`pull` for an exchange stream: the blocks whose version is above ``sent`` (the versions
         this stream last answered with, which advance), as runs with their versions.
 
         A whole segment's values are the live buffer: encode them before awaiting anything.
         """
         store = self._require_store()
-        record = await self._pulling(worker_id)
+        record = await self._pulling(worker_id, secret)
         record.view_versions = store.version_tensor().clone()
         return store.changed_runs(sent, copy=False)
 
-    async def _pulling(self, worker_id: int) -> WorkerRecord:
+    async def _pulling(self, worker_id: int, secret: bytes) -> WorkerRecord:
         """A pull's bookkeeping: wait at the consistency barrier, then note the view the worker gets."""
         record = self.membership.get(worker_id)
         if record is None:
             raise NotRegistered(f"worker {worker_id} is not registered on shard {self.shard_id}: register again")
+        self._check_secret(record, secret)
         if record.live and not record.observer and self.mode.waits:
             await self._wait_for_view(record)
         self.membership.seen(worker_id)
@@ -403,7 +492,11 @@ class Shard:
                     break
                 # Every live worker pushed this clock; a push acknowledged before its worker was
                 # dropped still counts (nothing acknowledged is lost).
-                self._timed_apply(self.store.apply_mean, list(pushes.values()))
+                try:
+                    self._timed_apply(self.store.apply_mean, list(pushes.values()))
+                except NonFinite as exc:  # acknowledged already: skipped, said loudly, counted
+                    self.pushes_skipped += len(pushes)
+                    log.error("shard %d skipped the combined update of clock %d: %s", self.shard_id, clock, exc)
                 del self._pending[clock]
                 self.applied_clock = clock
         await self._notify()
@@ -513,7 +606,7 @@ class Shard:
             raise NotReady(f"shard {self.shard_id} has no model yet: a worker must register first")
         return self.store
 
-    def _require_live(self, worker_id: int) -> WorkerRecord:
+    def _require_live(self, worker_id: int, secret: bytes = b"") -> WorkerRecord:
         record = self.membership.get(worker_id)
         if record is None:
             raise NotRegistered(f"worker {worker_id} is not registered on shard {self.shard_id}: register again")
@@ -521,4 +614,34 @@ class Shard:
             raise NotRegistered(
                 f"worker {worker_id}'s lease on shard {self.shard_id} lapsed (or it left): register again"
             )
+        self._check_secret(record, secret)
         return record
+
+    def stream_limit(self) -> int:
+        """Bytes one push, init or exchange may carry here: every block twice over (a push may be in a wider
+        type than the blocks), plus headers."""
+        store = self._require_store()
+        return 2 * store.nbytes + 64 * len(store.block_ids) + (1 << 20)
+
+    def pull_request_limit(self) -> int:
+        """Bytes a v1 pull request may have: a version per block, plus the rest of the message."""
+        return 10 * (len(self.store.block_ids) if self.store is not None else 0) + 256
+
+    def authenticate(self, worker_id: int, secret: bytes) -> None:
+        """Refuse a caller that is not a live registered worker carrying its registration's secret."""
+        self._require_live(worker_id, secret)
+
+    def _check_secret(self, record: WorkerRecord, secret: bytes) -> None:
+        """A call of a worker registered with identity must carry that registration's secret."""
+        if record.secret is not None and not hmac.compare_digest(secret, record.secret):
+            raise WrongSecret(
+                f"this call of worker {record.worker_id} does not carry its registration's secret on shard "
+                f"{self.shard_id} (another process registered as this worker, or the call is forged)"
+            )
+
+
+def _check_known(known: torch.Tensor, versions: torch.Tensor) -> None:
+    """Refuse versions a worker cannot have been given (beyond what the shard holds, or negative)."""
+    if bool((known > versions).any()) or bool((known < 0).any()):
+        # e.g. the shard restarted from an older checkpoint: the worker must start its view afresh
+        raise NotRegistered("known versions outside what this shard holds: register again to start afresh")

@@ -22,7 +22,7 @@ from ranger_ps.algorithm.blocks import BlockSpace, gather
 from ranger_ps.algorithm.layout import Block, Layout
 from ranger_ps.algorithm.quantize import Quantized, dequantize
 from ranger_ps.algorithm.rules import RuleConfig
-from ranger_ps.algorithm.table import BlockTable, Part
+from ranger_ps.algorithm.table import BlockTable, NonFiniteUpdate, Part
 from ranger_ps.errors import WireFormatError
 from ranger_ps.storage.checkpoint import BlockRecord
 from ranger_ps.wire.codec import bytes_to_tensor, codec_for_name, codec_for_torch, codec_for_wire, tensor_bytes
@@ -252,7 +252,10 @@ class ShardStore:
         table = self._require_table()
         if not len(decoded):
             return 0, 0
-        table.apply(decoded.parts, contributions=contributions)
+        try:
+            table.apply(decoded.parts, contributions=contributions)
+        except NonFiniteUpdate as exc:
+            raise NonFinite(f"push: {exc}") from None
         self.blocks_applied += len(decoded)
         return len(decoded), int(table.versions[decoded.positions].sum())
 
@@ -359,6 +362,8 @@ class ShardStore:
             raise InvalidRequest(
                 f"pull: {len(known_versions)} known versions for a shard of {len(self.block_ids)} blocks"
             )
+        if known_versions and max(known_versions) > int(table.versions.max()):
+            raise InvalidRequest("pull: known versions beyond what this shard holds: register again to start afresh")
         known = torch.tensor(known_versions, dtype=torch.int64) if known_versions else None
         for position in table.changed(known).tolist():
             block = self.layout.blocks[self.block_ids[position]]

@@ -11,6 +11,7 @@ buffers without gathering).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,6 +33,27 @@ class Part:
     segment: int
     local: torch.Tensor
     values: torch.Tensor
+
+
+class NonFiniteUpdate(ValueError):
+    """An update that would make a weight NaN or infinite (nothing of it was applied)."""
+
+
+@dataclass(frozen=True)
+class _Staged:
+    """Blocks' new values (and state) computed aside, waiting to be written."""
+
+    segment: int
+    local: torch.Tensor
+    index: torch.Tensor | None
+    values: torch.Tensor
+    states: dict[str, torch.Tensor]
+    residual: torch.Tensor | None
+
+
+def _finite(values: torch.Tensor) -> bool:
+    """Whether every value is finite (a finite sum proves it; only an overflowing one needs the check)."""
+    return math.isfinite(float(values.sum())) or bool(torch.isfinite(values).all())
 
 
 class BlockTable:
@@ -57,31 +79,39 @@ class BlockTable:
 
     def apply(self, parts: Sequence[Part], *, contributions: int = 1) -> None:
         """Apply one push (or, under bsp, the sum of ``contributions`` workers' pushes): truncation, then
-        the outer rule or the rule; versions and update counts of the pushed blocks advance."""
-        for part in parts:
-            self._apply_part(part, contributions)
+        the outer rule or the rule; versions and update counts of the pushed blocks advance.
+
+        All or nothing: every new value is computed aside first, and a push that would make a weight
+        NaN or infinite changes nothing.
+
+        Raises:
+            NonFiniteUpdate: the update would make a weight non-finite.
+        """
+        staged = [piece for part in parts for piece in self._stage_part(part, contributions)]
+        for piece in staged:
+            if not _finite(piece.values):
+                block = int(self.space.id_tensor[self.space.segments[piece.segment].positions[piece.local[0]]])
+                raise NonFiniteUpdate(f"the update would make weights of block {block} (or a block with it) non-finite")
+        for piece in staged:
+            self._commit(piece)
         positions = torch.cat([self.space.segments[p.segment].positions[p.local] for p in parts]) if parts else None
         if positions is not None and positions.shape[0]:
             self.versions[positions] += 1
             self.steps[positions] += 1
 
-    def _apply_part(self, part: Part, contributions: int) -> None:
+    def _stage_part(self, part: Part, contributions: int) -> list[_Staged]:
         config = self.config
         segment = self.space.segments[part.segment]
         values = self.values[part.segment]
         simple = config.outer in ("mean", "sum") and not config.truncates and values.dtype not in LOW_PRECISION
-        if simple:  # one call: values[elements] += pushed / workers
+        if simple:  # values[elements] + pushed / workers
             index = self.space.element_index(part.segment, part.local, values.device)
-            scale = self._add_scale(contributions)
-            pushed = part.values.to(values.dtype)
-            if index is None:
-                values.add_(pushed, alpha=scale)
-            else:
-                values.index_add_(0, index, pushed, alpha=scale)
-            return
+            new = gather(values, index).add_(part.values.to(values.dtype), alpha=self._add_scale(contributions))
+            return [_Staged(part.segment, part.local, index, new, {}, None)]
         steps = self.steps[segment.positions[part.local]]
         lengths = segment.lengths[part.local]
         ends = torch.cumsum(lengths, 0)
+        out = []
         for step in torch.unique(steps).tolist():
             members = (steps == step).nonzero().flatten()
             local = part.local[members]
@@ -90,25 +120,25 @@ class BlockTable:
             else:  # this group's blocks' values, out of the push
                 starts = ends[members] - lengths[members]
                 pushed = gather(part.values, runs(starts, lengths[members]))
-            self._apply_group(part.segment, local, pushed, int(step), contributions)
+            out.append(self._stage_group(part.segment, local, pushed, int(step), contributions))
+        return out
 
     def _add_scale(self, contributions: int) -> float:
         if self.config.outer == "mean":
             return 1.0 / (self.config.num_workers if contributions == 1 else contributions)
         return 1.0
 
-    def _apply_group(
+    def _stage_group(
         self, segment: int, local: torch.Tensor, pushed: torch.Tensor, step: int, contributions: int
-    ) -> None:
-        """Blocks that all had ``step`` updates: gather, truncate, update, scatter back."""
+    ) -> _Staged:
+        """Blocks that all had ``step`` updates: their new values and state, computed aside."""
         config = self.config
         values = self.values[segment]
         index = self.space.element_index(segment, local, values.device)
         compute = torch.float32 if values.dtype in LOW_PRECISION else values.dtype
-        # A whole segment in order (a dense push) is updated in place; otherwise gathered and scattered.
-        v = values if index is None and compute == values.dtype else gather(values, index).to(compute)
-        states = {name: _part(buffers[segment], index) for name, buffers in self.state.items()}
-        residual = _part(self.residual[segment], index) if self.residual is not None else None
+        v = gather(values, index).to(compute)
+        states = {name: gather(buffers[segment], index) for name, buffers in self.state.items()}
+        residual = gather(self.residual[segment], index) if self.residual is not None else None
         g = pushed.to(compute)
         if config.truncates:
             owner = self.space.block_of_elements(segment, local).to(values.device)
@@ -121,13 +151,15 @@ class BlockTable:
             sgd(outer, [v], [g.mul(-1.0 / contributions)], [BlockState(states)], step + 1)
         else:
             v.add_(g, alpha=self._add_scale(contributions))
-        if v is not values:
-            scatter(values, index, v)
-        if index is not None:
-            for name, buffers in self.state.items():
-                scatter(buffers[segment], index, states[name])
-            if residual is not None and self.residual is not None:
-                scatter(self.residual[segment], index, residual)
+        return _Staged(segment, local, index, v, states, residual)
+
+    def _commit(self, piece: _Staged) -> None:
+        scatter(self.values[piece.segment], piece.index, piece.values)
+        for name, buffers in self.state.items():
+            if name in piece.states:
+                scatter(buffers[piece.segment], piece.index, piece.states[name])
+        if piece.residual is not None and self.residual is not None:
+            scatter(self.residual[piece.segment], piece.index, piece.residual)
 
     def reconfigure(self, config: RuleConfig) -> None:
         """Apply later pushes under new settings (an lr schedule in process); state a new setting needs

@@ -154,17 +154,16 @@ class RemoteBackend:
             raise RuntimeError("collect() the previous exchange before pushing again")
         self._raise_failure()
         self._pushes += 1
-        clock = self.client.start_clock + self._pushes  # the cluster's clock: a joining worker starts where it is
         before = self.client.bytes_pushed
-        if self.streaming:
-            exchanged = self.client.exchange(runs, clock)
+        if self.streaming:  # each shard's next clock for this worker (a joining worker starts where it is)
+            exchanged = self.client.exchange(runs)
             self._pending = exchanged
             handle: Future[Any] = exchanged
         else:
             blocks = [b for run in runs for b in blocks_of(run, self._lengths(run.block_ids))]
-            handle = self.client.push_blocks(blocks, clock=clock)
+            handle = self.client.push_blocks(blocks)
             self._pending = self.client.pull(after=handle)
-        self._bytes_pushed_dense += steps * self._dense_wire_bytes(clock)
+        self._bytes_pushed_dense += steps * self._dense_wire_bytes(self.client.start_clock + self._pushes)
         if steps == 0:  # a flush
             self._bytes_flushed += self.client.bytes_pushed - before
         if self.overlap:

@@ -121,6 +121,8 @@ class _Shard:
         self.leave = self.channel.unary_unary(method_path("Leave"))
         self.exchange = self.channel.stream_stream(method_path("Exchange"))
         self.block_ids: tuple[int, ...] = ()
+        self.secret = b""  # what every call of this registration carries
+        self.clock = 0  # the clock of this worker's last push to this shard (its next push carries clock + 1)
         self.known: list[int] = []  # Push/Pull path: versions held, aligned with block_ids
         self.known_versions = torch.zeros(0, dtype=torch.int64)  # Exchange path: the same, as a tensor
         self.serves_exchange = False
@@ -137,6 +139,15 @@ class _Shard:
         if self.segment is not None:
             self.segment.close()
             self.segment = None
+
+
+@dataclass
+class _PushPart:
+    """One shard's part of a v1 push: its blocks, its clock (0 once found applied) and its frames."""
+
+    wire: list[WireBlock]
+    clock: int
+    frames: list[bytes] = field(default_factory=list)
 
 
 @dataclass
@@ -251,9 +262,17 @@ class ShardedClient:
             if self._heartbeats is not None:
                 self._heartbeats.cancel()
             if self.worker_id is not None and not self.observer:
-                leave = pb.LeaveRequest(worker_id=self.worker_id).SerializeToString()
+                worker_id = self.worker_id
                 results = await asyncio.gather(
-                    *(s.leave(leave, timeout=5, metadata=self._md) for s in self._shards), return_exceptions=True
+                    *(
+                        s.leave(
+                            pb.LeaveRequest(worker_id=worker_id, secret=s.secret).SerializeToString(),
+                            timeout=5,
+                            metadata=self._md,
+                        )
+                        for s in self._shards
+                    ),
+                    return_exceptions=True,
                 )
                 for shard, result in zip(self._shards, results, strict=True):
                     if isinstance(result, Exception):
@@ -293,8 +312,9 @@ class ShardedClient:
         that id. ``initial_values`` (one tensor per layout parameter) are sent only to shards that
         have not been initialized yet. An ``observer`` (an evaluator, a monitor) may pull but does
         not count as a training worker. ``consistency`` (e.g. ``"bsp"``) is checked against what
-        the shards run; empty accepts theirs. Afterwards :attr:`start_clock` is the clock this
-        worker starts from (its next push carries ``start_clock + 1``), and a background task renews
+        the shards run; empty accepts theirs. Afterwards :attr:`start_clock` is the latest clock a shard
+        gave this worker (each shard keeps its own: pushes without an explicit clock carry each
+        shard's next), and a background task renews
         the worker's lease with heartbeats.
 
         Returns:
@@ -333,6 +353,7 @@ class ShardedClient:
     ) -> int:
         request = pb.RegisterRequest(
             observer=observer,
+            identity=True,
             consistency=consistency,
             layout=layout_to_proto(layout),
             rule=pb.RuleSpec(msgpack=rule.to_msgpack()),
@@ -361,10 +382,10 @@ class ShardedClient:
 
     async def _heartbeat_loop(self, worker_id: int, every: float) -> None:
         """Renew the lease while the caller computes (pushes and pulls renew it too)."""
-        request = pb.HeartbeatRequest(worker_id=worker_id).SerializeToString()
         while True:
             await asyncio.sleep(every)
             for shard in self._shards:
+                request = pb.HeartbeatRequest(worker_id=worker_id, secret=shard.secret).SerializeToString()
                 try:
                     await shard.heartbeat(request, timeout=max(1.0, every), metadata=self._md)
                 except grpc.aio.AioRpcError as exc:
@@ -379,6 +400,7 @@ class ShardedClient:
         request.CopyFrom(template)
         request.worker_id = worker_id
         request.expected_shard_id = shard.index
+        request.secret = shard.secret  # renews this process's own registration, if it is still live
         offer = self._offer(shard)
         if offer is not None:
             request.shared_memory.CopyFrom(
@@ -399,6 +421,8 @@ class ShardedClient:
                     offer.unlink()
                 if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
                     raise LayoutMismatchError(f"server {shard.address} refused registration: {exc.details()}") from None
+                if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
+                    raise UserError(f"server {shard.address} refused registration: {exc.details()}") from None
                 if not transient(exc):
                     raise UserError(f"server {shard.address} refused registration: {describe_rpc_error(exc)}") from None
                 pause = attempts.next_pause()
@@ -421,6 +445,8 @@ class ShardedClient:
                 f"{list(expected)[:5]}... there: placement disagrees"
             )
         shard.block_ids = expected
+        shard.secret = reply.secret
+        shard.clock = reply.clock  # the shard's clock for this worker: pushes go on from there
         shard.known = [0] * len(expected)
         shard.known_versions = torch.zeros(len(expected), dtype=torch.int64)
         shard.serves_exchange = reply.exchange and self.use_exchange
@@ -453,7 +479,7 @@ class ShardedClient:
             chunk_frames(
                 blocks,
                 chunk_bytes=self.chunk_bytes,
-                first_header=pb.FrameHeader(init=pb.InitHeader(worker_id=reply.worker_id)),
+                first_header=pb.FrameHeader(init=pb.InitHeader(worker_id=reply.worker_id, secret=shard.secret)),
                 always_one=True,
             )
         )
@@ -494,27 +520,52 @@ class ShardedClient:
             for b in ids
         ]
 
-    def encode_blocks(self, blocks: Sequence[OutgoingBlock], clock: int) -> list[list[bytes]]:
-        """The frames, per shard, of a push of these blocks at ``clock``.
+    def encode_blocks(self, blocks: Sequence[OutgoingBlock], clock: int | None = None) -> list[list[bytes]]:
+        """The frames, per shard, of a push of these blocks at ``clock`` (None: each shard's next clock).
 
         Every shard gets at least one frame (an empty push when none of its blocks was chosen), so
         each shard sees every clock tick of every worker.
         """
-        layout, placement, worker_id = self._require_registered()
+        return [part.frames for part in self._push_parts(blocks, clock)]
+
+    def _push_parts(self, blocks: Sequence[OutgoingBlock], clock: int | None) -> list[_PushPart]:
+        layout, placement, _ = self._require_registered()
         by_id = {b.block_id: b for b in blocks}
         if len(by_id) != len(blocks):
             raise ValueError("a push names a block twice")
-        header = push_header(worker_id, clock)
-        out = []
-        for ids in group_by_shard(layout, placement, sorted(by_id)):
+        parts = []
+        for shard, ids in zip(self._shards, group_by_shard(layout, placement, sorted(by_id)), strict=True):
             wire = [
                 WireBlock(
                     i, 0, codec_for_torch(by_id[i].payload.dtype).wire, tensor_bytes(by_id[i].payload), by_id[i].scale
                 )
                 for i in ids
             ]
-            out.append(list(chunk_frames(wire, chunk_bytes=self.chunk_bytes, first_header=header, always_one=True)))
-        return out
+            part = _PushPart(wire, self._next_clock(shard, clock))
+            part.frames = self._push_frames(shard, part)
+            parts.append(part)
+        return parts
+
+    def _push_frames(self, shard: _Shard, part: _PushPart) -> list[bytes]:
+        assert self.worker_id is not None
+        header = push_header(self.worker_id, part.clock, shard.secret)
+        return list(chunk_frames(part.wire, chunk_bytes=self.chunk_bytes, first_header=header, always_one=True))
+
+    @staticmethod
+    def _next_clock(shard: _Shard, clock: int | None) -> int:
+        """The clock of a push to ``shard``: the given one, or the one after the shard's last."""
+        chosen = shard.clock + 1 if clock is None else clock
+        shard.clock = max(shard.clock, chosen)
+        return chosen
+
+    @staticmethod
+    def _readmitted(shard: _Shard, clock: int, reply: pb.RegisterReply) -> int:
+        """After a shard admitted this worker again: 0 when the push of ``clock`` is already there (applied
+        or queued), else the clock to send it again with (after the shard's clock for this worker)."""
+        if clock <= reply.pushed_clock:
+            return 0
+        shard.clock += 1
+        return shard.clock
 
     def push_wire_bytes(self, block_ids: Iterable[int] | None, clock: int) -> int:
         """Exactly what :meth:`push` would send for these blocks at this clock, headers included.
@@ -527,32 +578,45 @@ class ShardedClient:
             layout, placement, block_ids, worker_id=worker_id, clock=clock, chunk_bytes=self.chunk_bytes
         )
 
-    def push(self, grads: Sequence[torch.Tensor], block_ids: Iterable[int] | None, clock: int) -> Future[PushResult]:
+    def push(
+        self, grads: Sequence[torch.Tensor], block_ids: Iterable[int] | None, clock: int | None = None
+    ) -> Future[PushResult]:
         """Send the blocks ``block_ids`` (all when None) of per-parameter tensors (see :meth:`push_blocks`)."""
         return self.push_blocks(self.outgoing(grads, block_ids), clock)
 
-    def push_blocks(self, blocks: Sequence[OutgoingBlock], clock: int) -> Future[PushResult]:
-        """Send blocks to their shards as the push of ``clock``.
+    def push_blocks(self, blocks: Sequence[OutgoingBlock], clock: int | None = None) -> Future[PushResult]:
+        """Send blocks to their shards as one push (``clock``: None gives each shard its next clock).
 
         The bytes are copied into frames before this returns, so the caller may reuse its buffers at
-        once; the returned future resolves when every shard has applied its part.
+        once; the returned future resolves when every shard has applied its part. A shard that
+        restarted or lost this worker's lease admits it again: the part it already holds is not sent
+        again, the rest goes with a clock after the one the shard gave back.
         """
-        frames_by_shard = self.encode_blocks(blocks, clock)
+        parts = self._push_parts(blocks, clock)
         # Counted when handed to the wire (here, in the caller's thread), not when acknowledged, so
         # a caller reading it right after push() sees this push.
-        self.bytes_pushed += sum(len(f) for frames in frames_by_shard for f in frames)
-        future: Future[PushResult] = self._io.submit(self._push_all(frames_by_shard))
+        self.bytes_pushed += sum(len(f) for part in parts for f in part.frames)
+        future: Future[PushResult] = self._io.submit(self._push_all(parts))
         return future
 
-    async def _push_all(self, frames_by_shard: list[list[bytes]]) -> PushResult:
-        async def one(shard: _Shard, frames: list[bytes]) -> int:
-            raw = await self._retrying(
-                shard, "push to", lambda: shard.push(iter(frames), timeout=self.call_timeout, metadata=self._md)
-            )
+    async def _push_all(self, parts: list[_PushPart]) -> PushResult:
+        async def one(shard: _Shard, part: _PushPart) -> int:
+            async def attempt() -> bytes:
+                if not part.clock:  # found already applied after the shard admitted this worker again
+                    return pb.PushReply().SerializeToString()
+                raw: bytes = await shard.push(iter(part.frames), timeout=self.call_timeout, metadata=self._md)
+                return raw
+
+            def readmitted(reply: pb.RegisterReply) -> None:
+                part.clock = self._readmitted(shard, part.clock, reply)
+                if part.clock:
+                    part.frames = self._push_frames(shard, part)
+
+            raw = await self._retrying(shard, "push to", attempt, on_readmitted=readmitted)
             return pb.PushReply.FromString(raw).blocks_applied
 
-        sent = sum(len(f) for frames in frames_by_shard for f in frames)
-        applied = await asyncio.gather(*(one(s, f) for s, f in zip(self._shards, frames_by_shard, strict=True)))
+        sent = sum(len(f) for part in parts for f in part.frames)
+        applied = await asyncio.gather(*(one(s, p) for s, p in zip(self._shards, parts, strict=True)))
         return PushResult(sum(applied), sent)
 
     def pull(self, after: Future[Any] | None = None) -> Future[list[PulledBlock]]:
@@ -577,7 +641,9 @@ class ShardedClient:
 
     async def _pull_attempt(self, shard: _Shard) -> list[PulledBlock]:
         assert self.layout is not None
-        request = pb.PullRequest(worker_id=self.worker_id, known_versions=shard.known).SerializeToString()
+        request = pb.PullRequest(
+            worker_id=self.worker_id, known_versions=shard.known, secret=shard.secret
+        ).SerializeToString()
         position = {block_id: i for i, block_id in enumerate(shard.block_ids)}
         out: list[PulledBlock] = []
         try:
@@ -599,7 +665,13 @@ class ShardedClient:
             shard.known[i] = max(shard.known[i], pulled.version)
         return out
 
-    async def _retrying(self, shard: _Shard, what: str, call: Callable[[], Awaitable[T]]) -> T:
+    async def _retrying(
+        self,
+        shard: _Shard,
+        what: str,
+        call: Callable[[], Awaitable[T]],
+        on_readmitted: Callable[[pb.RegisterReply], None] | None = None,
+    ) -> T:
         """Run a call, riding through a shard that restarts or is briefly unreachable.
 
         Unreachable (UNAVAILABLE, DEADLINE_EXCEEDED): retry with capped exponential backoff and
@@ -618,7 +690,9 @@ class ShardedClient:
                     log.warning(
                         "shard %d at %s forgot worker %s; registering again", shard.index, shard.address, self.worker_id
                     )
-                    await self._reregister(shard, attempts.deadline)
+                    reply = await self._reregister(shard, attempts.deadline)
+                    if on_readmitted is not None:
+                        on_readmitted(reply)
                     continue
                 if not transient(exc):
                     raise ClusterError(
@@ -636,12 +710,14 @@ class ShardedClient:
                 )  # fmt: skip
                 await attempts.pause()
 
-    async def _reregister(self, shard: _Shard, deadline: float) -> None:
+    async def _reregister(self, shard: _Shard, deadline: float) -> pb.RegisterReply:
+        """Register with a shard again (it restarted, or this worker's lease lapsed); returns its answer."""
         assert self._register_template is not None and self.layout is not None and self.worker_id is not None
         reply = await self._register_one(shard, self._register_template, self.worker_id, deadline)
         if reply.must_initialize:
             flats = self.layout.flat_views([t.detach().to("cpu").contiguous() for t in self._live_values])
             await self._initialize(shard, reply, flats)
+        return reply
 
     def apply_pulled(self, blocks: Iterable[PulledBlock], block_views: Sequence[torch.Tensor]) -> int:
         """Copy pulled blocks into ``block_views`` (from :meth:`Layout.block_views`); returns the count."""
@@ -674,8 +750,13 @@ class ShardedClient:
         key = self._shard_of[block_ids] * len(self._shard_of) + block_ids
         return block_ids[torch.argsort(key)]
 
-    def exchange(self, runs: Sequence[Run], clock: int, *, pull: bool = True) -> Future[ExchangeResult]:
-        """Push ``runs`` as the push of ``clock`` (0: no push) and pull what changed, one round trip per shard.
+    def exchange(self, runs: Sequence[Run], clock: int | None = None, *, pull: bool = True) -> Future[ExchangeResult]:
+        """Push ``runs`` and pull what changed, one round trip per shard.
+
+        ``clock``: None pushes with each shard's next clock for this worker, 0 only pulls, a number
+        pushes with that clock on every shard. A shard that restarted or lost this worker's lease
+        admits it again; a push it already holds is not sent again, one it does not goes with a clock
+        after the one it gave back.
 
         The bytes are copied (into frames, or into the shared regions) before this returns; the runs'
         tensors must stay unchanged until the future resolves (a retry after a shard restarted may
@@ -686,11 +767,12 @@ class ShardedClient:
         _, _, worker_id = self._require_registered()
         requests = []
         for shard, pieces in zip(self._shards, self._by_shard(runs), strict=True):
-            header = pb.ExchangeHeader(worker_id=worker_id, clock=clock, no_pull=not pull)
+            shard_clock = 0 if clock == 0 else self._next_clock(shard, clock)
+            header = pb.ExchangeHeader(worker_id=worker_id, clock=shard_clock, no_pull=not pull, secret=shard.secret)
             request = ExchangeRequest(header, pieces, self.chunk_bytes)
             request.encode(shard.segment)
             requests.append(request)
-        if clock:  # a pull on its own is not a push
+        if clock != 0:  # a pull on its own is not a push
             self.bytes_pushed += sum(r.shared_bytes + sum(len(f) for f in r.frames) for r in requests)
         future: Future[ExchangeResult] = self._io.submit(self._exchange_all(requests))
         return future
@@ -734,16 +816,29 @@ class ShardedClient:
     async def _exchange_all(self, requests: list[ExchangeRequest]) -> ExchangeResult:
         results = await asyncio.gather(
             *(
-                self._retrying(shard, "exchange with", functools.partial(self._exchange_attempt, shard, request))
+                self._retrying(
+                    shard,
+                    "exchange with",
+                    functools.partial(self._exchange_attempt, shard, request),
+                    on_readmitted=functools.partial(self._readmit_exchange, shard, request),
+                )
                 for shard, request in zip(self._shards, requests, strict=True)
             )
         )
         return ExchangeResult(sum(a for a, _ in results), [run for _, pulled in results for run in pulled])
 
+    def _readmit_exchange(self, shard: _Shard, request: ExchangeRequest, reply: pb.RegisterReply) -> None:
+        """A shard admitted this worker again: adopt its clock and secret, encode the exchange again."""
+        header = request.header
+        if header.clock:
+            header.clock = self._readmitted(shard, header.clock, reply)
+        header.secret = shard.secret
+        request.encode(shard.segment)
+
     async def _exchange_attempt(self, shard: _Shard, request: ExchangeRequest) -> tuple[int, list[Run]]:
         """One try at one shard's part: open the stream if needed, send, read the answer, check it."""
         assert self.worker_id is not None
-        if request.segment is not shard.segment:  # re-registered since it was encoded
+        if request.segment is not shard.segment:  # the shared memory changed since it was encoded
             request.encode(shard.segment)
         try:
             if shard.stream is None:
@@ -751,6 +846,7 @@ class ShardedClient:
                 known = shard.known_versions
                 opening = pb.FrameHeader()
                 opening.exchange.worker_id = self.worker_id
+                opening.exchange.secret = shard.secret
                 opening.exchange.more = True
                 if bool(known.any()):
                     opening.exchange.known_versions = known.numpy().tobytes()
@@ -831,7 +927,7 @@ class ShardedClient:
         total = 0
         for shard in self._shards:
             ids = torch.tensor(placement.blocks_by_shard[shard.index], dtype=torch.int64)
-            header = pb.ExchangeHeader(worker_id=worker_id, clock=clock)
+            header = pb.ExchangeHeader(worker_id=worker_id, clock=clock, secret=shard.secret)
             by_dtype: dict[str, list[int]] = {}
             for block_id in ids.tolist():
                 by_dtype.setdefault(self.push_dtype or layout.blocks[block_id].dtype, []).append(block_id)

@@ -56,6 +56,9 @@ class ShardSettings(MembershipSettings):
     shared_memory: bool = setting(
         True, "accept a same-host worker's offer to exchange bytes through shared memory (a private /dev/shm file)"
     )
+    max_blocks: int = setting(
+        1_000_000, "blocks a model may have (a registration with more is refused before anything is built)"
+    )
     init_claim_seconds: float = setting(
         30.0, "how long the worker asked to initialize the shard has to do it", cli=False
     )
@@ -68,6 +71,8 @@ class ShardSettings(MembershipSettings):
             raise ValueError(f"nan_policy must be reject or skip, got {self.nan_policy!r}")
         if self.max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, got {self.max_workers}")
+        if self.max_blocks < 1:
+            raise ValueError(f"max_blocks must be >= 1, got {self.max_blocks}")
         super().__post_init__()
 
 

@@ -14,6 +14,9 @@ from ranger_ps.wire._proto import ranger_ps_pb2 as pb
 from ranger_ps.wire.codec import codec_for_name
 from ranger_ps.wire.frames import DEFAULT_CHUNK_BYTES, WireBlock, chunked_size
 
+SECRET_BYTES = 16
+"""Bytes of the secret a registration gives a worker (what shards issue)."""
+
 
 def group_by_shard(layout: Layout, placement: Placement, block_ids: Iterable[int] | None) -> list[list[int]]:
     """Chosen block ids (all when None) grouped by shard, each group ascending.
@@ -29,9 +32,9 @@ def group_by_shard(layout: Layout, placement: Placement, block_ids: Iterable[int
     return [sorted(ids) for ids in groups]
 
 
-def push_header(worker_id: int, clock: int) -> pb.FrameHeader:
-    """The header the first frame of every push carries."""
-    return pb.FrameHeader(push=pb.PushHeader(worker_id=worker_id, clock=clock))
+def push_header(worker_id: int, clock: int, secret: bytes = b"") -> pb.FrameHeader:
+    """The header the first frame of every push carries (``secret``: the registration's, if any)."""
+    return pb.FrameHeader(push=pb.PushHeader(worker_id=worker_id, clock=clock, secret=secret))
 
 
 def push_wire_bytes(
@@ -50,7 +53,7 @@ def push_wire_bytes(
     Every shard gets at least one frame (an empty push where none of its blocks was chosen).
     """
     zeros = memoryview(bytes(max((b.nbytes for b in layout.blocks), default=0)))
-    header = push_header(worker_id, clock)
+    header = push_header(worker_id, clock, b"\0" * SECRET_BYTES)  # a registration's secret rides on every push
     total = 0
     for ids in group_by_shard(layout, placement, block_ids):
         blocks = []

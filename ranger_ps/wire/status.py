@@ -45,3 +45,15 @@ class Exhausted(RequestError):
     """A configured limit is reached (registered workers, message size)."""
 
     status = "RESOURCE_EXHAUSTED"
+
+
+class IdInUse(RequestError):
+    """A worker id that is live under another registration (another process uses it)."""
+
+    status = "ALREADY_EXISTS"
+
+
+class WrongSecret(RequestError):
+    """A call of a worker that does not carry its registration's secret."""
+
+    status = "PERMISSION_DENIED"

@@ -1,6 +1,6 @@
 """Integration: hostile bytes and messages against one live shard never crash it or move its weights.
 
-One server process, registered and initialized once by a real client whose weights are recorded.
+One server process, registered and initialized once over raw calls, its weights recorded by a real client.
 A property-based test (hypothesis, derandomized) then sends random bytes, well-formed messages with
 random field values, and mutations of a valid push or exchange (truncated, bytes flipped, inserted, deleted,
 frames dropped or repeated) to every RPC over a raw channel. A valid push from the registered worker
@@ -55,7 +55,13 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150)]
 # The registered worker's id: far from the ids random data tends to produce (0, 1, -1, small).
 WORKER = 123_456_789
 # Explicit refusals a hostile message may get; UNKNOWN, INTERNAL, DEADLINE_EXCEEDED... mean a crash or a hang.
-REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED}
+REFUSALS = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.PERMISSION_DENIED,
+}
 CALL_TIMEOUT = 5.0
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["ParameterServer"]
@@ -77,8 +83,13 @@ class Live:
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     directory: Path = tmp_path_factory.mktemp("fuzz")
     with serve(directory, "--lease-seconds", "3600", log_level="WARNING") as server, RawShard(server.address) as raw:
+        # a registration without identity (as a v1 client makes): its calls carry no secret, so the
+        # valid pushes below are the registered worker's without knowing one
+        reply = raw.register(LAYOUT, RULE, worker_id=WORKER)
+        assert reply.worker_id == WORKER and reply.must_initialize and not reply.secret
+        assert raw.initialize(WORKER, range(LAYOUT.num_blocks)) == LAYOUT.num_blocks
         with ShardedClient([server.address], connect_timeout=30) as client:
-            assert client.register(LAYOUT, RULE, INITIAL, worker_id=WORKER) == WORKER
+            client.register(LAYOUT, RULE, [torch.zeros_like(t) for t in INITIAL], observer=True)
             weights = pull_into(client)
             for got, want in zip(weights, INITIAL, strict=True):
                 assert torch.equal(got, want)

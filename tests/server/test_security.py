@@ -186,19 +186,29 @@ class RawShard:
         return pb.StatsReply.FromString(self.call("Stats", pb.StatsRequest().SerializeToString()))
 
     def register(
-        self, layout: Layout, rule: RuleConfig, worker_id: int = -1, *, shard: tuple[int, int] = (0, 1)
+        self,
+        layout: Layout,
+        rule: RuleConfig,
+        worker_id: int = -1,
+        *,
+        shard: tuple[int, int] = (0, 1),
+        identity: bool = False,
+        secret: bytes = b"",
+        observer: bool = False,
     ) -> pb.RegisterReply:
-        return pb.RegisterReply.FromString(self.call("Register", register_request(layout, rule, worker_id, shard)))
+        request = register_request(layout, rule, worker_id, shard, identity=identity, secret=secret, observer=observer)
+        return pb.RegisterReply.FromString(self.call("Register", request))
 
-    def initialize(self, worker_id: int, block_ids: Iterable[int]) -> int:
-        return int(pb.InitReply.FromString(self.call("Init", init_frames(worker_id, block_ids))).blocks_initialized)
+    def initialize(self, worker_id: int, block_ids: Iterable[int], secret: bytes = b"") -> int:
+        frames = init_frames(worker_id, block_ids, secret)
+        return int(pb.InitReply.FromString(self.call("Init", frames)).blocks_initialized)
 
     def push(self, frames: Sequence[bytes]) -> pb.PushReply:
         return pb.PushReply.FromString(self.call("Push", frames))
 
-    def weights(self, worker_id: int) -> dict[int, tuple[int, int, bytes]]:
+    def weights(self, worker_id: int, secret: bytes = b"") -> dict[int, tuple[int, int, bytes]]:
         """Every block this shard holds: block id -> (version, wire dtype, bytes)."""
-        request = pb.PullRequest(worker_id=worker_id).SerializeToString()
+        request = pb.PullRequest(worker_id=worker_id, secret=secret).SerializeToString()
         out = {}
         for frame in self.call("Pull", request):
             header, payload = decode_frame(frame)
@@ -214,9 +224,22 @@ def refusal(call: Callable[[], object]) -> grpc.RpcError:
     return info.value
 
 
-def register_request(layout: Layout, rule: RuleConfig, worker_id: int = -1, shard: tuple[int, int] = (0, 1)) -> bytes:
+def register_request(
+    layout: Layout,
+    rule: RuleConfig,
+    worker_id: int = -1,
+    shard: tuple[int, int] = (0, 1),
+    *,
+    identity: bool = False,
+    secret: bytes = b"",
+    observer: bool = False,
+) -> bytes:
+    """A Register request (``identity``: ask for a secret; ``secret``: renew the registration that has it)."""
     return pb.RegisterRequest(
         worker_id=worker_id,
+        identity=identity,
+        secret=secret,
+        observer=observer,
         layout=layout_to_proto(layout),
         rule=pb.RuleSpec(msgpack=rule.to_msgpack()),
         expected_shard_id=shard[0],
@@ -271,13 +294,16 @@ def initial_blocks(block_ids: Sequence[int]) -> list[WireBlock]:
     return out
 
 
-def init_frames(worker_id: int, block_ids: Iterable[int]) -> list[bytes]:
-    header = pb.FrameHeader(init=pb.InitHeader(worker_id=worker_id))
+def init_frames(worker_id: int, block_ids: Iterable[int], secret: bytes = b"") -> list[bytes]:
+    header = pb.FrameHeader(init=pb.InitHeader(worker_id=worker_id, secret=secret))
     return list(chunk_frames(initial_blocks(list(block_ids)), first_header=header, always_one=True))
 
 
-def push_frames(worker_id: int, clock: int, blocks: Sequence[WireBlock], *, chunk_bytes: int = 1 << 20) -> list[bytes]:
-    header = pb.FrameHeader(push=pb.PushHeader(worker_id=worker_id, clock=clock))
+def push_frames(
+    worker_id: int, clock: int, blocks: Sequence[WireBlock], *, chunk_bytes: int = 1 << 20, secret: bytes = b""
+) -> list[bytes]:
+    """A v1 push of these blocks (``secret``: the one the worker's registration was given)."""
+    header = pb.FrameHeader(push=pb.PushHeader(worker_id=worker_id, clock=clock, secret=secret))
     return list(chunk_frames(blocks, chunk_bytes=chunk_bytes, first_header=header, always_one=True))
 
 
@@ -288,6 +314,7 @@ def exchange_frames(
     fills: Sequence[float | Sequence[float]] | None = None,
     *,
     chunk_bytes: int = 1 << 20,
+    secret: bytes = b"",
 ) -> list[bytes]:
     """An exchange pushing these blocks (a run per block, in its own type; ``fills`` as for
     :func:`block_values`, 1.0 by default) and pulling."""
@@ -297,7 +324,7 @@ def exchange_frames(
         values = block_values(block_id, 1.0 if fills is None else fills[index]).reshape(-1)
         runs.append(WireRun(codec.wire, torch.tensor([block_id]), values))
     lengths = [torch.tensor([LAYOUT.blocks[b].numel]) for b in block_ids]
-    header = pb.ExchangeHeader(worker_id=worker_id, clock=clock)
+    header = pb.ExchangeHeader(worker_id=worker_id, clock=clock, secret=secret)
     return encode_exchange(header, runs, lengths, chunk_bytes=chunk_bytes)
 
 
@@ -663,6 +690,7 @@ class Target:
     own: tuple[int, ...]
     foreign: tuple[int, ...]
     clocks: Iterator[int]
+    secret: bytes = b""  # the registration's, when it registered with identity
 
     def block(self, dtype: str) -> int:
         """A block of this shard with this dtype."""
@@ -689,7 +717,7 @@ class Target:
             stats.version_sum,
             [(w.worker_id, w.clock, w.pushes) for w in stats.workers],
         )
-        return self.raw.weights(self.worker_id), counters
+        return self.raw.weights(self.worker_id, self.secret), counters
 
 
 @contextmanager

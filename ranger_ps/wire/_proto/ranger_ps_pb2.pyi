@@ -49,7 +49,7 @@ class RuleSpec(_message.Message):
     def __init__(self, msgpack: _Optional[bytes] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("worker_id", "layout", "rule", "expected_shard_id", "expected_num_shards", "observer", "consistency", "shared_memory")
+    __slots__ = ("worker_id", "layout", "rule", "expected_shard_id", "expected_num_shards", "observer", "consistency", "shared_memory", "identity", "secret")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     RULE_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,8 @@ class RegisterRequest(_message.Message):
     OBSERVER_FIELD_NUMBER: _ClassVar[int]
     CONSISTENCY_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     layout: LayoutSpec
     rule: RuleSpec
@@ -66,7 +68,9 @@ class RegisterRequest(_message.Message):
     observer: bool
     consistency: str
     shared_memory: SharedMemoryOffer
-    def __init__(self, worker_id: _Optional[int] = ..., layout: _Optional[_Union[LayoutSpec, _Mapping]] = ..., rule: _Optional[_Union[RuleSpec, _Mapping]] = ..., expected_shard_id: _Optional[int] = ..., expected_num_shards: _Optional[int] = ..., observer: _Optional[bool] = ..., consistency: _Optional[str] = ..., shared_memory: _Optional[_Union[SharedMemoryOffer, _Mapping]] = ...) -> None: ...
+    identity: bool
+    secret: bytes
+    def __init__(self, worker_id: _Optional[int] = ..., layout: _Optional[_Union[LayoutSpec, _Mapping]] = ..., rule: _Optional[_Union[RuleSpec, _Mapping]] = ..., expected_shard_id: _Optional[int] = ..., expected_num_shards: _Optional[int] = ..., observer: _Optional[bool] = ..., consistency: _Optional[str] = ..., shared_memory: _Optional[_Union[SharedMemoryOffer, _Mapping]] = ..., identity: _Optional[bool] = ..., secret: _Optional[bytes] = ...) -> None: ...
 
 class SharedMemoryOffer(_message.Message):
     __slots__ = ("path", "nonce", "request_bytes", "reply_bytes")
@@ -81,7 +85,7 @@ class SharedMemoryOffer(_message.Message):
     def __init__(self, path: _Optional[str] = ..., nonce: _Optional[bytes] = ..., request_bytes: _Optional[int] = ..., reply_bytes: _Optional[int] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("worker_id", "shard_id", "num_shards", "must_initialize", "block_ids", "clock", "lease_seconds", "consistency", "exchange", "shared_memory")
+    __slots__ = ("worker_id", "shard_id", "num_shards", "must_initialize", "block_ids", "clock", "lease_seconds", "consistency", "exchange", "shared_memory", "pushed_clock", "secret")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +96,8 @@ class RegisterReply(_message.Message):
     CONSISTENCY_FIELD_NUMBER: _ClassVar[int]
     EXCHANGE_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    PUSHED_CLOCK_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     shard_id: int
     num_shards: int
@@ -102,7 +108,9 @@ class RegisterReply(_message.Message):
     consistency: str
     exchange: bool
     shared_memory: bool
-    def __init__(self, worker_id: _Optional[int] = ..., shard_id: _Optional[int] = ..., num_shards: _Optional[int] = ..., must_initialize: _Optional[bool] = ..., block_ids: _Optional[_Iterable[int]] = ..., clock: _Optional[int] = ..., lease_seconds: _Optional[float] = ..., consistency: _Optional[str] = ..., exchange: _Optional[bool] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
+    pushed_clock: int
+    secret: bytes
+    def __init__(self, worker_id: _Optional[int] = ..., shard_id: _Optional[int] = ..., num_shards: _Optional[int] = ..., must_initialize: _Optional[bool] = ..., block_ids: _Optional[_Iterable[int]] = ..., clock: _Optional[int] = ..., lease_seconds: _Optional[float] = ..., consistency: _Optional[str] = ..., exchange: _Optional[bool] = ..., shared_memory: _Optional[bool] = ..., pushed_clock: _Optional[int] = ..., secret: _Optional[bytes] = ...) -> None: ...
 
 class BlockEntry(_message.Message):
     __slots__ = ("block_id", "version", "dtype", "nbytes", "scale")
@@ -119,18 +127,22 @@ class BlockEntry(_message.Message):
     def __init__(self, block_id: _Optional[int] = ..., version: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., nbytes: _Optional[int] = ..., scale: _Optional[float] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("worker_id", "clock")
+    __slots__ = ("worker_id", "clock", "secret")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     CLOCK_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     clock: int
-    def __init__(self, worker_id: _Optional[int] = ..., clock: _Optional[int] = ...) -> None: ...
+    secret: bytes
+    def __init__(self, worker_id: _Optional[int] = ..., clock: _Optional[int] = ..., secret: _Optional[bytes] = ...) -> None: ...
 
 class InitHeader(_message.Message):
-    __slots__ = ("worker_id",)
+    __slots__ = ("worker_id", "secret")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
-    def __init__(self, worker_id: _Optional[int] = ...) -> None: ...
+    secret: bytes
+    def __init__(self, worker_id: _Optional[int] = ..., secret: _Optional[bytes] = ...) -> None: ...
 
 class FrameHeader(_message.Message):
     __slots__ = ("blocks", "push", "init", "exchange", "runs")
@@ -161,7 +173,7 @@ class BlockRun(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., block_ids: _Optional[bytes] = ..., versions: _Optional[bytes] = ..., scales: _Optional[bytes] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class ExchangeHeader(_message.Message):
-    __slots__ = ("worker_id", "clock", "more", "known_versions", "shared", "shared_offset", "blocks_applied", "version_sum", "no_pull")
+    __slots__ = ("worker_id", "clock", "more", "known_versions", "shared", "shared_offset", "blocks_applied", "version_sum", "no_pull", "secret")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     CLOCK_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +183,7 @@ class ExchangeHeader(_message.Message):
     BLOCKS_APPLIED_FIELD_NUMBER: _ClassVar[int]
     VERSION_SUM_FIELD_NUMBER: _ClassVar[int]
     NO_PULL_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     clock: int
     more: bool
@@ -180,7 +193,8 @@ class ExchangeHeader(_message.Message):
     blocks_applied: int
     version_sum: int
     no_pull: bool
-    def __init__(self, worker_id: _Optional[int] = ..., clock: _Optional[int] = ..., more: _Optional[bool] = ..., known_versions: _Optional[bytes] = ..., shared: _Optional[bool] = ..., shared_offset: _Optional[int] = ..., blocks_applied: _Optional[int] = ..., version_sum: _Optional[int] = ..., no_pull: _Optional[bool] = ...) -> None: ...
+    secret: bytes
+    def __init__(self, worker_id: _Optional[int] = ..., clock: _Optional[int] = ..., more: _Optional[bool] = ..., known_versions: _Optional[bytes] = ..., shared: _Optional[bool] = ..., shared_offset: _Optional[int] = ..., blocks_applied: _Optional[int] = ..., version_sum: _Optional[int] = ..., no_pull: _Optional[bool] = ..., secret: _Optional[bytes] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("header", "payload")
@@ -205,22 +219,26 @@ class PushReply(_message.Message):
     def __init__(self, blocks_applied: _Optional[int] = ..., version_sum: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("worker_id", "known_versions")
+    __slots__ = ("worker_id", "known_versions", "secret")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     KNOWN_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     known_versions: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, worker_id: _Optional[int] = ..., known_versions: _Optional[_Iterable[int]] = ...) -> None: ...
+    secret: bytes
+    def __init__(self, worker_id: _Optional[int] = ..., known_versions: _Optional[_Iterable[int]] = ..., secret: _Optional[bytes] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("worker_id",)
+    __slots__ = ("worker_id", "secret")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
-    def __init__(self, worker_id: _Optional[int] = ...) -> None: ...
+    secret: bytes
+    def __init__(self, worker_id: _Optional[int] = ..., secret: _Optional[bytes] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
     __slots__ = ("lease_seconds",)
@@ -229,10 +247,12 @@ class HeartbeatReply(_message.Message):
     def __init__(self, lease_seconds: _Optional[float] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
-    __slots__ = ("worker_id",)
+    __slots__ = ("worker_id", "secret")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
-    def __init__(self, worker_id: _Optional[int] = ...) -> None: ...
+    secret: bytes
+    def __init__(self, worker_id: _Optional[int] = ..., secret: _Optional[bytes] = ...) -> None: ...
 
 class LeaveReply(_message.Message):
     __slots__ = ()
