@@ -48,6 +48,7 @@ class Membership:
         self._now = clock or time.monotonic
         self._workers: dict[int, WorkerRecord] = {}
         self._next_id = 0
+        self._expired_at: float | None = None  # when expire() last ran
 
     def register(self, requested_id: int, *, observer: bool = False) -> WorkerRecord:
         """Register (or re-register, reviving) a worker; ``requested_id < 0`` assigns the next free id.
@@ -94,8 +95,19 @@ class Membership:
         return True
 
     def expire(self) -> list[int]:
-        """Mark workers whose lease lapsed as gone; returns their ids."""
+        """Mark workers whose lease lapsed as gone; returns their ids.
+
+        Called periodically (several times a lease). When the previous call was more than a lease ago,
+        the shard itself was not running (paused, or its loop held up): the silence is its own, so every
+        live worker gets a new lease instead of being dropped.
+        """
         now = self._now()
+        previous, self._expired_at = self._expired_at, now
+        if previous is not None and now - previous > self.lease_seconds:
+            for record in self._workers.values():
+                if record.live:
+                    record.last_seen = now
+            return []
         deadline = now - self.lease_seconds
         for record in self._workers.values():
             if record.waiting:

@@ -556,7 +556,11 @@ class Shard:
             record = self.membership.register(worker_id)
             record.clock = min(c.clocks.get(worker_id, clock) for c in checkpoints)
             record.pushes = 1  # so a retried push of exactly this clock is recognised as a duplicate
-            record.live = False  # until it registers again
+            # Live for one lease from now: a restart does not change who trains, so the barriers wait
+            # for a restored worker to come back (at its own clock) rather than run ahead without it
+            # (under bsp that would put the worker at different clocks on different shards, and two
+            # workers could then wait for each other across shards); a worker that does not return
+            # within its lease is dropped as usual.
         log.info(
             "shard %d restored %d blocks from %d checkpoint(s) (layout %s, applied clock %d)",
             self.shard_id, len(store.block_ids), len(checkpoints), layout.fingerprint, self.applied_clock,

@@ -58,10 +58,11 @@ def helper_main(argv: Sequence[str]) -> int:
     if role == "rpc-trainer":
         return _rpc_trainer(int(rest[0]), int(rest[1]), int(rest[2]), rest[3], int(rest[4]))
     if role == "ddp":
-        port, rank, world, dataset, epochs, batch_size, rule, seed, model = rest
+        port, rank, world, dataset, epochs, batch_size, rule, seed, model, *options = rest
         return _ddp_rank(
-            int(port), int(rank), int(world), dataset, int(epochs), int(batch_size), rule, int(seed), model
-        )
+            int(port), int(rank), int(world), dataset, int(epochs), int(batch_size), rule, int(seed), model,
+            epoch_evaluations="epoch-evaluations" in options,
+        )  # fmt: skip
     raise SystemExit(f"unknown helper role {role!r}")
 
 
@@ -432,8 +433,13 @@ def train_single(settings: TrainSettings) -> dict[str, Any]:
     }
 
 
-def train_ddp(settings: TrainSettings) -> dict[str, Any]:
-    """torch DistributedDataParallel over gloo, one process per worker, the same data split."""
+def train_ddp(settings: TrainSettings, *, epoch_evaluations: bool = False) -> dict[str, Any]:
+    """torch DistributedDataParallel over gloo, one process per worker, the same data split.
+
+    With ``epoch_evaluations`` rank 0 also evaluates the model after every epoch (as a ranger-ps
+    worker does) and the row gains ``timeline``: ``[seconds, test accuracy]`` per epoch, on the clock
+    :func:`_ddp_rank` describes; ``train_seconds`` then includes those evaluations.
+    """
     name = f"torch DDP (gloo), {settings.workers} processes"
     base = {"name": name, "kind": "ddp", "push_fraction": None, "processes": settings.workers}
     try:
@@ -444,7 +450,7 @@ def train_ddp(settings: TrainSettings) -> dict[str, Any]:
         return base | {"error": "torch.distributed with gloo is not available in this torch build"}
     args = (
         settings.workers, settings.dataset, settings.epochs, settings.batch_size, settings.rule, settings.seed,
-        settings.model,
+        settings.model, *(["epoch-evaluations"] if epoch_evaluations else []),
     )  # fmt: skip
     with bench_cluster() as cluster:
         port = free_port()
@@ -466,7 +472,7 @@ def train_ddp(settings: TrainSettings) -> dict[str, Any]:
     steps = int(report["steps"])
     # Ring all-reduce: each worker sends 2 (W-1)/W of the gradient bytes per step.
     per_step = 2 * (settings.workers - 1) / settings.workers * int(report["grad_bytes"])
-    return base | {
+    row = base | {
         "steps": steps,
         "train_seconds": report["seconds"],
         "wall_seconds": report["seconds"],
@@ -477,22 +483,46 @@ def train_ddp(settings: TrainSettings) -> dict[str, Any]:
         "bytes_pulled_per_step": 0.0,
         "test_accuracy": report["test_accuracy"],
     }
+    if epoch_evaluations:
+        row["timeline"] = report["timeline"]
+    return row
 
 
 def _ddp_rank(
-    port: int, rank: int, world: int, dataset: str, epochs: int, batch_size: int, rule: str, seed: int, model_name: str
+    port: int,
+    rank: int,
+    world: int,
+    dataset: str,
+    epochs: int,
+    batch_size: int,
+    rule: str,
+    seed: int,
+    model_name: str,
+    *,
+    epoch_evaluations: bool = False,
 ) -> int:
+    """One DDP rank; rank 0 prints the run's report as one JSON line.
+
+    With ``epoch_evaluations`` rank 0 evaluates its model after every epoch on at most
+    :data:`~ranger_ps.workloads.evaluation.EPOCH_EVAL_EXAMPLES` test examples (what a ranger-ps worker
+    evaluates) and reports ``timeline``: per epoch, the seconds at the end of its last step (before its
+    evaluation) and the accuracy. That clock starts once the process group is formed, so it counts
+    building the job, DDP's first broadcast and the evaluations of the earlier epochs (the other ranks
+    wait for rank 0 in the next all-reduce); the report's ``seconds`` stay barrier to barrier.
+    """
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     from ranger_ps.config.train import TrainConfig
     from ranger_ps.workloads.data import shard_indices
-    from ranger_ps.workloads.evaluation import evaluate
+    from ranger_ps.workloads.evaluation import EPOCH_EVAL_EXAMPLES, evaluate
     from ranger_ps.workloads.job import batch_loss, build
 
     torch.set_num_threads(1)
     config = TrainConfig(rule=rule, dataset=dataset, model=model_name, epochs=epochs, batch_size=batch_size, seed=seed)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    clock = time.perf_counter()  # the timeline's clock: from the formed process group
+    timeline: list[tuple[float, float]] = []
     try:
         data, model, device = build(config)
         ddp = DistributedDataParallel(model)
@@ -514,17 +544,21 @@ def _ddp_rank(
                 loss.backward()  # type: ignore[no-untyped-call]
                 optimizer.step()
                 steps += 1
+            if epoch_evaluations and rank == 0:
+                seconds = time.perf_counter() - clock
+                accuracy = evaluate(model, data, device, limit=EPOCH_EVAL_EXAMPLES).test_accuracy
+                timeline.append((seconds, accuracy))
         dist.barrier()
         seconds = time.perf_counter() - start
         if rank == 0:
             grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
             accuracy = evaluate(model, data, device).test_accuracy
-            print(
-                json.dumps(
-                    {"steps": steps * world, "seconds": seconds, "test_accuracy": accuracy, "grad_bytes": grad_bytes}
-                ),
-                flush=True,
-            )
+            report: dict[str, Any] = {
+                "steps": steps * world, "seconds": seconds, "test_accuracy": accuracy, "grad_bytes": grad_bytes,
+            }  # fmt: skip
+            if epoch_evaluations:
+                report["timeline"] = timeline
+            print(json.dumps(report), flush=True)
     finally:
         dist.destroy_process_group()
     return 0

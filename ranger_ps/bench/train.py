@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from ranger_ps.bench import common
@@ -112,31 +113,38 @@ def run_train(settings: TrainSettings) -> dict[str, Any]:
     }
 
 
-def _train_cluster(settings: TrainSettings, fraction: float) -> dict[str, Any]:
+def _train_cluster(
+    settings: TrainSettings, fraction: float, *, step_logs: bool = False, shared_memory: bool = True
+) -> dict[str, Any]:
     """One local cluster (shard and worker processes, as ``ranger-ps local`` starts them), timed from outside.
 
     A worker's own ``wall_seconds`` includes its start-up (registration, the first optimizer's
     one-time imports): here shard 0's stats are polled, and the steady rate is the steps between
     10% and 90% of the run over the time they took.
+
+    With ``step_logs`` the workers write step logs (``--metrics-csv``, with their per-epoch
+    evaluations) and the row gains ``timeline`` (:func:`epoch_timeline`). Without ``shared_memory``
+    the workers send every byte through gRPC frames, as across hosts.
     """
     from ranger_ps.client.sharded import ShardedClient
     from ranger_ps.workloads.data import load_dataset
     from ranger_ps.workloads.evaluation import evaluate_cluster
     from ranger_ps.workloads.job import planned_steps
 
-    config = settings.train_config(push_fraction=fraction)
+    config = settings.train_config(push_fraction=fraction, shared_memory=shared_memory)
     n = len(load_dataset(config.dataset).y_train)
     planned = sum(planned_steps(config, n, w) for w in range(settings.workers))
     with bench_cluster() as cluster:
         _, addresses = start_shards(cluster, settings.shards, use_uvloop=settings.use_uvloop)
         reports = [cluster.run_dir / f"worker-{w}.json" for w in range(settings.workers)]
+        logs = [cluster.run_dir / f"worker-{w}.csv" if step_logs else None for w in range(settings.workers)]
         started = time.monotonic()
         workers = [
             cluster.spawn(
                 f"worker-{w}",
                 [
                     "worker",
-                    *to_argv(WorkerSettings(servers=addresses, worker_id=w, report=reports[w])),
+                    *to_argv(WorkerSettings(servers=addresses, worker_id=w, report=reports[w], metrics_csv=logs[w])),
                     *to_argv(config),
                     *common_flags(settings.use_uvloop),
                 ],
@@ -160,13 +168,14 @@ def _train_cluster(settings: TrainSettings, fraction: float) -> dict[str, Any]:
         cluster.check(workers)
         evaluation, _ = evaluate_cluster(config, addresses, use_uvloop=settings.use_uvloop)
         per_worker = [json.loads(r.read_text()) for r in reports]
+        timeline = epoch_timeline([log for log in logs if log is not None]) if step_logs else None
     steps = sum(int(r["steps"]) for r in per_worker)
     flushed = sum(int(r.get("bytes_flushed", 0)) for r in per_worker)
     pushed = sum(int(r["bytes_pushed"]) for r in per_worker) - flushed  # per step: the final flushes apart
     dense = sum(int(r["bytes_pushed_dense"]) for r in per_worker)
     pulled = sum(int(r["bytes_pulled"]) for r in per_worker)
     steady = steady_rate(samples, planned)
-    return {
+    row: dict[str, Any] = {
         "name": f"ranger-ps push fraction {fraction:g}",
         "kind": "ranger-ps",
         "push_fraction": fraction,
@@ -183,6 +192,9 @@ def _train_cluster(settings: TrainSettings, fraction: float) -> dict[str, Any]:
         "bytes_flushed": flushed,
         "test_accuracy": evaluation.test_accuracy,
     }
+    if timeline is not None:
+        row["timeline"] = timeline
+    return row
 
 
 def steady_rate(
@@ -197,6 +209,31 @@ def steady_rate(
     if first is None or last is None or last[0] <= first[0] or last[1] <= first[1]:
         return None
     return (last[1] - first[1]) / (last[0] - first[0])
+
+
+def epoch_timeline(step_logs: Sequence[Path]) -> list[tuple[float, float]]:
+    """A cluster's ``(seconds, test accuracy)`` after each epoch, from its workers' step logs.
+
+    Each worker evaluates its own weights after every epoch (the evaluation log beside its step
+    log); the epoch's time is the step log's ``wall_seconds`` at the epoch's last step, before that
+    evaluation (counted from when the worker opened the log, before it built the job and registered,
+    so the earlier epochs' evaluations are inside it). Per epoch: the slowest worker's time (the
+    cluster is there once every worker is) and the workers' mean accuracy; as many epochs as every
+    worker evaluated.
+    """
+    from ranger_ps.observability.steplog import eval_log_path, read_eval_log, read_step_log
+
+    per_worker = []
+    for path in step_logs:
+        seconds_at_step = {row.step: row.wall_seconds for row in read_step_log(path)}
+        per_worker.append(
+            [(seconds_at_step.get(e.step, 0.0), e.test_accuracy) for e in read_eval_log(eval_log_path(path))]
+        )
+    epochs = min((len(evaluations) for evaluations in per_worker), default=0)
+    return [
+        (max(w[epoch][0] for w in per_worker), sum(w[epoch][1] for w in per_worker) / len(per_worker))
+        for epoch in range(epochs)
+    ]
 
 
 def _num_blocks(settings: TrainSettings) -> int:

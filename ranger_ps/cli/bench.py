@@ -1,4 +1,5 @@
-"""``ranger-ps bench``: convergence, wire, apply and train benchmarks (docs/convergence.md, docs/benchmarks.md)."""
+"""``ranger-ps bench``: convergence, wire, apply, train and link benchmarks (docs/convergence.md,
+docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ranger_ps.bench.settings import ApplySettings, ConvergenceSettings, TrainSettings, WireSettings
+from ranger_ps.bench.settings import ApplySettings, ConvergenceSettings, LinkSettings, TrainSettings, WireSettings
 from ranger_ps.cli.flags import add_settings, settings_from_args
 from ranger_ps.config.common import CommonSettings
 from ranger_ps.config.train import TrainConfig
@@ -98,7 +99,7 @@ def run_convergence(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- wire, apply, train ------------------------------------------------------------------------------
+# -- wire, apply, train, link ------------------------------------------------------------------------
 
 
 def _settings(cls: type[S], args: argparse.Namespace, **overrides: Any) -> S:
@@ -113,13 +114,14 @@ def _emit(
     args: argparse.Namespace,
     result: dict[str, Any],
     table: Callable[[dict[str, Any]], str],
-    plot: Callable[[dict[str, Any], Path], None],
+    plot: Callable[[dict[str, Any], Path], None] | None,
 ) -> int:
-    """Print the result (JSON with ``--json``, else Markdown); write it to ``--out`` and draw ``--plot``."""
+    """Print the result (JSON with ``--json``, else Markdown); write it to ``--out`` and draw ``--plot``
+    (a benchmark without a plot has no ``--plot``)."""
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
-    if args.plot:
+    if plot is not None and args.plot:
         plot(result, args.plot)
     print(json.dumps(result) if args.json else table(result), flush=True)
     return 0
@@ -156,6 +158,14 @@ def run_train(args: argparse.Namespace) -> int:
     )
 
 
+def run_link(args: argparse.Namespace) -> int:
+    """``bench link``: needs root and iproute2 (a user error without them)."""
+    from ranger_ps.bench.link import link_table
+    from ranger_ps.bench.link import run_link as measure
+
+    return _emit(args, measure(_settings(LinkSettings, args, use_uvloop=args.uvloop)), link_table, None)
+
+
 _BENCHMARKS = (
     (
         "wire",
@@ -181,12 +191,24 @@ _BENCHMARKS = (
         "Train the default job (a local cluster) at each push fraction, then the same model in one process with "
         "torch.optim.SGD and with torch DistributedDataParallel (gloo).",
     ),
+    (
+        "link",
+        LinkSettings,
+        run_link,
+        "seconds to a test accuracy over an emulated slow link (tc), per push fraction and for DDP (needs root)",
+        "Shape loopback in a private network namespace per link rate (tc tbf) and time how long ranger-ps at each "
+        "push fraction and torch DistributedDataParallel (gloo) take to reach a test accuracy over it, every "
+        "process of a system inside the namespace. Needs root and iproute2 (ip, tc).",
+    ),
 )
 """(name, settings, runner, help, description) of the benchmarks measured against the machine and baselines."""
 
+_PLOTTED = ("wire", "apply", "train")
+"""The benchmarks that draw ``--plot``."""
+
 
 def add_bench_parsers(bench: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the ``wire``, ``apply`` and ``train`` subparsers to ``ranger-ps bench``.
+    """Add the ``wire``, ``apply``, ``train`` and ``link`` subparsers to ``ranger-ps bench``.
 
     Their flags come from the benchmarks' settings (:mod:`ranger_ps.bench.settings`), the output
     flags and the common ``--log-level`` and ``--uvloop``. Each sets ``run`` (a callable taking the
@@ -197,6 +219,7 @@ def add_bench_parsers(bench: argparse._SubParsersAction[argparse.ArgumentParser]
         add_settings(parser, settings)
         parser.add_argument("--json", action="store_true", help="print one JSON object instead of a Markdown table")
         parser.add_argument("--out", type=Path, help="also write the JSON object to this file")
-        parser.add_argument("--plot", type=Path, help="draw a PNG bar chart here (needs matplotlib)")
+        if name in _PLOTTED:
+            parser.add_argument("--plot", type=Path, help="draw a PNG bar chart here (needs matplotlib)")
         add_settings(parser, CommonSettings, exclude=("config",))
         parser.set_defaults(run=run)

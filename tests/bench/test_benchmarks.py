@@ -12,6 +12,8 @@ import importlib.util
 import json
 import math
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ import pytest
 
 from ranger_ps.bench.baselines import helper_main
 from ranger_ps.bench.cost_model import Costs, cost_model
+from ranger_ps.bench.link import MIN_BURST_BYTES, link_ratios, seconds_to_accuracy, tbf_burst_bytes
 from ranger_ps.bench.train import steady_rate
 from ranger_ps.cli.bench import add_bench_parsers
 
@@ -186,3 +189,71 @@ def test_train_smoke(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None
     assert result["ratios"]["push_bytes_ratio_at_0.05"] == sparse["push_ratio"] <= 0.06
     assert result["settings"]["block_size"] == 256
     _check_plot(tmp_path, "train")
+
+
+# -- bench link ----------------------------------------------------------------------------------------
+
+
+def test_link_helpers_time_the_first_crossing_and_compare_with_ddp() -> None:
+    assert tbf_burst_bytes(100_000_000) == MIN_BURST_BYTES  # 2 ms of 100mbit is smaller than the floor
+    assert tbf_burst_bytes(10_000_000_000) == 2_500_000
+    timeline = [(2.0, 0.5), (4.0, 0.82), (6.0, 0.79), (8.0, 0.9)]
+    assert seconds_to_accuracy(timeline, 0.8) == (2, 4.0)
+    assert seconds_to_accuracy(timeline, 0.95) is None
+    rows: list[dict[str, Any]] = [
+        {"kind": "ranger-ps", "push_fraction": 1.0, "seconds_to_target": 30.0},
+        {"kind": "ranger-ps", "push_fraction": 0.01, "seconds_to_target": 4.0},
+        {"kind": "ddp", "push_fraction": None, "seconds_to_target": 16.0},
+    ]
+    ratios = link_ratios([{"rate": "100mbit", "rows": rows}], (1.0, 0.01))
+    assert ratios == {"time_to_accuracy_100mbit_dense_vs_ddp": 16 / 30, "time_to_accuracy_100mbit_sparse_vs_ddp": 4.0}
+    rows[1]["seconds_to_target"] = None  # never reached: no ratio
+    assert (
+        link_ratios([{"rate": "100mbit", "rows": rows}], (1.0, 0.01))["time_to_accuracy_100mbit_sparse_vs_ddp"] is None
+    )
+    parser = _parser()
+    assert parser.parse_args(["link", "--rates", "2mbit,1gbit"]).rates == ("2mbit", "1gbit")
+    for bad in (["link", "--rates", "fast"], ["link", "--rates", ""], ["link", "--target-accuracy", "1.5"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+
+
+def _namespaces() -> set[str]:
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[0] for line in listed.splitlines() if line.strip()}
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None, reason="needs root, ip and tc"
+)
+def test_link_smoke_every_byte_crosses_the_shaped_link_and_the_namespace_goes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    before = _namespaces()
+    rate = 4_000_000  # 4mbit: slow enough that a run which bypassed the link would finish far sooner
+    result = _run(
+        capsys, "link", "--rates", "4mbit", "--fractions", "1,0.5", "--epochs", "1", "--dataset", "digits",
+        "--block-size", "256", "--target-accuracy", "0.1", "--timeout", "200",
+    )  # fmt: skip
+    assert _namespaces() == before, "bench link left a network namespace behind"
+    (link,) = result["links"]
+    assert (link["rate"], link["bits_per_second"], link["mtu"]) == ("4mbit", rate, 1500)
+    rows = {r["name"]: r for r in link["rows"]}
+    assert len(rows) == 3, rows
+    for row in rows.values():
+        assert "error" not in row, row
+        assert row["steps"] > 0 and 0.0 <= row["best_accuracy"] <= 1.0
+        assert row["epochs_to_target"] == 1  # 0.1 is reached at the first evaluation
+        # Physics, not speed: the bytes went through a 4 Mbit/s bucket (all but its first burst),
+        # so the run cannot have been faster than that (it was, when workers used shared memory).
+        # Every byte crosses loopback once: a worker's pushes and its shard's answers; what one rank
+        # sends is what the other receives.
+        per_step = row["bytes_sent_per_step"] if row["kind"] == "ddp" else row["bytes_per_step"]
+        crossing = row["steps"] * per_step - link["burst_bytes"]
+        assert row["total_seconds"] >= crossing * 8 / rate, row
+    dense, sparse = (r for r in link["rows"] if r["kind"] != "ddp")
+    assert (dense["push_fraction"], sparse["push_fraction"]) == (1.0, 0.5)
+    assert sparse["bytes_sent_per_step"] < dense["bytes_sent_per_step"]
+    assert set(result["ratios"]) == {"time_to_accuracy_4mbit_dense_vs_ddp", "time_to_accuracy_4mbit_sparse_vs_ddp"}
