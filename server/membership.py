@@ -34,6 +34,8 @@ class WorkerRecord:
     applying: asyncio.Event | None = None
     # What the registration's later calls carry (None: a v1 worker, whose calls are not checked).
     secret: bytes | None = None
+    # The worker keeps its place until then even if not heard from (a restored shard waits for it).
+    held_until: float = 0.0
 
 
 class Membership:
@@ -72,6 +74,13 @@ class Membership:
         record.live = True
         record.last_seen = self._now()
         return record
+
+    def hold(self, worker_id: int, seconds: float) -> None:
+        """Keep a worker live for ``seconds`` from now (at least), heard from or not."""
+        record = self._workers[worker_id]
+        record.live = True
+        record.last_seen = self._now()
+        record.held_until = record.last_seen + seconds
 
     def items(self) -> list[tuple[int, WorkerRecord]]:
         """Every known worker, live or not."""
@@ -112,7 +121,9 @@ class Membership:
         for record in self._workers.values():
             if record.waiting:
                 record.last_seen = now
-        gone = [r.worker_id for r in self._workers.values() if r.live and r.last_seen < deadline]
+        gone = [
+            r.worker_id for r in self._workers.values() if r.live and r.last_seen < deadline and r.held_until <= now
+        ]
         for worker_id in gone:
             self._workers[worker_id].live = False
         return gone

@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 DEPARTED_SECONDS = 600.0
+#: How long a restored shard keeps the places of the workers in its checkpoint for them to come back.
+RESTORED_HOLD_SECONDS = 15.0
 """How long a shard remembers a worker that left or lost its lease (its clock, for a late retry)."""
 
 MAX_CLOCK_AHEAD = 1 << 20
@@ -556,11 +558,13 @@ class Shard:
             record = self.membership.register(worker_id)
             record.clock = min(c.clocks.get(worker_id, clock) for c in checkpoints)
             record.pushes = 1  # so a retried push of exactly this clock is recognised as a duplicate
-            # Live for one lease from now: a restart does not change who trains, so the barriers wait
-            # for a restored worker to come back (at its own clock) rather than run ahead without it
-            # (under bsp that would put the worker at different clocks on different shards, and two
-            # workers could then wait for each other across shards); a worker that does not return
-            # within its lease is dropped as usual.
+            # A restart does not change who trains: the barriers wait for a restored worker to come
+            # back (at its own clock) rather than run ahead without it (under bsp that would put the
+            # worker at different clocks on different shards, and two workers could then wait for
+            # each other across shards). Its place is held for RESTORED_HOLD_SECONDS (a client retries
+            # a restarting shard with a backoff of up to 5 s) or a lease, whichever is longer; a worker
+            # that does not come back by then is dropped as usual.
+            self.membership.hold(worker_id, max(RESTORED_HOLD_SECONDS, self.membership.lease_seconds))
         log.info(
             "shard %d restored %d blocks from %d checkpoint(s) (layout %s, applied clock %d)",
             self.shard_id, len(store.block_ids), len(checkpoints), layout.fingerprint, self.applied_clock,

@@ -62,7 +62,7 @@ class RemoteBackend:
         self._pending: Future[list[PulledBlock]] | Future[ExchangeResult] | None = None
         self._failure: BaseException | None = None
         self._lock = threading.Lock()
-        self._dense_bytes: dict[int, int] = {}
+        self._dense_bytes: dict[tuple[int, ...], int] = {}
         self._bytes_pushed_dense = 0
         self._bytes_flushed = 0
         self._pushes = 0
@@ -137,16 +137,18 @@ class RemoteBackend:
         """Block ids in the order a push lays them out (by shard: each shard's part is one slice)."""
         return self.client.shard_order(block_ids)
 
-    def _dense_wire_bytes(self, clock: int) -> int:
-        """What a push of every block costs at this clock (computed once per clock varint length)."""
-        width = max(1, (clock.bit_length() + 6) // 7)
-        cached = self._dense_bytes.get(width)
+    def _dense_wire_bytes(self) -> int:
+        """What a push of every block would have cost at the clocks of the push just made (computed once
+        per combination of the clocks' varint lengths)."""
+        clocks = self.client.push_clocks
+        widths = tuple(max(1, (c.bit_length() + 6) // 7) for c in clocks)
+        cached = self._dense_bytes.get(widths)
         if cached is None:
             if self.streaming:
-                cached = self.client.exchange_wire_bytes(clock)
-            else:
-                cached = self.client.push_wire_bytes(None, clock=clock)
-            self._dense_bytes[width] = cached
+                cached = self.client.exchange_wire_bytes()
+            else:  # v1 pushes: one clock for the estimate (shards' clocks differ only after a re-admission)
+                cached = self.client.push_wire_bytes(None, clock=max(clocks))
+            self._dense_bytes[widths] = cached
         return cached
 
     def exchange(self, runs: Sequence[Run], steps: int) -> None:
@@ -163,7 +165,7 @@ class RemoteBackend:
             blocks = [b for run in runs for b in blocks_of(run, self._lengths(run.block_ids))]
             handle = self.client.push_blocks(blocks)
             self._pending = self.client.pull(after=handle)
-        self._bytes_pushed_dense += steps * self._dense_wire_bytes(self.client.start_clock + self._pushes)
+        self._bytes_pushed_dense += steps * self._dense_wire_bytes()
         if steps == 0:  # a flush
             self._bytes_flushed += self.client.bytes_pushed - before
         if self.overlap:

@@ -82,6 +82,16 @@ def _lost(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
 
 
+async def _ended(call: Any) -> grpc.aio.AioRpcError:
+    """The status a finished stream call ended with, as the error its caller would have got."""
+    code = await call.code()
+    if code == grpc.StatusCode.OK:
+        return _lost(grpc.StatusCode.UNAVAILABLE, "the shard ended the exchange stream without answering")
+    return grpc.aio.AioRpcError(
+        code, await call.initial_metadata(), await call.trailing_metadata(), details=await call.details()
+    )
+
+
 def is_local_address(address: str) -> bool:
     """Whether ``HOST:PORT`` names this host (loopback, or one of this host's own names and addresses)."""
     host = address.rsplit(":", 1)[0].strip("[]")
@@ -875,6 +885,20 @@ class ShardedClient:
         except WireFormatError as exc:
             shard.drop_stream()
             raise ClusterError(f"exchange with shard {shard.index} at {shard.address}: {exc}") from None
+        except asyncio.InvalidStateError:  # the shard ended the stream while this side wrote: its status says why
+            ended = shard.stream
+            shard.drop_stream()
+            raise await _ended(ended) from None
+        except grpc.aio.AioRpcError as exc:
+            shard.drop_stream()
+            if exc.code() == grpc.StatusCode.CANCELLED:
+                # not by this side (it drops a stream only between exchanges): a stopping shard cancels the
+                # calls still open when its grace ends; the push is retried at the same clock (never applied twice)
+                raise _lost(grpc.StatusCode.UNAVAILABLE, "the shard cancelled the exchange stream") from None
+            if exc.code() == grpc.StatusCode.INTERNAL and exc.details() == "Internal error from Core":
+                # gRPC core's own failure of this stream (seen after the process was paused): a new one helps
+                raise _lost(grpc.StatusCode.UNAVAILABLE, "the exchange stream broke inside gRPC") from None
+            raise
         except BaseException:
             shard.drop_stream()
             raise
@@ -921,13 +945,20 @@ class ShardedClient:
 
         return list(await asyncio.gather(*(one(s) for s in self._shards)))
 
-    def exchange_wire_bytes(self, clock: int) -> int:
-        """What an exchange pushing every block at ``clock`` sends, headers included (counted, not encoded)."""
+    @property
+    def push_clocks(self) -> tuple[int, ...]:
+        """Each shard's clock of this worker's last push to it (shards may have admitted it at different ones)."""
+        return tuple(shard.clock for shard in self._shards)
+
+    def exchange_wire_bytes(self, clock: int | None = None) -> int:
+        """What an exchange pushing every block sends, headers included (counted, not encoded): at ``clock``
+        on every shard, or (None) at each shard's clock of this worker's last push."""
         layout, placement, worker_id = self._require_registered()
         total = 0
         for shard in self._shards:
             ids = torch.tensor(placement.blocks_by_shard[shard.index], dtype=torch.int64)
-            header = pb.ExchangeHeader(worker_id=worker_id, clock=clock, secret=shard.secret)
+            shard_clock = shard.clock if clock is None else clock
+            header = pb.ExchangeHeader(worker_id=worker_id, clock=shard_clock, secret=shard.secret)
             by_dtype: dict[str, list[int]] = {}
             for block_id in ids.tolist():
                 by_dtype.setdefault(self.push_dtype or layout.blocks[block_id].dtype, []).append(block_id)

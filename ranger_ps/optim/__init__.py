@@ -114,10 +114,15 @@ class Ranger(torch.optim.Optimizer):
         if config.servers is not None:
             from ranger_ps.client.remote import RemoteBackend
 
-            configs = set(self._group_configs())
-            if len(configs) != 1:
-                raise ValueError("with servers, every param group must use the same rule settings")
-            self._cluster_rule = configs.pop()
+            first, *others = self._group_configs()
+            for other in others:
+                if first.shard_differences(other):
+                    where = "with servers and outer='rule'" if first.outer == "rule" else "with servers"
+                    raise ValueError(
+                        f"{where}, every param group must use the same rule settings the shards apply: "
+                        + "; ".join(first.shard_differences(other))
+                    )
+            self._cluster_rule = first
             remote = RemoteBackend(
                 config.servers,
                 self.layout,
@@ -220,6 +225,23 @@ class Ranger(torch.optim.Optimizer):
         counters are int64 and low-precision parameters keep float32 state, so the saved values are
         copied as they were saved.
         """
+        # A group saved by another optimizer (torch.optim.SGD) lacks this one's settings: they keep
+        # their current values, the saved ones (lr, momentum, ...) win.
+        groups = [
+            {**{k: v for k, v in current.items() if k != "params"}, **saved}
+            for current, saved in zip(self.param_groups, state_dict["param_groups"], strict=False)
+        ]
+        # torch.optim.SGD keeps no step count: a parameter with saved state has taken at least one step
+        # (its momentum buffer is initialized), which is what the rule needs to know.
+        states = {}
+        for key, saved_state in state_dict["state"].items():
+            saved_state = dict(saved_state)
+            if "step" not in saved_state and any(isinstance(v, torch.Tensor) for v in saved_state.values()):
+                saved_state["step"] = torch.ones((), dtype=torch.int64)
+            if self.inner and "rule_steps" not in saved_state and "step" in saved_state:
+                saved_state["rule_steps"] = torch.as_tensor(saved_state["step"], dtype=torch.int64).reshape(1)
+            states[key] = saved_state
+        state_dict = {**state_dict, "param_groups": groups, "state": states}
         super().load_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         for saved_id, p in zip(saved_ids, self._params, strict=True):
@@ -398,12 +420,15 @@ class Ranger(torch.optim.Optimizer):
     # -- the step ------------------------------------------------------------------------------------
 
     def _check_cluster_rule(self, configs: Sequence[RuleConfig]) -> None:
-        changed = [c for c in configs if c != self._cluster_rule]
-        if changed:
-            raise RuntimeError(
-                "the rule settings changed after registration (e.g. an lr scheduler); with servers they are "
-                "fixed for the cluster: " + "; ".join(self._cluster_rule.differences(changed[0]))
-            )
+        """Refuse a change of what the shards apply (a schedule of an inner rule's settings is the worker's own)."""
+        for config in configs:
+            changed = self._cluster_rule.shard_differences(config)
+            if changed:
+                raise RuntimeError(
+                    "the rule settings changed after registration (e.g. an lr scheduler); with servers and "
+                    "outer='rule' the shards run the rule and its settings are fixed for the cluster (an inner "
+                    "rule, outer='mean', 'sum' or 'sgd', takes schedules): " + "; ".join(changed)
+                )
 
     def _grads(self, trained: Sequence[int], like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """This step's gradients of the trained parameters, flat, in state dtype, centralized where asked

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,7 +81,22 @@ class RemoteRun:
     pushes_applied: tuple[int, ...]  # per shard
 
 
-def _run_and_compare(servers: list[str], settings: dict[str, Any], *, overlap: bool = False) -> RemoteRun:
+Schedule = Callable[[torch.optim.Optimizer], Any]  # builds an lr scheduler for an optimizer
+Groups = Callable[[nn.Module], Any]  # what the optimizer gets for a model: parameters or param groups
+
+
+def _parameters(model: nn.Module) -> Any:
+    return model.parameters()
+
+
+def _run_and_compare(
+    servers: list[str],
+    settings: dict[str, Any],
+    *,
+    overlap: bool = False,
+    schedule: Schedule | None = None,
+    groups: Groups = _parameters,
+) -> RemoteRun:
     """Train a local and a remote copy in lockstep, comparing the weights at every step.
 
     The weights are compared right after each ``step()`` (without overlap), right before each
@@ -95,10 +110,11 @@ def _run_and_compare(servers: list[str], settings: dict[str, Any], *, overlap: b
     """
     local_model, remote_model = _model(), _model()
     _assert_same(local_model, remote_model, "at initialization")
-    local = Ranger(local_model.parameters(), block_size=BLOCK_SIZE, seed=SEED, **settings)
+    local = Ranger(groups(local_model), block_size=BLOCK_SIZE, seed=SEED, **settings)
     with Ranger(
-        remote_model.parameters(), block_size=BLOCK_SIZE, seed=SEED, servers=servers, overlap=overlap, **settings
+        groups(remote_model), block_size=BLOCK_SIZE, seed=SEED, servers=servers, overlap=overlap, **settings
     ) as remote:
+        schedulers = [] if schedule is None else [schedule(local), schedule(remote)]
         assert remote.worker_id == 0  # the same worker id as in-process, so the same blocks are chosen
         expected = "shared-memory" if settings.get("shared_memory", True) else "exchange"
         assert remote.client is not None
@@ -111,10 +127,17 @@ def _run_and_compare(servers: list[str], settings: dict[str, Any], *, overlap: b
             _assert_same(local_model, remote_model, f"before the forward pass of step {t}")
             before = [p.detach().clone() for p in remote_model.parameters()]
             x, y = batch
+            losses = []
             for model, optimizer in ((local_model, local), (remote_model, remote)):
                 loss = F.cross_entropy(model(x), y)
                 loss.backward()  # type: ignore[no-untyped-call]
                 optimizer.step()
+                losses.append(float(loss.detach()))
+            for scheduler in schedulers:
+                if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                    scheduler.step(round(losses[0], 1))  # the same metric for both (the losses agree to 1e-6)
+                else:
+                    scheduler.step()
             if not overlap or settings.get("outer", "mean") != "rule":
                 # An inner rule updates the view in step(); what lands later changes it by rounding only.
                 _assert_same(local_model, remote_model, f"after step {t}")
@@ -229,6 +252,51 @@ def test_overlap_equals_local(start_servers: ServerFactory) -> None:
         settings = {**SGD, "outer": outer, "push_fraction": 0.3}
         run = _run_and_compare(start_servers(2), settings, overlap=True)
         _assert_blocks_applied_equal_blocks_chosen(run, 0.3)
+
+
+lr_scheduler = torch.optim.lr_scheduler
+SCHEDULES: dict[str, Schedule] = {
+    "StepLR": lambda o: lr_scheduler.StepLR(o, step_size=10, gamma=0.5),
+    "CosineAnnealingLR": lambda o: lr_scheduler.CosineAnnealingLR(o, T_max=STEPS),
+    "OneCycleLR": lambda o: lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=STEPS),  # cycles momentum too
+    "CyclicLR": lambda o: lr_scheduler.CyclicLR(o, base_lr=0.01, max_lr=0.1, step_size_up=10),
+    "ReduceLROnPlateau": lambda o: lr_scheduler.ReduceLROnPlateau(o, factor=0.5, patience=2),
+    "LambdaLR": lambda o: lr_scheduler.LambdaLR(o, lambda step: 1.0 / (1 + step)),
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_lr_schedulers_work_on_a_cluster_exactly_as_in_process(start_servers: ServerFactory, name: str) -> None:
+    """Under an inner rule (the default) the rule's hyper-parameters are the worker's own: a schedule
+    changes them between steps on a cluster too, and the weights stay those of the in-process run."""
+    _run_and_compare(start_servers(2), {**SGD, "push_fraction": 0.3}, schedule=SCHEDULES[name])
+
+
+def test_param_groups_with_their_own_lr_work_on_a_cluster(start_servers: ServerFactory) -> None:
+    def groups(model: nn.Module) -> Any:
+        first, second = model[0], model[2]  # type: ignore[index]
+        return [{"params": first.parameters(), "lr": 0.1}, {"params": second.parameters(), "momentum": 0.5}]
+
+    _run_and_compare(start_servers(2), {**SGD, "push_fraction": 0.3}, groups=groups, schedule=SCHEDULES["StepLR"])
+
+
+def test_a_schedule_under_the_classic_rule_mode_is_refused_clearly(start_servers: ServerFactory) -> None:
+    """With ``outer="rule"`` the shards run the rule: its settings are the cluster's, fixed at registration."""
+    model = _model()
+    rule_mode: dict[str, Any] = {**SGD, "outer": "rule"}
+    with Ranger(model.parameters(), block_size=BLOCK_SIZE, servers=start_servers(2), **rule_mode) as remote:
+        scheduler = lr_scheduler.StepLR(remote, step_size=1, gamma=0.5)
+        x, y = _batches()[0]
+        F.cross_entropy(model(x), y).backward()  # type: ignore[no-untyped-call]
+        remote.step()
+        scheduler.step()
+        with pytest.raises(RuntimeError, match=r"the rule settings changed after registration .* lr: 0\.05 != 0\.025"):
+            remote.step()
+    with pytest.raises(ValueError, match="with servers and outer='rule', every param group must use the same rule"):
+        Ranger(
+            [{"params": model[0].parameters(), "lr": 0.1}, {"params": model[2].parameters()}],  # type: ignore[index]
+            block_size=BLOCK_SIZE, servers=["127.0.0.1:1"], **rule_mode,
+        )  # fmt: skip
 
 
 def test_second_optimizer_with_another_lr_is_refused(start_servers: ServerFactory) -> None:

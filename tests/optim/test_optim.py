@@ -730,3 +730,30 @@ def test_bad_keywords_raise_value_error_naming_them(kwargs: dict[str, Any], keyw
 def test_observer_needs_servers() -> None:
     with pytest.raises(ValueError, match="observer"):
         Ranger(_mlp().parameters(), lr=0.1, observer=True)
+
+
+# --- loading torch.optim state and refusing malformed settings -------------------------------------
+
+
+def test_a_torch_sgd_state_dict_loads_and_training_continues_exactly(batches: list[Batch]) -> None:
+    """Switching a run from torch.optim.SGD to Ranger mid-way: the momentum buffers and settings carry over."""
+    model = _mlp()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    for batch in batches[:3]:
+        _train_step(model, sgd, batch)
+    twin = copy.deepcopy(model)
+    reference = torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    reference.load_state_dict(sgd.state_dict())
+    ours = Ranger(model.parameters(), lr=0.5, block_size=BLOCK_SIZE)  # settings from the state dict win
+    ours.load_state_dict(sgd.state_dict())
+    assert (ours.param_groups[0]["lr"], ours.param_groups[0]["momentum"]) == (0.05, 0.9)
+    for step, batch in enumerate(batches[3:8], start=4):
+        _train_step(model, ours, batch)
+        _train_step(twin, reference, batch)
+        _assert_params_close(model, twin, step)
+
+
+@pytest.mark.parametrize("betas", [(0.9,), (0.9, 0.99, 0.999), 0.9])
+def test_betas_that_are_not_two_numbers_are_refused_clearly(betas: Any) -> None:
+    with pytest.raises(ValueError, match=r"betas must be two numbers \(beta1, beta2\)"):
+        Ranger(_mlp().parameters(), rule="adamw", betas=betas)

@@ -7,6 +7,7 @@ naming the difference. The map's keys are the wire's (v1): the rule's name is ``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -61,6 +62,8 @@ class RuleSettings(Settings):
         for name in ("lr", "momentum", "betas", "eps"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, getattr(defaults, name))
+        if not isinstance(self.betas, tuple | list) or len(self.betas) != 2:
+            raise ValueError(f"betas must be two numbers (beta1, beta2), got {self.betas!r}")
         object.__setattr__(self, "betas", (float(self.betas[0]), float(self.betas[1])))
         check_finite("lr", self.lr, low=0.0)  # 0 is allowed, as in torch: schedules may pass through it
         check_finite("momentum", self.momentum, low=0.0)
@@ -133,10 +136,18 @@ class RuleConfig(OuterSettings, TruncationSettings, RuleSettings):
             raise ValueError(f"rule settings are not valid msgpack: {exc}") from None
         return cls.from_dict(raw)
 
-    def differences(self, other: RuleConfig) -> list[str]:
-        """Human-readable ``key: ours != theirs`` for every differing setting."""
+    def shard_differences(self, other: RuleConfig) -> list[str]:
+        """:meth:`differences` in what a shard does with a push: every setting when a side runs the rule
+        on the shards (``outer="rule"``); else only the outer and truncation settings (an inner rule's
+        hyper-parameters are each worker's own, so a schedule may change them between steps)."""
+        if "rule" in (self.outer, other.outer):
+            return self.differences(other)
+        return self.differences(other, (*specs(OuterSettings), *specs(TruncationSettings)))
+
+    def differences(self, other: RuleConfig, among: Sequence[Spec] | None = None) -> list[str]:
+        """Human-readable ``key: ours != theirs`` for every differing setting (of ``among``: all by default)."""
         out = []
-        for spec in specs(RuleConfig):
+        for spec in specs(RuleConfig) if among is None else among:
             mine, theirs = _plain(getattr(self, spec.name)), _plain(getattr(other, spec.name))
             if mine != theirs:
                 out.append(f"{spec.key}: {mine!r} != {theirs!r}")
