@@ -16,32 +16,60 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-from ranger_ps.cli import admin, bench, local, server, worker
+from ranger_ps.cli import admin
 from ranger_ps.cli.common import EXIT_CLUSTER_ERROR, EXIT_INTERRUPTED, EXIT_USER_ERROR
-from ranger_ps.cli.environment import TOKEN_VARIABLE, apply_config_file, apply_environment, env_var
+from ranger_ps.cli.environment import (
+    TOKEN_VARIABLE,
+    apply_config_file,
+    apply_environment,
+    env_var,
+    unknown_variables,
+)
 from ranger_ps.cli.flags import settings_from_args
-from ranger_ps.config.train import TrainConfig
 from ranger_ps.errors import ClusterError, UserError
 from ranger_ps.version import __version__
+
+if TYPE_CHECKING:
+    from ranger_ps.config.train import TrainConfig
+
+#: Commands whose parser and run import no torch (a container health check runs every few seconds).
+LIGHT_COMMANDS = ("health",)
 
 __all__ = ["apply_config_file", "apply_environment", "build_parser", "env_var", "main", "train_config_from_args"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full ``ranger-ps`` argument parser."""
+def build_parser(*, light: bool = False) -> argparse.ArgumentParser:
+    """The ``ranger-ps`` argument parser; ``light``: only the commands that import no torch (the
+    admin ones: ``health``, ``status``, ``checkpoint``), enough for ``--version`` and ``health``."""
     parser = argparse.ArgumentParser(
         prog="ranger-ps", description="A sharded parameter server for PyTorch training.", allow_abbrev=False
     )
     parser.add_argument("--version", action="version", version=f"ranger-ps {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (server, worker, local, admin, bench):
+    for module in (admin,) if light else _command_modules():
         module.register(sub)
     return parser
 
 
+def _command_modules() -> tuple[ModuleType, ...]:
+    from ranger_ps.cli import bench, local, server, worker
+
+    return (server, worker, local, admin, bench)
+
+
+def _light(argv: Sequence[str]) -> bool:
+    """Whether ``argv`` needs only the light parser: ``--version``, or a light command."""
+    first = next((token for token in argv if token != "--"), None)
+    return first == "--version" or first in LIGHT_COMMANDS
+
+
 def train_config_from_args(args: argparse.Namespace, **overrides: object) -> TrainConfig:
     """The :class:`TrainConfig` parsed flags describe (settings without a flag keep their defaults)."""
+    from ranger_ps.config.train import TrainConfig
+
     return settings_from_args(TrainConfig, args, **overrides)
 
 
@@ -56,8 +84,12 @@ def _configure_logging(level: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ranger-ps`` console script; returns the exit code."""
-    parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
+    light = _light(argv)
+    parser = build_parser(light=light)
+    if not light:
+        for name in unknown_variables(parser, os.environ):
+            print(f"ranger-ps: warning: {name} is not a setting of any command; it is ignored", file=sys.stderr)
     config_file = apply_config_file(parser, argv, os.environ)
     apply_environment(parser, os.environ, argv)  # the one place the environment is read (after the file: it wins)
     args = parser.parse_args(argv)

@@ -42,6 +42,25 @@ def selected_parsers(parser: argparse.ArgumentParser, argv: Sequence[str]) -> li
         chain.append(actions[0].choices[choice])
 
 
+#: Variables that are read but are not a flag of a command.
+OTHER_VARIABLES = frozenset({TOKEN_VARIABLE, CONFIG_VARIABLE, ENV_PREFIX + "TUNE_MALLOC"})
+
+
+def unknown_variables(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> list[str]:
+    """``RANGER_PS_*`` variables that set no flag of any command (a typo, or a setting that does not exist)."""
+    known = set(OTHER_VARIABLES)
+    pending = [parser]
+    while pending:
+        current = pending.pop()
+        for action in current._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                pending.extend(action.choices.values())
+            for option in action.option_strings:
+                if option.startswith("--") and not option.startswith("--no-"):
+                    known.add(env_var(option))
+    return sorted(name for name in environ if name.startswith(ENV_PREFIX) and name not in known)
+
+
 def flag_actions(
     parser: argparse.ArgumentParser, argv: Sequence[str]
 ) -> Iterator[tuple[argparse.ArgumentParser, argparse.Action, str]]:

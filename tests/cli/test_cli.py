@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -281,3 +282,32 @@ def test_a_bad_environment_value_is_a_usage_error_naming_the_variable(
         _parse_with_env(["local"], env)
     assert info.value.code == 2
     assert needle in capsys.readouterr().err
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("argv", [["--version"], ["health", "--server", "127.0.0.1:1", "--timeout", "1"]])
+def test_version_and_health_import_no_torch(argv: list[str]) -> None:
+    """A container health check runs every few seconds: it must not pay torch's import (about 1 s, 250 MB)."""
+    command = [*ranger_ps_cmd(*argv)]
+    command.insert(1, "-X")
+    command.insert(2, "importtime")  # python -X importtime -m ranger_ps ...: every import, on stderr
+    result = subprocess.run(command, capture_output=True, text=True, timeout=50)
+    imported = {
+        line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time")
+    }
+    assert "ranger_ps.cli" in imported  # the listing is real
+    assert "torch" not in imported, sorted(m for m in imported if m.startswith("torch"))[:5]
+    if argv == ["--version"]:
+        assert result.returncode == 0 and result.stdout.startswith("ranger-ps ")
+    else:
+        assert result.returncode == 1 and "127.0.0.1:1: UNAVAILABLE" in result.stdout
+
+
+def test_a_ranger_ps_variable_that_is_no_setting_is_reported() -> None:
+    env = {**os.environ, "RANGER_PS_PUSH_FRACTON": "0.1", "RANGER_PS_EPOCHS": "1"}
+    result = subprocess.run(
+        ranger_ps_cmd("status", "--servers", "127.0.0.1:1", "--json"),
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert warnings == ["ranger-ps: warning: RANGER_PS_PUSH_FRACTON is not a setting of any command; it is ignored"]
