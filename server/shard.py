@@ -485,22 +485,28 @@ class Shard:
             while True:
                 clock = self.applied_clock + 1
                 pushes = self._pending.get(clock, {})
+                # A live worker is done with this clock once it pushed it, or a later one: a worker
+                # keeps one clock on every shard, so after another shard admitted it at a later clock
+                # it skips the clocks in between here (it has nothing for them).
                 waiting_for = [
                     r.worker_id
                     for r in self.membership.trainers()
-                    if r.join_clock < clock and r.worker_id not in pushes
+                    if r.join_clock < clock and r.clock < clock and r.worker_id not in pushes
                 ]
-                if not pushes or waiting_for:
+                if waiting_for:
                     break
-                # Every live worker pushed this clock; a push acknowledged before its worker was
-                # dropped still counts (nothing acknowledged is lost).
-                try:
-                    self._timed_apply(self.store.apply_mean, list(pushes.values()))
-                except NonFinite as exc:  # acknowledged already: skipped, said loudly, counted
-                    self.pushes_skipped += len(pushes)
-                    log.error("shard %d skipped the combined update of clock %d: %s", self.shard_id, clock, exc)
-                del self._pending[clock]
-                self.applied_clock = clock
+                if pushes:
+                    # Every live worker pushed this clock or skipped it; a push acknowledged before its
+                    # worker was dropped still counts (nothing acknowledged is lost).
+                    try:
+                        self._timed_apply(self.store.apply_mean, list(pushes.values()))
+                    except NonFinite as exc:  # acknowledged already: skipped, said loudly, counted
+                        self.pushes_skipped += len(pushes)
+                        log.error("shard %d skipped the combined update of clock %d: %s", self.shard_id, clock, exc)
+                    del self._pending[clock]
+                elif not any(pending > clock for pending in self._pending):
+                    break  # nobody reached this clock yet
+                self.applied_clock = clock  # (with no push: every live worker skipped it, nothing to combine)
         await self._notify()
 
     async def _notify(self) -> None:

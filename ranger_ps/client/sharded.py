@@ -543,6 +543,7 @@ class ShardedClient:
         by_id = {b.block_id: b for b in blocks}
         if len(by_id) != len(blocks):
             raise ValueError("a push names a block twice")
+        clock = self._step_clock(clock)
         parts = []
         for shard, ids in zip(self._shards, group_by_shard(layout, placement, sorted(by_id)), strict=True):
             wire = [
@@ -560,6 +561,15 @@ class ShardedClient:
         assert self.worker_id is not None
         header = push_header(self.worker_id, part.clock, shard.secret)
         return list(chunk_frames(part.wire, chunk_bytes=self.chunk_bytes, first_header=header, always_one=True))
+
+    def _step_clock(self, clock: int | None) -> int | None:
+        """The clock a push goes with: as given, else (None) each shard's next; under bsp one clock on
+        every shard, the next after the highest any shard gave this worker (a shard that admitted it
+        again at a later clock would otherwise leave its clocks apart, and two workers could wait for
+        each other across shards; a shard it skips clocks on counts it as past them)."""
+        if clock is None and self.consistency == "bsp" and self._shards:
+            return max(shard.clock for shard in self._shards) + 1
+        return clock
 
     @staticmethod
     def _next_clock(shard: _Shard, clock: int | None) -> int:
@@ -775,6 +785,7 @@ class ShardedClient:
         Without ``pull`` the answers carry only the acknowledgements.
         """
         _, _, worker_id = self._require_registered()
+        clock = self._step_clock(clock)
         requests = []
         for shard, pieces in zip(self._shards, self._by_shard(runs), strict=True):
             shard_clock = 0 if clock == 0 else self._next_clock(shard, clock)
