@@ -424,10 +424,15 @@ class Ranger(torch.optim.Optimizer):
         for config in configs:
             changed = self._cluster_rule.shard_differences(config)
             if changed:
+                fixed = (
+                    "with servers and outer='rule' the shards run the rule and its settings are fixed for the "
+                    "cluster (an inner rule, outer='mean', 'sum' or 'sgd', takes schedules)"
+                    if self._cluster_rule.outer == "rule"
+                    else "with servers the outer and truncation settings the shards apply are fixed for the cluster"
+                )
                 raise RuntimeError(
-                    "the rule settings changed after registration (e.g. an lr scheduler); with servers and "
-                    "outer='rule' the shards run the rule and its settings are fixed for the cluster (an inner "
-                    "rule, outer='mean', 'sum' or 'sgd', takes schedules): " + "; ".join(changed)
+                    f"the rule settings changed after registration (e.g. an lr scheduler); {fixed}: "
+                    + "; ".join(changed)
                 )
 
     def _grads(self, trained: Sequence[int], like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
