@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ranger_ps.config.common import CommonSettings
+from ranger_ps.errors import UserError
 from ranger_ps.wire.security import ClientSecurity, ServerSecurity, read_secret, read_token
 
 log = logging.getLogger("ranger_ps")
@@ -64,3 +65,17 @@ def log_effective_config(command: str, config: dict[str, Any], config_file: Path
 def megabytes(n: int) -> str:
     """``12.34 MB`` (decimal megabytes, as the reports' byte counts)."""
     return f"{n / 1e6:.2f} MB"
+
+
+def ensure_folder(path: Path, flag: str) -> None:
+    """Create the folder ``path`` (given as ``flag``) if needed, before any work starts.
+
+    Raises:
+        UserError: the path is a file, or the folder cannot be created (one line naming the flag).
+    """
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{flag} {path} cannot be created: {exc.strerror or exc}") from None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ranger_ps.cli.common import log_effective_config, megabytes, token
+from ranger_ps.cli.common import ensure_folder, log_effective_config, megabytes, token
 from ranger_ps.cli.flags import add_settings, settings_from_args
 from ranger_ps.config.common import CommonSettings
 from ranger_ps.config.local import LocalSettings
@@ -27,6 +27,9 @@ def run(args: argparse.Namespace) -> int:
 
     local = settings_from_args(LocalSettings, args)
     config = settings_from_args(TrainConfig, args, num_workers=local.workers)
+    for path, flag in ((local.run_dir, "--run-dir"), (local.report.parent if local.report else None, "--report")):
+        if path is not None:
+            ensure_folder(path, flag if flag != "--report" else "the folder of --report")
     log_effective_config("local", config.to_dict(), args.config_file)
     context = RunContext(use_uvloop=args.uvloop, log_level=args.log_level, token=token(args))
     report = run_local(config, local, context)

@@ -7,7 +7,7 @@ import dataclasses
 import json
 import os
 
-from ranger_ps.cli.common import client_security, log_effective_config, megabytes
+from ranger_ps.cli.common import client_security, ensure_folder, log_effective_config, megabytes
 from ranger_ps.cli.flags import add_settings, settings_from_args
 from ranger_ps.config.client import ClusterSettings
 from ranger_ps.config.common import ClientSecuritySettings, CommonSettings
@@ -42,6 +42,8 @@ def run_worker(args: argparse.Namespace) -> int:
     config = settings_from_args(TrainConfig, args)
     worker = settings_from_args(WorkerSettings, args)
     assert worker.servers is not None  # a required flag
+    if worker.report is not None:
+        ensure_folder(worker.report.parent, "the folder of --report")
     log_effective_config("worker", config.to_dict(), args.config_file)
     try:
         watcher = RunWatcher(

@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -311,3 +312,24 @@ def test_a_ranger_ps_variable_that_is_no_setting_is_reported() -> None:
     )  # fmt: skip
     warnings = [line for line in result.stderr.splitlines() if "warning" in line]
     assert warnings == ["ranger-ps: warning: RANGER_PS_PUSH_FRACTON is not a setting of any command; it is ignored"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--run-dir", "{file}"), "--run-dir {file} is not a folder"),
+        (("--report", "/proc/no-such/r.json"), "the folder of --report /proc/no-such cannot be created"),
+        (("--report", "{file}/r.json"), "the folder of --report {file} is not a folder"),
+    ],
+)
+def test_local_output_paths_that_cannot_be_used_are_one_line_errors_before_anything_starts(
+    flags: tuple[str, ...], message: str, tmp_path: Path
+) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    before = set(Path(tempfile.gettempdir()).glob("ranger-ps-*"))
+    result = _run("local", "--epochs", "1", *(f.format(file=a_file) for f in flags), timeout=50)
+    line = one_line_error(result)
+    assert line.startswith(f"ranger-ps local: error: {message.format(file=a_file)}"), line
+    assert set(Path(tempfile.gettempdir()).glob("ranger-ps-*")) == before  # no temporary run folder left
