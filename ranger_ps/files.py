@@ -1,4 +1,4 @@
-"""Writing a file so that a reader never sees half of it."""
+"""Files a process writes: a folder made ready before any work, a file a reader never sees half of."""
 
 from __future__ import annotations
 
@@ -16,3 +16,17 @@ def write_text_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def folder_problem(path: Path) -> str | None:
+    """Create the folder ``path`` when it is missing; what keeps it from being a folder, or None.
+
+    The problem reads after the path: ``is not a folder``, ``cannot be created: Permission denied``.
+    """
+    if path.exists() and not path.is_dir():
+        return "is not a folder"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"cannot be created: {exc.strerror or str(exc) or type(exc).__name__}"
+    return None

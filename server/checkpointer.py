@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ranger_ps.config.server import CheckpointSettings
 from ranger_ps.errors import ClusterError, UserError
+from ranger_ps.files import folder_problem
 from ranger_ps.server.shard import Shard
 from ranger_ps.storage import checkpoint
 
@@ -50,12 +51,9 @@ def check_directory(directory: Path) -> None:
     Raises:
         UserError: the path is not a folder, cannot be created, or does not take a new file.
     """
-    if directory.exists() and not directory.is_dir():
-        raise UserError(f"--checkpoint-dir {directory} is not a folder")
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"--checkpoint-dir {directory} cannot be created: {exc.strerror or _reason(exc)}") from None
+    problem = folder_problem(directory)
+    if problem is not None:
+        raise UserError(f"--checkpoint-dir {directory} {problem}")
     probe = directory / f".ranger-ps-probe-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -25,7 +25,14 @@ from ranger_ps.algorithm.rules import RuleConfig
 from ranger_ps.algorithm.table import BlockTable, NonFiniteUpdate, Part
 from ranger_ps.errors import WireFormatError
 from ranger_ps.storage.checkpoint import BlockRecord
-from ranger_ps.wire.codec import bytes_to_tensor, codec_for_name, codec_for_torch, codec_for_wire, tensor_bytes
+from ranger_ps.wire.codec import (
+    DTypeCodec,
+    bytes_to_tensor,
+    codec_for_name,
+    codec_for_torch,
+    codec_for_wire,
+    tensor_bytes,
+)
 from ranger_ps.wire.frames import WireBlock
 from ranger_ps.wire.runs import WireRun
 from ranger_ps.wire.status import InvalidRequest, NonFinite, NotReady
@@ -152,18 +159,24 @@ class ShardStore:
             raise InvalidRequest(f"{what}: a block appears twice")
         return Decoded(positions, parts)
 
-    def _run_values(self, run: WireRun, own_dtype: torch.dtype, lengths: torch.Tensor, what: str) -> torch.Tensor:
-        """A run's values in the blocks' own type, checked for type, size and scales."""
-        own = codec_for_torch(own_dtype)
+    def _wire_codec(self, wire_dtype: int, own: DTypeCodec, what: str, subject: str) -> DTypeCodec:
+        """The codec of values that arrive as ``wire_dtype`` for blocks of type ``own``: the blocks' own
+        type, or for a push also the cluster's push dtype; anything else is refused naming ``subject``."""
         try:
-            codec = codec_for_wire(run.dtype)
+            codec = codec_for_wire(wire_dtype)
         except WireFormatError:
-            raise InvalidRequest(f"{what}: a run has unknown wire dtype {run.dtype}") from None
+            raise InvalidRequest(f"{what}: {subject} has unknown wire dtype {wire_dtype}") from None
         allowed = {own.wire}
         if what == "push" and self.rule.push_dtype is not None:
             allowed.add(codec_for_name(self.rule.push_dtype).wire)
         if codec.wire not in allowed:
-            raise InvalidRequest(f"{what}: a run has wire dtype {codec.name}, expected {own.name}")
+            raise InvalidRequest(f"{what}: {subject} has wire dtype {codec.name}, expected {own.name}")
+        return codec
+
+    def _run_values(self, run: WireRun, own_dtype: torch.dtype, lengths: torch.Tensor, what: str) -> torch.Tensor:
+        """A run's values in the blocks' own type, checked for type, size and scales."""
+        own = codec_for_torch(own_dtype)
+        codec = self._wire_codec(run.dtype, own, what, "a run")
         numel = int(lengths.sum())
         if run.values.numel() != numel:
             raise InvalidRequest(
@@ -199,15 +212,7 @@ class ShardStore:
         bfloat16, or int8 with a positive scale), converted to the block's type here.
         """
         own = codec_for_name(block.dtype)
-        try:
-            codec = codec_for_wire(wire.dtype)
-        except WireFormatError:
-            raise InvalidRequest(f"{what}: block {wire.block_id} has unknown wire dtype {wire.dtype}") from None
-        allowed = {own.wire}
-        if what == "push" and self.rule.push_dtype is not None:
-            allowed.add(codec_for_name(self.rule.push_dtype).wire)
-        if codec.wire not in allowed:
-            raise InvalidRequest(f"{what}: block {wire.block_id} has wire dtype {codec.name}, expected {block.dtype}")
+        codec = self._wire_codec(wire.dtype, own, what, f"block {wire.block_id}")
         if wire.data.nbytes != block.numel * codec.itemsize:
             raise InvalidRequest(
                 f"{what}: block {wire.block_id} has {wire.data.nbytes} bytes, expected {block.numel * codec.itemsize} "

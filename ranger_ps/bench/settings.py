@@ -42,12 +42,17 @@ def _count(text: str) -> int:
     return value
 
 
-def _amount(text: str) -> float:
-    """A flag's text as a finite number > 0."""
+def _number(text: str) -> float:
+    """A flag's text as a number."""
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise ValueError(f"expected a number, got {text!r}") from None
+
+
+def _amount(text: str) -> float:
+    """A flag's text as a finite number > 0."""
+    value = _number(text)
     if not value > 0 or not math.isfinite(value):
         raise ValueError(f"must be > 0, got {text!r}")
     return value
@@ -131,10 +136,7 @@ def _link_rates(text: str) -> tuple[str, ...]:
 
 def _accuracy(text: str) -> float:
     """A flag's text as an accuracy in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"expected a number, got {text!r}") from None
+    value = _number(text)
     if not 0 < value <= 1:
         raise ValueError(f"must be in (0, 1], got {text!r}")
     return value

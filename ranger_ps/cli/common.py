@@ -10,6 +10,7 @@ from typing import Any
 
 from ranger_ps.config.common import CommonSettings
 from ranger_ps.errors import UserError
+from ranger_ps.files import folder_problem
 from ranger_ps.wire.security import ClientSecurity, ServerSecurity, read_secret, read_token
 
 log = logging.getLogger("ranger_ps")
@@ -73,9 +74,6 @@ def ensure_folder(path: Path, flag: str) -> None:
     Raises:
         UserError: the path is a file, or the folder cannot be created (one line naming the flag).
     """
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{flag} {path} is not a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"{flag} {path} cannot be created: {exc.strerror or exc}") from None
+    problem = folder_problem(path)
+    if problem is not None:
+        raise UserError(f"{flag} {path} {problem}")

@@ -298,6 +298,17 @@ def _objects(path: Path, *, read_size: int = 0) -> Generator[Any, None, None]:
             raise CheckpointError(f"{path}: not a valid msgpack stream ({exc})") from None
 
 
+def _checked_header(path: Path, header: object) -> dict[str, Any]:
+    """The first object of a checkpoint file, verified to be a header of this format with a good checksum."""
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a ranger-ps checkpoint")
+    if header.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {header.get('format_version')} is not supported")
+    if header.get("crc32") != _header_crc(header):
+        raise CheckpointError(f"{path}: header checksum mismatch")
+    return header
+
+
 def read(path: Path) -> ShardCheckpoint:
     """Load and verify one checkpoint file.
 
@@ -306,13 +317,7 @@ def read(path: Path) -> ShardCheckpoint:
     """
     try:
         objects = _objects(path)
-        header = next(objects, None)
-        if not isinstance(header, dict) or header.get("format") != FORMAT:
-            raise CheckpointError(f"{path}: not a ranger-ps checkpoint")
-        if header.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"{path}: format version {header.get('format_version')} is not supported")
-        if header.get("crc32") != _header_crc(header):
-            raise CheckpointError(f"{path}: header checksum mismatch")
+        header = _checked_header(path, next(objects, None))
         layout = _layout_from_plain(header["layout"])
         blocks: list[BlockRecord] = []
         footer: Any = None
@@ -415,13 +420,7 @@ def read_header(path: Path) -> CheckpointFile:
         raise CheckpointError(f"{path}: not a checkpoint file name (shard-<id>-<sequence>.ckpt)")
     try:
         with contextlib.closing(_objects(path, read_size=1 << 16)) as objects:
-            header = next(objects, None)
-        if not isinstance(header, dict) or header.get("format") != FORMAT:
-            raise CheckpointError(f"{path}: not a ranger-ps checkpoint")
-        if header.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"{path}: format version {header.get('format_version')} is not supported")
-        if header.get("crc32") != _header_crc(header):
-            raise CheckpointError(f"{path}: header checksum mismatch")
+            header = _checked_header(path, next(objects, None))
         shard_id, num_shards = int(header["shard_id"]), int(header["num_shards"])
         created = float(header["created"])
     except OSError as exc:

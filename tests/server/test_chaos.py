@@ -30,7 +30,6 @@ import json
 import random
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,15 +43,6 @@ PAUSE_SECONDS = LEASE_SECONDS + 1.5  # a pause outlasts the lease: the other sid
 EPOCHS = 40  # 2 workers x 23 steps x 40 epochs: 1,840 pushes per shard, long enough for every fault
 FAULTS = 4
 PUSHES_BETWEEN_FAULTS = 150
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[_Processes]:
-    processes = _Processes(tmp_path)
-    try:
-        yield processes
-    finally:
-        processes.close()
 
 
 def _pushes(servers: list[_Server]) -> int:

@@ -39,15 +39,6 @@ def disk(tmp_path: Path) -> Iterator[Path]:
         yield mounted
 
 
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[_Processes]:
-    processes = _Processes(tmp_path)
-    try:
-        yield processes
-    finally:
-        processes.close()
-
-
 def _health(address: str, service: str) -> str:
     with grpc.insecure_channel(address) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)

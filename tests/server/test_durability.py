@@ -146,15 +146,6 @@ class _Processes:
             stop_process(process)
 
 
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[_Processes]:
-    processes = _Processes(tmp_path)
-    try:
-        yield processes
-    finally:
-        processes.close()
-
-
 def _poll(check: Callable[[], T | None], what: str, timeout: float = 60.0, every: float = 0.05) -> T:
     """Call ``check`` until it returns something other than None (or fail after ``timeout``)."""
     deadline = time.monotonic() + timeout
