@@ -11,9 +11,20 @@ prometheus_client's global default registry), so several shards or workers can l
 - **Worker side** (:class:`WorkerMetrics`): the training loop calls
   :meth:`WorkerMetrics.record_step` after every step (byte counts are running totals).
 - :func:`start_metrics_server` serves a registry on ``http://HOST:PORT/metrics`` from a daemon
-  thread; :meth:`MetricsEndpoint.close` stops it.
+  thread, with the process's ``process_*`` metrics (:class:`ProcessMetrics`) added to it;
+  :meth:`MetricsEndpoint.close` stops it.
 
-The metric names, types and labels are listed in ``docs/observability.md``.
+The metric names, types and labels are listed in ``docs/observability.md``. They follow the
+Prometheus conventions (base units at the end of the name: ``_seconds``, ``_bytes``; ``_total`` on
+counters). Names from before that rule are still exported beside their replacements, with the same
+value and a HELP that names the replacement (:data:`DEPRECATED_NAMES`); they are kept for
+compatibility and will be removed in a later major version.
+
+No ``_created`` series: prometheus_client's ``Counter``/``Histogram`` objects export one per series
+(in the plain-text format as a separate gauge family carrying the parent's HELP), so every family
+here is built by a collector at scrape time, and the two latency histograms are kept by
+:class:`BucketCounts`. prometheus_client's ``disable_created_metrics()`` would do the same but for
+the whole process, including the metrics of a training script that imports ranger-ps.
 
 Threading: the endpoint answers scrapes on prometheus_client's HTTP threads while a shard lives on
 an asyncio loop in the main thread. :meth:`Shard.stats` only reads ints and copies dicts; a copy
@@ -23,6 +34,7 @@ retries it a few times instead of locking the loop.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import logging
 import math
@@ -33,7 +45,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, ProcessCollector, start_http_server
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -42,6 +54,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
     from ranger_ps.wire.stats import ShardStats, WorkerStats
@@ -65,6 +78,17 @@ STEP_SECONDS_BUCKETS: tuple[float, ...] = (
 
 _STATS_ATTEMPTS = 5
 
+#: Names exported for compatibility beside their conventional replacements (family names: counters
+#: get ``_total`` on the wire): deprecated name -> replacement. Same value; the HELP names the
+#: replacement. Kept for compatibility; will be removed in a later major version.
+DEPRECATED_NAMES: Mapping[str, str] = {
+    f"{PREFIX}_bytes_received": f"{PREFIX}_received_bytes",
+    f"{PREFIX}_bytes_sent": f"{PREFIX}_sent_bytes",
+    f"{PREFIX}_worker_bytes_pushed": f"{PREFIX}_worker_pushed_bytes",
+    f"{PREFIX}_worker_bytes_pulled": f"{PREFIX}_worker_pulled_bytes",
+    f"{PREFIX}_worker_bytes_pushed_dense": f"{PREFIX}_worker_pushed_dense_bytes",
+}
+
 
 def bucketize(counts: Mapping[int, int], bounds: Sequence[float]) -> tuple[list[tuple[str, float]], float]:
     """Exact value counts as cumulative Prometheus buckets (``+Inf`` last) and the sum of the values.
@@ -81,6 +105,40 @@ def bucketize(counts: Mapping[int, int], bounds: Sequence[float]) -> tuple[list[
         buckets.append((str(float(bound)), float(sum(c for v, c in counts.items() if v <= bound))))
     buckets.append(("+Inf", float(sum(counts.values()))))
     return buckets, float(sum(v * c for v, c in counts.items()))
+
+
+class BucketCounts:
+    """Observations counted into fixed histogram buckets; thread-safe (one thread observes, scrapes read).
+
+    What a prometheus_client ``Histogram`` keeps, without its ``_created`` series: a collector
+    exports :meth:`snapshot` as a ``HistogramMetricFamily`` sample.
+
+    Args:
+        bounds: the buckets' upper bounds, increasing (``+Inf`` is added).
+    """
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(float(b) for b in bounds)
+        if list(self.bounds) != sorted(set(self.bounds)):
+            raise ValueError(f"bucket bounds must be strictly increasing, got {list(bounds)}")
+        self._lock = threading.Lock()
+        self._counts = [0] * (len(self.bounds) + 1)  # per bucket, not cumulative; the last is +Inf
+        self._sum = 0.0
+
+    def observe(self, value: float) -> None:
+        """Count one observation (into the first bucket whose bound is >= ``value``)."""
+        index = bisect.bisect_left(self.bounds, value)
+        with self._lock:
+            self._counts[index] += 1
+            self._sum += value
+
+    def snapshot(self) -> tuple[list[tuple[str, float]], float]:
+        """``([(le, cumulative count), ..., ("+Inf", total)], sum)``, as :func:`bucketize` returns them."""
+        with self._lock:
+            counts, total = list(self._counts), self._sum
+        bounds = [*map(floatToGoString, self.bounds), "+Inf"]
+        cumulative = [float(sum(counts[: i + 1])) for i in range(len(counts))]
+        return list(zip(bounds, cumulative, strict=True)), total
 
 
 class ServerMetrics(Collector):
@@ -116,13 +174,7 @@ class ServerMetrics(Collector):
         self._checkpoint_age = checkpoint_age
         self._checkpoint_failures = checkpoint_failures
         self.registry = registry if registry is not None else CollectorRegistry()
-        self._apply = Histogram(
-            f"{PREFIX}_apply_seconds",
-            "Time to apply one update (a push, or a bsp clock's combined pushes) to the shard's store.",
-            ["shard"],
-            registry=self.registry,
-            buckets=APPLY_SECONDS_BUCKETS,
-        ).labels(shard=self._shard_label)
+        self._apply = BucketCounts(APPLY_SECONDS_BUCKETS)
         self.registry.register(self)
 
     def observe_apply(self, seconds: float, blocks: int) -> None:
@@ -153,10 +205,16 @@ class ServerMetrics(Collector):
         labels = ["shard"]
         values = [self._shard_label]
         for kind, name, doc, read in _SHARD_SCALARS:
-            family = _scalar_family(kind, f"{PREFIX}_{name}", doc, labels)
-            if stats is not None:
-                family.add_metric(values, float(read(stats)))
-            yield family
+            value = None if stats is None else float(read(stats))
+            yield from _scalar_families(kind, f"{PREFIX}_{name}", doc, labels, values, value)
+        apply = HistogramMetricFamily(
+            f"{PREFIX}_apply_seconds",
+            "Time to apply one update (a push, or a bsp clock's combined pushes) to the shard's store.",
+            labels=labels,
+        )
+        if stats is not None:
+            apply.add_metric(values, *self._apply.snapshot())
+        yield apply
         for name, doc, counts_of in _SHARD_HISTOGRAMS:
             histogram = HistogramMetricFamily(f"{PREFIX}_{name}", doc, labels=labels)
             if stats is not None:
@@ -204,6 +262,29 @@ def _scalar_family(kind: str, name: str, doc: str, labels: list[str]) -> Counter
     return GaugeMetricFamily(name, doc, labels=labels)
 
 
+def _scalar_families(
+    kind: str, name: str, doc: str, labels: list[str], values: list[str], value: float | None
+) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    """The family ``name`` (no sample when ``value`` is None: describe), then its deprecated old name, if any."""
+    yield _with_value(_scalar_family(kind, name, doc, labels), values, value)
+    for old, new in DEPRECATED_NAMES.items():
+        if new == name:
+            suffix = "_total" if kind == "counter" else ""
+            deprecated = (
+                f"Deprecated: use {new}{suffix} (the same value). {doc} "
+                "Kept for compatibility; will be removed in a later major version."
+            )
+            yield _with_value(_scalar_family(kind, old, deprecated, labels), values, value)
+
+
+def _with_value(
+    family: CounterMetricFamily | GaugeMetricFamily, values: list[str], value: float | None
+) -> CounterMetricFamily | GaugeMetricFamily:
+    if value is not None:
+        family.add_metric(values, value)
+    return family
+
+
 def _trainers(stats: ShardStats) -> list[WorkerStats]:
     return [w for w in stats.workers if not w.observer]
 
@@ -213,8 +294,8 @@ _SHARD_SCALARS: tuple[tuple[str, str, str, Callable[[ShardStats], float]], ...] 
     ("counter", "pushes", "Pushes the shard accepted (applied, or queued for a bsp clock).",
      lambda s: s.pushes_applied),
     ("counter", "pulls", "Pulls the shard served.", lambda s: s.pulls_served),
-    ("counter", "bytes_received", "Bytes of push and init messages received.", lambda s: s.bytes_received),
-    ("counter", "bytes_sent", "Bytes of pull replies sent.", lambda s: s.bytes_sent),
+    ("counter", "received_bytes", "Bytes of push and init messages received.", lambda s: s.bytes_received),
+    ("counter", "sent_bytes", "Bytes of pull replies sent.", lambda s: s.bytes_sent),
     ("counter", "blocks_applied", "Block updates applied to the shard's store.", lambda s: s.blocks_applied),
     ("gauge", "uptime_seconds", "Seconds since the shard started.", lambda s: s.uptime_seconds),
     ("gauge", "num_shards", "How many shards the model is spread over.", lambda s: s.num_shards),
@@ -258,13 +339,7 @@ class WorkerMetrics(Collector):
         self._lock = threading.Lock()
         self._state = WorkerProgress()
         self._recent: deque[float] = deque(maxlen=window)
-        self._step_seconds = Histogram(
-            f"{PREFIX}_worker_step_seconds",
-            "Wall time of one training step (forward, backward, push and pull).",
-            ["worker"],
-            registry=self.registry,
-            buckets=STEP_SECONDS_BUCKETS,
-        ).labels(worker=self.worker_id)
+        self._step_seconds = BucketCounts(STEP_SECONDS_BUCKETS)
         self.registry.register(self)
 
     def record_step(
@@ -316,11 +391,18 @@ class WorkerMetrics(Collector):
 
     def _families(self, state: WorkerProgress | None) -> Iterator[Metric]:
         labels = ["worker"]
+        values = [self.worker_id]
         for kind, name, doc, read in _WORKER_SCALARS:
-            family = _scalar_family(kind, f"{PREFIX}_worker_{name}", doc, labels)
-            if state is not None:
-                family.add_metric([self.worker_id], float(read(state)))
-            yield family
+            value = None if state is None else float(read(state))
+            yield from _scalar_families(kind, f"{PREFIX}_worker_{name}", doc, labels, values, value)
+        step_seconds = HistogramMetricFamily(
+            f"{PREFIX}_worker_step_seconds",
+            "Wall time of one training step (forward, backward, push and pull).",
+            labels=labels,
+        )
+        if state is not None:
+            step_seconds.add_metric(values, *self._step_seconds.snapshot())
+        yield step_seconds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,16 +427,66 @@ class WorkerProgress:
 _WORKER_SCALARS: tuple[tuple[str, str, str, Callable[[WorkerProgress], float]], ...] = (
     ("counter", "steps", "Training steps done.", lambda s: s.steps),
     ("gauge", "loss", "Training loss of the last step.", lambda s: s.loss),
-    ("gauge", "steps_per_second", "Steps per second over the last few steps.", lambda s: s.steps_per_second),
-    ("counter", "bytes_pushed", "Bytes of gradients pushed.", lambda s: s.bytes_pushed),
-    ("counter", "bytes_pulled", "Bytes of weights pulled.", lambda s: s.bytes_pulled),
-    ("counter", "bytes_pushed_dense", "Bytes the pushes would have taken sending every block.",
+    ("gauge", "steps_per_second",
+     f"Deprecated: use rate({PREFIX}_worker_steps_total[1m]). Steps per second over the last few steps. "
+     "Kept for compatibility; will be removed in a later major version.", lambda s: s.steps_per_second),
+    ("counter", "pushed_bytes", "Bytes of gradients pushed.", lambda s: s.bytes_pushed),
+    ("counter", "pulled_bytes", "Bytes of weights pulled.", lambda s: s.bytes_pulled),
+    ("counter", "pushed_dense_bytes", "Bytes the pushes would have taken sending every block.",
      lambda s: s.bytes_pushed_dense),
     ("gauge", "push_ratio", "Bytes pushed / bytes a dense push would have sent (NaN before any).",
      lambda s: s.push_ratio),
     ("gauge", "test_loss", "Loss of the last evaluation (NaN: none yet).", lambda s: s.test_loss),
     ("gauge", "test_accuracy", "Accuracy of the last evaluation, 0..1 (NaN: none yet).", lambda s: s.test_accuracy),
 )  # fmt: skip
+
+
+class ProcessMetrics(Collector):
+    """This process's ``process_*`` metrics: prometheus_client's :class:`ProcessCollector`, with a describe().
+
+    ``process_cpu_seconds_total``, ``process_resident_memory_bytes``, ``process_virtual_memory_bytes``,
+    ``process_start_time_seconds``, ``process_open_fds`` and ``process_max_fds``, read from
+    ``/proc/self`` at each scrape. Where there is no ``/proc`` (macOS, Windows) it yields nothing;
+    a file it cannot read leaves out only the values that come from it. The describe() lets a
+    registry refuse a second copy (see :func:`export_process_metrics`).
+
+    Args:
+        proc: where the proc file system is mounted.
+    """
+
+    NAMES: tuple[tuple[str, str], ...] = (
+        ("counter", "process_cpu_seconds"),
+        ("gauge", "process_resident_memory_bytes"),
+        ("gauge", "process_virtual_memory_bytes"),
+        ("gauge", "process_start_time_seconds"),
+        ("gauge", "process_open_fds"),
+        ("gauge", "process_max_fds"),
+    )
+
+    def __init__(self, proc: str = "/proc") -> None:
+        self._collector = ProcessCollector(proc=proc, registry=None)
+
+    def describe(self) -> Iterable[Metric]:
+        """The families, without samples (lets the registry check names)."""
+        return [_scalar_family(kind, name, "", []) for kind, name in self.NAMES]
+
+    def collect(self) -> Iterable[Metric]:
+        """Read ``/proc/self`` (called by the registry at each scrape)."""
+        return self._collector.collect()
+
+
+def export_process_metrics(registry: CollectorRegistry) -> bool:
+    """Add :class:`ProcessMetrics` to ``registry`` unless it has them; returns whether it added them.
+
+    prometheus_client's global default ``REGISTRY`` has its own ``process_*`` collector already.
+    """
+    if registry is REGISTRY:
+        return False
+    try:
+        registry.register(ProcessMetrics())
+    except ValueError:  # "Duplicated timeseries": added before (an endpoint started again on it)
+        return False
+    return True
 
 
 class MetricsEndpoint:
@@ -392,6 +524,9 @@ class MetricsEndpoint:
 def start_metrics_server(registry: CollectorRegistry, host: str, port: int) -> tuple[MetricsEndpoint, int]:
     """Serve ``registry`` on ``http://host:port/metrics`` from a daemon thread.
 
+    The registry also gets this process's ``process_*`` metrics (:func:`export_process_metrics`,
+    once), so every shard and worker endpoint has them from its first scrape.
+
     Args:
         registry: the process's private registry.
         host: address to listen on (``127.0.0.1``; ``0.0.0.0`` in containers).
@@ -406,6 +541,7 @@ def start_metrics_server(registry: CollectorRegistry, host: str, port: int) -> t
     """
     if not 0 <= port <= 65535:
         raise ValueError(f"metrics port must be in [0, 65535], got {port}")
+    export_process_metrics(registry)
     server, thread = start_http_server(port, addr=host, registry=registry)
     endpoint = MetricsEndpoint(server, thread)
     log.debug("metrics served on %s", endpoint.url)

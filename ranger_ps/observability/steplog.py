@@ -19,8 +19,9 @@ any tool reads. Rows are flushed every ``flush_every`` steps or ``flush_seconds`
 (whichever comes first), and evaluation rows at once, so a crash loses at most a few rows.
 
 With ``tensorboard=True`` the same values also go to TensorBoard scalars when
-``torch.utils.tensorboard`` imports (it needs the ``tensorboard`` package, which ranger-ps does not
-depend on); otherwise that is skipped with one log line. :func:`read_step_log` and
+``torch.utils.tensorboard`` imports (it needs the ``tensorboard`` package, the optional extra
+``pip install 'ranger-ps[tensorboard]'``; imported only here, when a log opens); otherwise that is
+skipped with one log line saying how to install it. :func:`read_step_log` and
 :func:`read_eval_log` read the files back (:mod:`ranger_ps.observability.plot` draws them).
 """
 
@@ -91,11 +92,18 @@ class _ScalarWriter(Protocol):
 
 
 def _open_tensorboard(directory: Path) -> _ScalarWriter | None:
-    """A TensorBoard ``SummaryWriter`` on ``directory``, or None (one log line) when it does not import."""
+    """A TensorBoard ``SummaryWriter`` on ``directory``, or None (one log line) when it does not import.
+
+    Imported here, not at the top of the module: ``tensorboard`` is an optional extra.
+    """
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as exc:
-        log.info("TensorBoard scalars skipped: torch.utils.tensorboard does not import (%s)", exc)
+        log.info(
+            "TensorBoard scalars skipped: torch.utils.tensorboard does not import (%s); "
+            "install them with: pip install 'ranger-ps[tensorboard]'",
+            exc,
+        )
         return None
     writer: _ScalarWriter = SummaryWriter(log_dir=str(directory))
     return writer

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -18,6 +20,8 @@ import prometheus_client
 import pytest
 import torch
 from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
@@ -27,9 +31,12 @@ from ranger_ps.config.server import ServerConfig
 from ranger_ps.errors import UserError
 from ranger_ps.observability.metrics import (
     APPLY_SECONDS_BUCKETS,
+    BucketCounts,
+    ProcessMetrics,
     ServerMetrics,
     WorkerMetrics,
     bucketize,
+    export_process_metrics,
     start_metrics_server,
 )
 from ranger_ps.server.shard import Shard
@@ -37,12 +44,43 @@ from tests.conftest import ranger_ps_cmd, stop_process, wait_for_file
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
+#: The process metrics every endpoint exports (Linux), with their Prometheus types.
+PROCESS_FAMILIES = {
+    "process_cpu_seconds": "counter",
+    "process_resident_memory_bytes": "gauge",
+    "process_virtual_memory_bytes": "gauge",
+    "process_start_time_seconds": "gauge",
+    "process_open_fds": "gauge",
+    "process_max_fds": "gauge",
+}
+DEPRECATED = "Kept for compatibility; will be removed in a later major version."
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process_* metrics read /proc")
+
+
+def _exposition(port: int, accept: str | None = None) -> str:
+    """The text ``http://127.0.0.1:port/metrics`` serves (the Prometheus text format unless ``accept`` asks)."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={"Accept": accept} if accept else {})
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        assert reply.status == 200
+        return str(reply.read().decode())
+
+
+def _families(text: str) -> dict[str, Metric]:
+    """The families of a text exposition, parsed by prometheus_client's parser, by family name."""
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    assert len(families) == len(list(text_string_to_metric_families(text))), "a family appears twice"
+    return families
+
+
+def _assert_no_created_series(text: str) -> None:
+    """No ``_created`` series, in any form (a sample, or a family of its own with the parent's HELP)."""
+    assert "_created" not in text
+    assert not [name for name in _families(text) if name.endswith("_created")]
+
 
 def _scrape(port: int) -> Samples:
     """Every sample of ``http://127.0.0.1:port/metrics``, keyed by (name, labels)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-        assert reply.status == 200
-        text = reply.read().decode()
+    text = _exposition(port)
     samples: Samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -133,8 +171,11 @@ def test_a_real_shard_serves_metrics_that_agree_with_its_stats_rpc(tmp_path: Pat
         assert value("ranger_ps_pushes_total") == stats.pushes_applied == steps
         assert value("ranger_ps_blocks_applied_total") == stats.blocks_applied > 0
         assert value("ranger_ps_pulls_total") == stats.pulls_served > 0
-        assert value("ranger_ps_bytes_received_total") == stats.bytes_received > 0
-        assert value("ranger_ps_bytes_sent_total") == stats.bytes_sent > 0
+        assert value("ranger_ps_received_bytes_total") == stats.bytes_received > 0
+        assert value("ranger_ps_sent_bytes_total") == stats.bytes_sent > 0
+        # The names from before the Prometheus conventions: still there, the same values.
+        assert value("ranger_ps_bytes_received_total") == stats.bytes_received
+        assert value("ranger_ps_bytes_sent_total") == stats.bytes_sent
         assert value("ranger_ps_live_workers") == 1
         assert value("ranger_ps_registered_workers") == 1
         assert value("ranger_ps_num_shards") == 1 and value("ranger_ps_initialized") == 1
@@ -251,7 +292,10 @@ def test_worker_metrics_over_a_real_http_scrape() -> None:
     assert value("steps_total") == 3
     assert value("loss") == 1.25
     assert value("steps_per_second") == 4.0  # the last 2 steps took 0.5 s
-    assert value("bytes_pushed_total") == 300
+    assert value("pushed_bytes_total") == 300
+    assert value("pulled_bytes_total") == 900
+    assert value("pushed_dense_bytes_total") == 3000
+    assert value("bytes_pushed_total") == 300  # the deprecated names: the same values
     assert value("bytes_pulled_total") == 900
     assert value("bytes_pushed_dense_total") == 3000
     assert value("push_ratio") == pytest.approx(0.1)
@@ -342,3 +386,162 @@ def test_a_closed_endpoint_refuses_connections() -> None:
     endpoint.close()
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
+#: Every family a shard exports with checkpointing on (text-format family names: counters without ``_total``).
+SHARD_FAMILIES = {
+    "ranger_ps_pushes": "counter",
+    "ranger_ps_pulls": "counter",
+    "ranger_ps_received_bytes": "counter",
+    "ranger_ps_bytes_received": "counter",  # deprecated
+    "ranger_ps_sent_bytes": "counter",
+    "ranger_ps_bytes_sent": "counter",  # deprecated
+    "ranger_ps_blocks_applied": "counter",
+    "ranger_ps_checkpoint_failures": "counter",
+    "ranger_ps_apply_seconds": "histogram",
+    "ranger_ps_staleness_clocks": "histogram",
+    "ranger_ps_version_lag": "histogram",
+    "ranger_ps_uptime_seconds": "gauge",
+    "ranger_ps_num_shards": "gauge",
+    "ranger_ps_initialized": "gauge",
+    "ranger_ps_blocks": "gauge",
+    "ranger_ps_model_bytes": "gauge",
+    "ranger_ps_applied_clock": "gauge",
+    "ranger_ps_live_workers": "gauge",
+    "ranger_ps_registered_workers": "gauge",
+    "ranger_ps_live_observers": "gauge",
+    "ranger_ps_checkpoint_age_seconds": "gauge",
+    "ranger_ps_shard_info": "gauge",
+}
+
+#: Every family a worker exports (``ranger_ps_worker_`` left out).
+WORKER_FAMILIES = {
+    "steps": "counter",
+    "loss": "gauge",
+    "steps_per_second": "gauge",  # deprecated: rate(ranger_ps_worker_steps_total[1m])
+    "step_seconds": "histogram",
+    "pushed_bytes": "counter",
+    "bytes_pushed": "counter",  # deprecated
+    "pulled_bytes": "counter",
+    "bytes_pulled": "counter",  # deprecated
+    "pushed_dense_bytes": "counter",
+    "bytes_pushed_dense": "counter",  # deprecated
+    "push_ratio": "gauge",
+    "test_loss": "gauge",
+    "test_accuracy": "gauge",
+}
+
+
+def _assert_renamed(families: dict[str, Metric], old: str, new: str, samples: Samples, **labels: str) -> None:
+    """``old`` is the deprecated twin of the counter ``new``: same value, a HELP naming the replacement."""
+    assert not families[new].documentation.startswith("Deprecated"), families[new].documentation
+    help_text = families[old].documentation
+    assert help_text == f"Deprecated: use {new}_total (the same value). {families[new].documentation} {DEPRECATED}"
+    assert _value(samples, f"{old}_total", **labels) == _value(samples, f"{new}_total", **labels)
+
+
+def _proc_start_time(pid: int) -> float:
+    """A process's start time (seconds since the epoch) computed from /proc as ``process_start_time_seconds`` is."""
+    with open(f"/proc/{pid}/stat", "rb") as stat:
+        fields = stat.read().split(b")")[-1].split()
+    with open("/proc/stat", "rb") as system:
+        boot = next(float(line.split()[1]) for line in system if line.startswith(b"btime "))
+    return float(fields[19]) / os.sysconf("SC_CLK_TCK") + boot
+
+
+def _assert_process_metrics(families: dict[str, Metric], samples: Samples, start_time: float) -> None:
+    """The process metrics are there, plausible, and of the process that started at ``start_time``."""
+    assert {name: families[name].type for name in PROCESS_FAMILIES} == PROCESS_FAMILIES
+    assert _value(samples, "process_start_time_seconds") == start_time
+    assert _value(samples, "process_cpu_seconds_total") > 0
+    assert _value(samples, "process_resident_memory_bytes") > 0
+    assert _value(samples, "process_virtual_memory_bytes") >= _value(samples, "process_resident_memory_bytes")
+    assert 3 <= _value(samples, "process_open_fds") <= _value(samples, "process_max_fds")
+
+
+@pytest.mark.e2e
+@linux_only
+@pytest.mark.timeout(120)
+def test_a_real_shard_exports_conventional_names_beside_the_old_ones_and_its_process_metrics(tmp_path: Path) -> None:
+    extra = ("--checkpoint-dir", str(tmp_path / "checkpoints"), "--checkpoint-every", "0")
+    with _server(tmp_path, *extra) as (address, info, _process):
+        torch.manual_seed(0)
+        model = nn.Linear(8, 1)
+        optimizer = Ranger(model.named_parameters(), lr=0.05, servers=[address], block_size=4, connect_timeout=30)
+        try:
+            _train(optimizer, model, 3)
+        finally:
+            optimizer.close()
+        text = _exposition(info["metrics_port"])
+        openmetrics = _exposition(info["metrics_port"], accept="application/openmetrics-text; version=1.0.0")
+        shard_start_time = _proc_start_time(info["pid"])  # the shard process's, not this one's
+    families = _families(text)
+    samples = {(s.name, frozenset(s.labels.items())): s.value for f in families.values() for s in f.samples}
+    assert {name: f.type for name, f in families.items()} == {**SHARD_FAMILIES, **PROCESS_FAMILIES}
+    assert _value(samples, "ranger_ps_received_bytes_total", shard="0") > 0
+    _assert_renamed(families, "ranger_ps_bytes_received", "ranger_ps_received_bytes", samples, shard="0")
+    _assert_renamed(families, "ranger_ps_bytes_sent", "ranger_ps_sent_bytes", samples, shard="0")
+    _assert_process_metrics(families, samples, shard_start_time)
+    _assert_no_created_series(text)
+    # The OpenMetrics format (served to a scraper that asks for it) parses strictly, also without _created.
+    parsed = openmetrics_families(openmetrics)  # type: ignore[no-untyped-call]
+    names = {s.name for family in parsed for s in family.samples}
+    assert "ranger_ps_received_bytes_total" in names and "process_cpu_seconds_total" in names
+    assert not [name for name in names if name.endswith("_created")]
+
+
+@pytest.mark.integration
+@linux_only
+@pytest.mark.timeout(30)
+def test_a_worker_endpoint_has_process_metrics_from_the_start_and_conventional_names_after_a_step() -> None:
+    from ranger_ps.observability.records import StepInfo
+    from ranger_ps.observability.watch import RunWatcher
+
+    with RunWatcher("worker", progress=False, metrics_port=0) as watcher:
+        assert watcher.metrics_port is not None
+        before = _families(_exposition(watcher.metrics_port))
+        assert set(before) == set(PROCESS_FAMILIES)  # the worker's own series come with its first step
+        step = StepInfo(
+            worker_id=5, step=1, planned=2, loss=0.5, batch_accuracy=0.5, wall_seconds=0.2,
+            bytes_pushed=40, bytes_pulled=60, bytes_pushed_dense=80,
+        )  # fmt: skip
+        watcher.on_step(step)
+        text = _exposition(watcher.metrics_port)
+    families = _families(text)
+    samples = {(s.name, frozenset(s.labels.items())): s.value for f in families.values() for s in f.samples}
+    expected = {f"ranger_ps_worker_{name}": kind for name, kind in WORKER_FAMILIES.items()}
+    assert {name: f.type for name, f in families.items()} == {**expected, **PROCESS_FAMILIES}
+    for old, new in [("bytes_pushed", "pushed_bytes"), ("bytes_pulled", "pulled_bytes"),
+                     ("bytes_pushed_dense", "pushed_dense_bytes")]:  # fmt: skip
+        _assert_renamed(families, f"ranger_ps_worker_{old}", f"ranger_ps_worker_{new}", samples, worker="5")
+    assert _value(samples, "ranger_ps_worker_pushed_dense_bytes_total", worker="5") == 80
+    rate_help = families["ranger_ps_worker_steps_per_second"].documentation
+    assert rate_help.startswith("Deprecated: use rate(ranger_ps_worker_steps_total[1m]).") and DEPRECATED in rate_help
+    assert _value(samples, "ranger_ps_worker_steps_per_second", worker="5") == 5.0  # kept: one step of 0.2 s
+    assert _value(samples, "ranger_ps_worker_step_seconds_count", worker="5") == 1
+    _assert_process_metrics(families, samples, _proc_start_time(os.getpid()))
+    _assert_no_created_series(text)
+
+
+def test_bucket_counts_count_each_observation_in_the_first_bucket_that_holds_it() -> None:
+    counts = BucketCounts((0.5, 1, 2))
+    assert counts.snapshot() == ([("0.5", 0.0), ("1.0", 0.0), ("2.0", 0.0), ("+Inf", 0.0)], 0.0)
+    for value in (0.5, 0.75, 1.0, 2.0, 9.0, 0.0):
+        counts.observe(value)
+    # An observation equal to a bound is in that bucket (Prometheus' le: less than or equal).
+    assert counts.snapshot() == ([("0.5", 2.0), ("1.0", 4.0), ("2.0", 5.0), ("+Inf", 6.0)], 13.25)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        BucketCounts((1, 1))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        BucketCounts((2, 1))
+
+
+def test_process_metrics_are_added_once_and_not_to_prometheus_clients_default_registry(tmp_path: Path) -> None:
+    registry = CollectorRegistry()
+    assert export_process_metrics(registry) is True
+    assert export_process_metrics(registry) is False  # already there: no second copy of every series
+    assert export_process_metrics(prometheus_client.REGISTRY) is False  # it has its own process collector
+    # Without a proc file system (macOS, Windows) there are no process metrics, and no error.
+    assert list(ProcessMetrics(proc=str(tmp_path / "no-proc")).collect()) == []
+    if sys.platform.startswith("linux"):
+        assert registry.get_sample_value("process_open_fds") is not None
