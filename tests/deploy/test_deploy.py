@@ -6,6 +6,9 @@ There is no Docker engine or cluster here, so each is checked as far as tools al
   when one is on PATH, otherwise with a small renderer of the kustomize features deploy/k8s uses,
   which is compared with the real tool whenever both are there) and every object is validated
   with ``kubernetes-validate`` in strict mode;
+- what the objects must say: the worker Job's per-index retries and pod failure policy (evaluated
+  for ranger-ps's exit codes), the NetworkPolicies (evaluated for the gRPC and metrics ports), the
+  images set in one Component, the reports on a claim, the run name in the checkpoint path;
 - the compose files are validated against the compose-spec JSON schema (as vendored by
   ``check-jsonschema``);
 - every ``RANGER_PS_*`` variable and every argv the manifests pass must be a real flag of the
@@ -45,6 +48,7 @@ import pytest
 import yaml
 
 from ranger_ps.cli import apply_environment, build_parser, env_var, train_config_from_args
+from ranger_ps.cli.common import EXIT_CLUSTER_ERROR, EXIT_INTERRUPTED, EXIT_USER_ERROR
 from ranger_ps.config.server import ServerConfig
 from ranger_ps.errors import UserError
 from ranger_ps.workloads.data import DATASETS
@@ -65,10 +69,20 @@ ENV_ONLY = {"RANGER_PS_TOKEN"}
 K8S_TOKEN = Path("/var/run/secrets/ranger-ps/token")
 CHECKPOINTS = Path("/data/checkpoints")
 
-# Kubernetes versions the manifests must be valid for: the oldest they support (the StatefulSet
-# pod-index label is beta, on by default, from 1.28) and the newest kubernetes-validate knows.
-K8S_VERSIONS = ("1.28", kubernetes_validate.utils.latest_version())
-APPLIED_KUSTOMIZATIONS = ("overlays/cpu", "overlays/gpu", "evaluate")
+# Kubernetes versions the manifests must be valid for: the oldest they support and the newest
+# kubernetes-validate knows. 1.29: the worker Job's backoffLimitPerIndex and the FailIndex action
+# are beta and on by default from 1.29 (GA in 1.33); the 1.28 schemas know the fields too, but
+# there they are alpha and off, and an API server drops or refuses them. (The StatefulSet
+# pod-index label needs 1.28.)
+K8S_VERSIONS = ("1.29", kubernetes_validate.utils.latest_version())
+APPLIED_KUSTOMIZATIONS = ("overlays/cpu", "overlays/gpu", "evaluate", "reports")
+COMPONENTS = ("components/gpu-workers", "components/image")
+IMAGE_COMPONENT = K8S / "components" / "image"
+# The images the manifests name; components/image maps them to a registry.
+CPU_IMAGE, CUDA_IMAGE = "ranger-ps", "ranger-ps-cuda"
+METRICS_PORT = 9100
+# The namespace label that admits a scraper to the metrics port (metrics-networkpolicy.yaml).
+SCRAPER_LABEL = ("ranger-ps/metrics-scraper", "true")
 
 Obj = dict[str, Any]
 
@@ -154,7 +168,7 @@ MERGE_KEYS = {
     "ports": "containerPort",
     "imagePullSecrets": "name",
 }
-FALLBACK_FIELDS = {"apiVersion", "kind", "resources", "namespace", "labels", "images", "patches"}
+FALLBACK_FIELDS = {"apiVersion", "kind", "resources", "components", "namespace", "labels", "images", "patches"}
 
 
 def kustomize_command() -> list[str] | None:
@@ -166,8 +180,21 @@ def kustomize_command() -> list[str] | None:
     return None
 
 
+def _kustomization_kind(path: Path) -> str:
+    return str(yaml.safe_load(path.read_text()).get("kind", "Kustomization"))
+
+
 def kustomization_dirs() -> list[str]:
-    return sorted(str(p.parent.relative_to(K8S)) for p in K8S.rglob("kustomization.yaml"))
+    """The kustomizations under deploy/k8s that build objects (Components only add to others)."""
+    return sorted(
+        str(p.parent.relative_to(K8S)) for p in K8S.rglob("kustomization.yaml") if _kustomization_kind(p) != "Component"
+    )
+
+
+def component_dirs() -> list[str]:
+    return sorted(
+        str(p.parent.relative_to(K8S)) for p in K8S.rglob("kustomization.yaml") if _kustomization_kind(p) == "Component"
+    )
 
 
 def _load_all(text: str) -> list[Obj]:
@@ -225,11 +252,14 @@ def _api_group(obj: Obj) -> str:
     return api_version.split("/")[0] if "/" in api_version else ""
 
 
-def render_fallback(directory: Path) -> list[Obj]:
+def render_fallback(directory: Path, accumulated: list[Obj] | None = None) -> list[Obj]:
     """``kustomize build DIRECTORY`` for the features deploy/k8s uses; anything else is an error.
 
-    Order as in kustomize: resources (directories rendered recursively), patches, namespace,
-    labels (metadata only: no includeSelectors or includeTemplates), images.
+    Order as in kustomize: resources (directories rendered recursively), components (each applied
+    to what has accumulated so far, in order), then the kustomization's own patches, namespace,
+    labels (metadata only: no includeSelectors or includeTemplates), images. A Component
+    (``accumulated`` given) adds its resources to the objects of the kustomization that lists it
+    and transforms them all.
     """
     kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
     unsupported = set(kustomization) - FALLBACK_FIELDS
@@ -237,10 +267,15 @@ def render_fallback(directory: Path) -> list[Obj]:
         raise NotImplementedError(
             f"{directory}: {sorted(unsupported)} not supported by the fallback renderer; install kustomize or extend it"
         )
-    objects: list[Obj] = []
+    is_component = kustomization.get("kind") == "Component"
+    if is_component is (accumulated is None):
+        raise AssertionError(f"{directory}: a Component must be listed under components:, and only a Component")
+    objects: list[Obj] = list(accumulated or [])
     for entry in kustomization.get("resources", []):
         path = (directory / entry).resolve()
         objects += render_fallback(path) if path.is_dir() else _load_all(path.read_text())
+    for entry in kustomization.get("components", []):
+        objects = render_fallback((directory / entry).resolve(), objects)
     for entry in kustomization.get("patches", []):
         if set(entry) != {"path"}:
             raise NotImplementedError(f"{directory}: only `patches: - path:` is supported, got {entry}")
@@ -271,8 +306,8 @@ def render_fallback(directory: Path) -> list[Obj]:
 
 
 @functools.cache
-def _render_cached(relative: str, tool: str) -> str:
-    directory = K8S / relative
+def _render_cached(relative: str, tool: str, root: Path = K8S) -> str:
+    directory = root / relative
     if tool == "fallback":
         return json.dumps(render_fallback(directory))
     command = kustomize_command()
@@ -282,10 +317,10 @@ def _render_cached(relative: str, tool: str) -> str:
     return json.dumps(_load_all(result.stdout))
 
 
-def render(relative: str, tool: str | None = None) -> list[Obj]:
-    """The objects a kustomization renders to (a fresh copy: callers may change them)."""
+def render(relative: str, tool: str | None = None, root: Path = K8S) -> list[Obj]:
+    """The objects a kustomization under ``root`` renders to (a fresh copy: callers may change them)."""
     tool = tool or ("kustomize" if kustomize_command() else "fallback")
-    rendered: list[Obj] = json.loads(_render_cached(relative, tool))
+    rendered: list[Obj] = json.loads(_render_cached(relative, tool, root))
     return rendered
 
 
@@ -312,11 +347,20 @@ def one(objects: list[Obj], kind: str, name: str) -> Obj:
 
 
 def pod_specs(objects: list[Obj]) -> Iterator[tuple[Obj, Obj]]:
-    """(workload, pod spec) of every object that runs pods."""
+    """(workload, pod spec) of every object that runs pods: workloads' templates, and bare Pods."""
     for obj in objects:
+        if obj["kind"] == "Pod":
+            yield obj, obj["spec"]
+            continue
         template = obj.get("spec", {}).get("template")
         if template is not None:
             yield obj, template["spec"]
+
+
+def pod_labels(workload: Obj) -> dict[str, str]:
+    """The labels of the pods a workload (or a bare Pod) runs."""
+    meta = workload["metadata"] if workload["kind"] == "Pod" else workload["spec"]["template"]["metadata"]
+    return dict(meta.get("labels", {}))
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,6 +371,7 @@ def pod_specs(objects: list[Obj]) -> Iterator[tuple[Obj, Obj]]:
 @pytest.mark.timeout(30)
 def test_the_expected_kustomizations_exist() -> None:
     assert set(kustomization_dirs()) == {"base", *APPLIED_KUSTOMIZATIONS}
+    assert set(component_dirs()) == set(COMPONENTS)
 
 
 @pytest.mark.timeout(300)
@@ -386,19 +431,51 @@ def test_the_fallback_renderer_refuses_what_it_does_not_implement(tmp_path: Path
 # --------------------------------------------------------------------------------------------
 
 
+_REFERENCE = re.compile(r"\$\$|\$\(([^)]*)\)")
+
+
+def expand(value: str, env: Mapping[str, str]) -> str:
+    """``$(NAME)`` references as the kubelet expands them in env values, command and args.
+
+    A defined variable's value replaces the reference, ``$$`` is a literal ``$``, and a reference
+    to a variable not defined (before it, for an env value) stays as written.
+    """
+
+    def substitute(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name = match.group(1)
+        return env[name] if name in env else match.group(0)
+
+    return _REFERENCE.sub(substitute, value)
+
+
+def _unexpanded(value: str) -> bool:
+    return any(match.group(0) != "$$" for match in _REFERENCE.finditer(value))
+
+
 def _env_of(container: Obj, objects: list[Obj], field_values: Mapping[str, str]) -> dict[str, str]:
-    """A container's environment as the kubelet builds it: envFrom first, then env (which wins)."""
+    """A container's environment as the kubelet builds it: envFrom first, then env (which wins),
+    each env value expanded against the variables defined before it."""
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
         ref = source["configMapRef"]["name"]
         env.update(one(objects, "ConfigMap", ref)["data"])
     for var in container.get("env", []):
+        name = var["name"]
         if "value" in var:
-            env[var["name"]] = str(var["value"])
+            value = expand(str(var["value"]), env)
+            assert not _unexpanded(value), f"{name}={var['value']}: refers to a variable not defined before it"
+            env[name] = value
+        elif "configMapKeyRef" in var["valueFrom"]:
+            ref = var["valueFrom"]["configMapKeyRef"]
+            data = one(objects, "ConfigMap", ref["name"])["data"]
+            assert ref["key"] in data, f"{name}: ConfigMap {ref['name']} has no key {ref['key']}"
+            env[name] = data[ref["key"]]
         else:
             path = var["valueFrom"]["fieldRef"]["fieldPath"]
-            assert path in field_values, f"{var['name']}: fieldPath {path} is not provided to this pod"
-            env[var["name"]] = field_values[path]
+            assert path in field_values, f"{name}: fieldPath {path} is not provided to this pod"
+            env[name] = field_values[path]
     return env
 
 
@@ -421,7 +498,9 @@ def k8s_invocations(objects: list[Obj]) -> Iterator[tuple[str, list[str], dict[s
                 fields[COMPLETION_INDEX] = str(index)
             for container in spec["containers"]:
                 assert "command" not in container, f"{name}: the image's entrypoint (ranger-ps) must stay"
-                yield f"{name}[{index}] {container['name']}", container["args"], _env_of(container, objects, fields)
+                env = _env_of(container, objects, fields)
+                argv = [expand(arg, env) for arg in container["args"]]
+                yield f"{name}[{index}] {container['name']}", argv, env
 
 
 def with_evaluate(overlay: str) -> list[Obj]:
@@ -498,10 +577,11 @@ def test_k8s_shards_and_workers_agree(overlay: str) -> None:
     assert training["RANGER_PS_SERVERS"].split(",") == [f"ps-{i}.ps:{GRPC_PORT}" for i in range(replicas)]
 
     # Shard id from the pod ordinal, shard count = replicas.
-    for _, argv, env in k8s_invocations([statefulset]):
+    configmaps = by_kind(objects, "ConfigMap")
+    for _, argv, env in k8s_invocations([statefulset, *configmaps]):
         args = parsed(argv, env)
         assert (args.command, args.host, args.port, args.num_shards) == ("server", "0.0.0.0", GRPC_PORT, replicas)
-    shard_ids = [parsed(argv, env).shard_id for _, argv, env in k8s_invocations([statefulset])]
+    shard_ids = [parsed(argv, env).shard_id for _, argv, env in k8s_invocations([statefulset, *configmaps])]
     assert shard_ids == list(range(replicas))
     assert statefulset["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "checkpoints"
 
@@ -517,6 +597,7 @@ def test_k8s_shards_and_workers_agree(overlay: str) -> None:
 @pytest.mark.parametrize("overlay", ["overlays/cpu", "overlays/gpu"])
 def test_k8s_token_and_checkpoints_are_wired(overlay: str) -> None:
     objects = with_evaluate(overlay)
+    run_name = one(objects, "ConfigMap", "ranger-ps-training")["data"]["RUN_NAME"]
     for workload, spec in pod_specs(objects):
         (container,) = spec["containers"]
         mounts = {m["name"]: Path(m["mountPath"]) for m in container["volumeMounts"]}
@@ -526,7 +607,8 @@ def test_k8s_token_and_checkpoints_are_wired(overlay: str) -> None:
             # The shards require the token, the workers and the evaluation send it: the same file.
             assert args.token_file == K8S_TOKEN == mounts[secret_volume] / "token", where
             if args.command == "server":
-                assert args.checkpoint_dir == CHECKPOINTS == mounts["checkpoints"], where
+                # One folder per run on the shard's volume (test_k8s_the_run_name_chooses_...).
+                assert args.checkpoint_dir == CHECKPOINTS / run_name and CHECKPOINTS == mounts["checkpoints"], where
     claims = one(objects, "StatefulSet", "ps")["spec"]["volumeClaimTemplates"]
     assert [c["metadata"]["name"] for c in claims] == ["checkpoints"]
 
@@ -549,7 +631,8 @@ def test_k8s_gpu_overlay_asks_for_gpus_and_trains_on_cuda() -> None:
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("overlay", ["overlays/cpu", "overlays/gpu"])
 def test_k8s_pods_are_locked_down_and_bounded(overlay: str) -> None:
-    objects = with_evaluate(overlay)
+    objects = with_evaluate(overlay) + render("reports")
+    assert {w["metadata"]["name"] for w, _ in pod_specs(objects)} == {"ps", "worker", "evaluate", "reports"}
     namespace = one(objects, "Namespace", "ranger-ps")
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
     for workload, spec in pod_specs(objects):
@@ -569,6 +652,8 @@ def test_k8s_pods_are_locked_down_and_bounded(overlay: str) -> None:
                 assert {"cpu", "memory"} <= set(container["resources"][kind]), name
             mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
             assert "emptyDir" in volumes[mounts["/tmp"]["name"]], f"{name}: /tmp must be writable"
+            if "command" in container:
+                continue  # not ranger-ps (the reports reader): it calls no shard, needs no token
             token = mounts["/var/run/secrets/ranger-ps"]
             assert token["readOnly"] is True
             assert volumes[token["name"]]["secret"]["secretName"] == "ranger-ps-token"
@@ -582,24 +667,277 @@ def test_k8s_pods_are_locked_down_and_bounded(overlay: str) -> None:
 
 def _selects(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
     assert set(selector) <= {"matchLabels"}, "only matchLabels selectors are checked here"
-    return bool(selector["matchLabels"].items() <= labels.items())
+    return bool(selector.get("matchLabels", {}).items() <= labels.items())
+
+
+def _namespace_labels(name: str, **labels: str) -> dict[str, str]:
+    """A namespace's labels: the API server sets kubernetes.io/metadata.name on every one."""
+    return {"kubernetes.io/metadata.name": name, **labels}
+
+
+def _peer_admits(peer: Obj, namespace: str, source_namespace: Mapping[str, str], source_pod: Mapping[str, str]) -> bool:
+    assert set(peer) <= {"podSelector", "namespaceSelector"}, f"peer {peer}: ipBlock is not evaluated here"
+    if "namespaceSelector" in peer:
+        namespace_matches = _selects(peer["namespaceSelector"], source_namespace)
+    else:  # a podSelector alone: pods of the policy's own namespace
+        namespace_matches = source_namespace["kubernetes.io/metadata.name"] == namespace
+    return namespace_matches and ("podSelector" not in peer or _selects(peer["podSelector"], source_pod))
+
+
+def admits(
+    policies: list[Obj],
+    pod: Mapping[str, str],
+    port: int,
+    source_namespace: Mapping[str, str],
+    source_pod: Mapping[str, str],
+    namespace: str = "ranger-ps",
+) -> bool:
+    """Whether TCP ``port`` of a pod with labels ``pod`` in ``namespace`` accepts a connection from
+    a pod with labels ``source_pod`` in a namespace with labels ``source_namespace``, by the
+    NetworkPolicy rules: a pod no Ingress policy selects accepts everything; a pod some select
+    accepts what any rule of any of them allows (a rule allows a port it lists, or every port
+    when it lists none, from a peer it lists, or from anywhere when it lists none)."""
+    selecting = [
+        p
+        for p in policies
+        if p["metadata"]["namespace"] == namespace
+        and "Ingress" in p["spec"]["policyTypes"]
+        and _selects(p["spec"]["podSelector"], pod)
+    ]
+    if not selecting:
+        return True
+    for policy in selecting:
+        for rule in policy["spec"].get("ingress", []):
+            for entry in rule.get("ports", []):
+                assert isinstance(entry["port"], int) and "endPort" not in entry, f"{entry}: only port numbers here"
+            ports = [e["port"] for e in rule.get("ports", []) if e.get("protocol", "TCP") == "TCP"]
+            if "ports" in rule and port not in ports:
+                continue
+            peers = rule.get("from")
+            if peers is None or any(_peer_admits(peer, namespace, source_namespace, source_pod) for peer in peers):
+                return True
+    return False
 
 
 @pytest.mark.timeout(60)
-def test_k8s_only_workers_reach_the_servers_and_the_pdb_guards_them() -> None:
-    objects = with_evaluate("overlays/cpu")
-    labels = {w["metadata"]["name"]: w["spec"]["template"]["metadata"]["labels"] for w, _ in pod_specs(objects)}
-    (policy,) = by_kind(objects, "NetworkPolicy")
-    assert policy["spec"]["policyTypes"] == ["Ingress"]
-    assert [name for name, pod in labels.items() if _selects(policy["spec"]["podSelector"], pod)] == ["ps"]
-    (rule,) = policy["spec"]["ingress"]
-    assert rule["ports"] == [{"protocol": "TCP", "port": GRPC_PORT}]
-    (peer,) = rule["from"]
-    assert set(peer) == {"podSelector"}  # no namespaceSelector / ipBlock: only pods of this namespace
-    allowed = sorted(name for name, pod in labels.items() if _selects(peer["podSelector"], pod))
-    assert allowed == ["evaluate", "worker"]  # the servers cannot reach each other, nothing else can
+def test_k8s_network_policies_admit_workers_on_grpc_and_scrapers_on_metrics() -> None:
+    objects = with_evaluate("overlays/cpu") + render("reports")
+    policies = by_kind(objects, "NetworkPolicy")
+    pods = {w["metadata"]["name"]: pod_labels(w) for w, _ in pod_specs(objects)}
+    home = _namespace_labels("ranger-ps", **one(objects, "Namespace", "ranger-ps")["metadata"]["labels"])
+    scraper_namespace = _namespace_labels("monitoring", **dict([SCRAPER_LABEL]))
+    prometheus = {"app.kubernetes.io/name": "prometheus"}
+    elsewhere = _namespace_labels("default")
+
+    # gRPC: only the workers and the evaluation reach the shards; not each other, not the reader,
+    # not the scrapers, nothing from another namespace (even with a worker's labels).
+    reach = sorted(name for name, labels in pods.items() if admits(policies, pods["ps"], GRPC_PORT, home, labels))
+    assert reach == ["evaluate", "worker"]
+    assert not admits(policies, pods["ps"], GRPC_PORT, scraper_namespace, prometheus)
+    assert not admits(policies, pods["ps"], GRPC_PORT, elsewhere, pods["worker"])
+
+    # Metrics: the shards and the workers serve them on METRICS_PORT, where they listen on every
+    # address and say so in the scrape annotations; a pod of a labelled namespace may scrape them,
+    # nothing else may, and no other port is opened to it.
+    serving = {}
+    for workload, spec in pod_specs(objects):
+        ports = [p for c in spec["containers"] for p in c.get("ports", []) if p["name"] == "metrics"]
+        if ports:
+            (container,) = spec["containers"]
+            env = _env_of(container, objects, {POD_INDEX: "0", COMPLETION_INDEX: "0"})
+            assert ports == [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}]
+            assert (env[PREFIX + "METRICS_PORT"], env[PREFIX + "METRICS_HOST"]) == (str(METRICS_PORT), "0.0.0.0")
+            annotations = workload["spec"]["template"]["metadata"]["annotations"]
+            assert annotations["prometheus.io/scrape"] == "true"
+            assert annotations["prometheus.io/port"] == str(METRICS_PORT)
+            serving[workload["metadata"]["name"]] = pods[workload["metadata"]["name"]]
+    assert sorted(serving) == ["ps", "worker"]
+    for name, labels in serving.items():
+        assert admits(policies, labels, METRICS_PORT, scraper_namespace, prometheus), name
+        assert not admits(policies, labels, METRICS_PORT, elsewhere, prometheus), name
+        assert not admits(policies, labels, 8080, scraper_namespace, prometheus), name
+        assert not [other for other, source in pods.items() if admits(policies, labels, METRICS_PORT, home, source)]
+    # The workers accept nothing else either: they only ever connect out.
+    assert not admits(policies, pods["worker"], GRPC_PORT, home, pods["worker"])
+
+    # Without the metrics policy the shards could not be scraped: the check above can fail.
+    grpc_only = [p for p in policies if p["metadata"]["name"] == "ps-from-workers"]
+    assert not admits(grpc_only, pods["ps"], METRICS_PORT, scraper_namespace, prometheus)
+
     (pdb,) = by_kind(objects, "PodDisruptionBudget")
-    assert [name for name, pod in labels.items() if _selects(pdb["spec"]["selector"], pod)] == ["ps"]
+    assert [name for name, labels in pods.items() if _selects(pdb["spec"]["selector"], labels)] == ["ps"]
+
+
+def pod_failure_action(job: Obj, exit_codes: Mapping[str, int], conditions: frozenset[str] = frozenset()) -> str:
+    """What the Job controller does with a failed pod of ``job``: the action of the first rule of
+    its podFailurePolicy that matches (a container's exit code, or a pod condition that is True),
+    else Count (it counts against the index's backoffLimitPerIndex)."""
+    for rule in job["spec"].get("podFailurePolicy", {}).get("rules", []):
+        if "onExitCodes" in rule:
+            requirement = rule["onExitCodes"]
+            assert requirement["operator"] == "In", "only the In operator is evaluated here"
+            codes = [code for name, code in exit_codes.items() if requirement.get("containerName") in (None, name)]
+            matched = any(code in requirement["values"] for code in codes)
+        else:
+            matched = any(
+                pattern["type"] in conditions and pattern.get("status", "True") == "True"
+                for pattern in rule["onPodConditions"]
+            )
+        if matched:
+            return str(rule["action"])
+    return "Count"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("overlay", ["overlays/cpu", "overlays/gpu"])
+def test_k8s_a_failed_worker_is_retried_or_dropped_without_failing_the_others(overlay: str) -> None:
+    job = one(render(overlay), "Job", "worker")
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed"
+    assert spec["template"]["spec"]["restartPolicy"] == "Never"  # required by both fields below
+    # Failures count per index; a total backoffLimit (all indexes together) would let one worker
+    # that keeps failing fail the Job, and maxFailedIndexes would stop the others.
+    assert spec["backoffLimitPerIndex"] >= 1
+    assert "backoffLimit" not in spec, "backoffLimit is a total over every index: leave it to its default"
+    assert "maxFailedIndexes" not in spec, "a failed index must not stop the other workers"
+    # Never two pods of one index (one worker id) at once.
+    assert spec["podReplacementPolicy"] == "Failed"
+
+    (container,) = spec["template"]["spec"]["containers"]
+    worker = container["name"]
+    rules = spec["podFailurePolicy"]["rules"]
+    assert all(rule["action"] != "FailJob" for rule in rules), "no worker failure may end the whole Job"
+    # ranger-ps's exit codes: a usage error fails the same way again, an interrupt was meant.
+    assert pod_failure_action(job, {worker: EXIT_USER_ERROR}) == "FailIndex"
+    assert pod_failure_action(job, {worker: EXIT_INTERRUPTED}) == "FailIndex"
+    # The cluster failed, a crash, an OOM kill (137), SIGTERM (143): retried within the limit.
+    for code in (EXIT_CLUSTER_ERROR, 137, 143, 139):
+        assert pod_failure_action(job, {worker: code}) == "Count", code
+    # Evicted, preempted, drained: started again without counting, whatever the exit code.
+    for code in (EXIT_CLUSTER_ERROR, EXIT_USER_ERROR, 143):
+        assert pod_failure_action(job, {worker: code}, frozenset({"DisruptionTarget"})) == "Ignore", code
+    # The exit-code rule names the container it is about (it exists under that name).
+    assert [r["onExitCodes"]["containerName"] for r in rules if "onExitCodes" in r] == [worker]
+
+    # The evaluator is not vacuous: without the policy everything counts.
+    bare = copy.deepcopy(job)
+    del bare["spec"]["podFailurePolicy"]
+    assert pod_failure_action(bare, {worker: EXIT_USER_ERROR}, frozenset({"DisruptionTarget"})) == "Count"
+
+
+def _configured_images(component: Path = IMAGE_COMPONENT) -> dict[str, str]:
+    kustomization = yaml.safe_load((component / "kustomization.yaml").read_text())
+    assert kustomization["kind"] == "Component"
+    return {i["name"]: f"{i['newName']}:{i['newTag']}" for i in kustomization["images"]}
+
+
+def _container_images(objects: list[Obj]) -> dict[tuple[str, str], str]:
+    return {
+        (w["metadata"]["name"], c["name"]): c["image"]
+        for w, spec in pod_specs(objects)
+        for c in [*spec["containers"], *spec.get("initContainers", [])]
+    }
+
+
+def _expected_image(relative: str, workload: str, images: Mapping[str, str]) -> str:
+    """The GPU overlay's workers run the CUDA image; every other container the CPU one."""
+    return images[CUDA_IMAGE] if (relative, workload) == ("overlays/gpu", "worker") else images[CPU_IMAGE]
+
+
+@pytest.mark.timeout(120)
+def test_k8s_every_image_is_set_in_one_place(tmp_path: Path) -> None:
+    images = _configured_images()
+    assert set(images) == {CPU_IMAGE, CUDA_IMAGE}
+    for path in K8S.rglob("kustomization.yaml"):
+        if path.parent != IMAGE_COMPONENT:
+            assert "images" not in yaml.safe_load(path.read_text()), f"{path}: images are set in {IMAGE_COMPONENT}"
+    for relative in ["base", *APPLIED_KUSTOMIZATIONS]:
+        found = _container_images(render(relative))
+        assert found, relative
+        for (workload, container), image in found.items():
+            assert image == _expected_image(relative, workload, images), f"{relative}: {workload}/{container}"
+
+    # Edit that one place (in a copy): every container of every kustomization follows.
+    copied = tmp_path / "k8s"
+    shutil.copytree(K8S, copied)
+    component = copied / IMAGE_COMPONENT.relative_to(K8S)
+    kustomization = yaml.safe_load((component / "kustomization.yaml").read_text())
+    for image in kustomization["images"]:
+        image["newName"] = "registry.test/team/ranger-ps"
+        image["newTag"] = "9.9.9" + ("-cuda" if image["name"] == CUDA_IMAGE else "")
+    (component / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    edited = _configured_images(component)
+    assert set(edited.values()) == {"registry.test/team/ranger-ps:9.9.9", "registry.test/team/ranger-ps:9.9.9-cuda"}
+    for relative in ["base", *APPLIED_KUSTOMIZATIONS]:
+        for (workload, container), image in _container_images(render(relative, root=copied)).items():
+            assert image == _expected_image(relative, workload, edited), f"{relative}: {workload}/{container}"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("overlay", ["overlays/cpu", "overlays/gpu"])
+def test_k8s_worker_reports_are_kept_on_a_claim_per_run_and_worker(overlay: str) -> None:
+    objects = render(overlay) + render("reports")
+    run_name = one(objects, "ConfigMap", "ranger-ps-training")["data"]["RUN_NAME"]
+    claim = one(objects, "PersistentVolumeClaim", "reports")
+    # Every worker pod mounts it at once, on whichever node it runs (deploy/README.md, "Reports").
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    job = one(objects, "Job", "worker")
+    pod = job["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (container,) = pod["containers"]
+    outputs = set()
+    for where, argv, env in k8s_invocations([job, *by_kind(objects, "ConfigMap")]):
+        args = parsed(argv, env)
+        report = Path(args.report)
+        assert report == Path("/reports") / run_name / f"worker-{args.worker_id}.json", where
+        assert args.metrics_csv == report.with_suffix(".csv"), where
+        (mount,) = [m for m in container["volumeMounts"] if report.is_relative_to(m["mountPath"])]
+        volume = volumes[mount["name"]]
+        assert "emptyDir" not in volume, f"{where}: the report would go with the pod"
+        assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"], where
+        assert not mount.get("readOnly"), where
+        outputs |= {report, args.metrics_csv}
+    assert len(outputs) == 2 * job["spec"]["completions"], "each worker writes its own files"
+
+    # The reader pod mounts the same claim at the same place, read-only, for `kubectl cp`.
+    reader = one(objects, "Pod", "reports")["spec"]
+    (reader_container,) = reader["containers"]
+    (reader_mount,) = [m for m in reader_container["volumeMounts"] if m["mountPath"] == mount["mountPath"]]
+    assert reader_mount["readOnly"] is True
+    reader_volume = {v["name"]: v for v in reader["volumes"]}[reader_mount["name"]]
+    assert reader_volume["persistentVolumeClaim"] == {"claimName": claim["metadata"]["name"], "readOnly": True}
+
+
+@pytest.mark.timeout(60)
+def test_k8s_the_run_name_chooses_the_checkpoint_folder_and_the_reports_folder() -> None:
+    def outputs(objects: list[Obj]) -> dict[str, Path]:
+        found = {}
+        for where, argv, env in k8s_invocations(objects):
+            args = parsed(argv, env)
+            if args.command == "server":
+                found[where] = Path(args.checkpoint_dir)
+            elif args.command == "worker":
+                found[where] = Path(args.report).parent
+        return found
+
+    objects = with_evaluate("overlays/cpu")
+    training = one(objects, "ConfigMap", "ranger-ps-training")["data"]
+    run_name = training["RUN_NAME"]
+    assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", run_name), "a run name is one path component"
+    before = outputs(objects)
+    assert {where.split("[")[0] for where in before} == {"StatefulSet/ps", "Job/worker"}
+    for where, folder in before.items():
+        assert folder == (CHECKPOINTS if where.startswith("StatefulSet") else Path("/reports")) / run_name, where
+
+    # A new name in the ConfigMap is a new folder for the shards (nothing to resume: a fresh run)
+    # and for the reports; the same name is the same folder (the shards resume from it).
+    training["RUN_NAME"] = "run-2"
+    after = outputs(objects)
+    assert after.keys() == before.keys()
+    for where, folder in after.items():
+        assert folder == before[where].parent / "run-2", where
+    training["RUN_NAME"] = run_name
+    assert outputs(objects) == before
 
 
 # --------------------------------------------------------------------------------------------
