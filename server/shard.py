@@ -239,11 +239,10 @@ class Shard:
         assert self.store is not None
         ours = self.store.layout
         if layout.fingerprint != ours.fingerprint:
+            difference = ours.difference(layout, mine="the shard holds", theirs="this worker has")
             raise PreconditionFailed(
-                f"layout mismatch: shard {self.shard_id} holds layout {ours.fingerprint} "
-                f"({len(ours.params)} parameters, {ours.numel} elements, block size {ours.block_size}); "
-                f"the worker sent {layout.fingerprint} ({len(layout.params)} parameters, {layout.numel} elements, "
-                f"block size {layout.block_size})"
+                f"layout mismatch on shard {self.shard_id}: {difference} (layout {ours.fingerprint} != "
+                f"{layout.fingerprint})"
             )
         diffs = self.store.rule.differences(rule) if rule is not None else []
         if diffs:
@@ -543,8 +542,12 @@ class Shard:
         first = checkpoints[0]
         for other in checkpoints[1:]:
             if other.layout.fingerprint != first.layout.fingerprint or other.rule != first.rule:
+                what = first.layout.difference(
+                    other.layout, mine=f"shard {first.shard_id}'s file has", theirs=f"shard {other.shard_id}'s has"
+                ) or "; ".join(RuleConfig.from_dict(first.rule).differences(RuleConfig.from_dict(other.rule)))
                 raise ValueError(
-                    f"checkpoints of shards {first.shard_id} and {other.shard_id} hold different models or rules"
+                    f"checkpoints of shards {first.shard_id} and {other.shard_id} hold different models or rules: "
+                    + what
                 )
         layout = first.layout
         rule = RuleConfig.from_dict(first.rule)

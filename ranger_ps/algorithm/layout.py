@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -27,6 +28,13 @@ MAX_BLOCK_SIZE = 1 << 22
 # 1 TiB float32 model.
 MAX_BLOCKS = 1 << 22
 MAX_PARAMS = 1 << 16
+# The name :class:`ranger_ps.Ranger` gives a parameter passed without one: ``group.index``.
+_POSITIONAL_NAME = re.compile(r"^\d+\.\d+$")
+
+
+def is_positional_name(name: str) -> bool:
+    """Whether ``name`` is the ``group.index`` name of a parameter given without a name (``model.parameters()``)."""
+    return _POSITIONAL_NAME.match(name) is not None
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,10 @@ class ParamInfo:
     @property
     def itemsize(self) -> int:
         return dtype_named(self.dtype).itemsize
+
+    def describe(self) -> str:
+        """``'fc.weight' (64, 32) float32``."""
+        return f"{self.name!r} {self.shape} {self.dtype}"
 
 
 @dataclass(frozen=True)
@@ -126,6 +138,63 @@ class Layout:
             [1, self.block_size, [[p.name, list(p.shape), p.dtype] for p in self.params]], use_bin_type=True
         )
         return hashlib.sha256(canonical).hexdigest()[:16]
+
+    @property
+    def positional(self) -> bool:
+        """Whether every parameter has the ``group.index`` name of one given without a name."""
+        return bool(self.params) and all(is_positional_name(p.name) for p in self.params)
+
+    def difference(
+        self, other: Layout, *, mine: str = "this layout has", theirs: str = "the other has", names: bool = True
+    ) -> str | None:
+        """The first way ``other`` differs from this layout, in words; None when they are the same.
+
+        The first parameter (in order) whose name, shape or dtype differs is named with both sides'
+        versions; else a differing parameter count names the first parameter one side lacks; a
+        differing block size is added. ``mine`` and ``theirs`` say who holds each layout ("the
+        shard holds", "this worker has").
+
+        Args:
+            other: the layout to compare with.
+            mine: the words for this layout's side.
+            theirs: the words for ``other``'s side.
+            names: compare names too (False: only shapes and dtypes, position by position, as when
+                positional names are mapped onto a model's).
+
+        Returns:
+            ``parameter 3 'fc.weight': the shard holds shape (64, 32) float32, this worker has (64, 16)
+            float32``, ``parameter count: the shard holds 5, this worker has 6 (from parameter 5 'head.bias'
+            (10,) float32 on, only this worker has them)``, ``block size: the shard holds 65536, this
+            worker has 4096``, several joined with ``; ``, or None.
+        """
+        found: list[str] = []
+        for index, (a, b) in enumerate(zip(self.params, other.params, strict=False)):
+            if names and a.name != b.name:
+                found.append(f"parameter {index}: {mine} {a.describe()}, {theirs} {b.describe()}")
+                shapes = [(p.shape, p.dtype) for p in self.params] == [(p.shape, p.dtype) for p in other.params]
+                if shapes and self.positional != other.positional:
+                    found[-1] += (
+                        " (the same shapes and dtypes: one side gave the optimizer model.named_parameters(), the "
+                        "other model.parameters(), which names them 0.0, 0.1, ...)"
+                    )
+                break
+            if a.shape != b.shape or a.dtype != b.dtype:
+                label = repr(a.name) if a.name == b.name else f"{a.name!r}/{b.name!r}"
+                found.append(
+                    f"parameter {index} {label}: {mine} shape {a.shape} {a.dtype}, {theirs} {b.shape} {b.dtype}"
+                )
+                break
+        else:
+            if len(self.params) != len(other.params):
+                longer, side = (self, mine) if len(self.params) > len(other.params) else (other, theirs)
+                index = min(len(self.params), len(other.params))
+                found.append(
+                    f"parameter count: {mine} {len(self.params)}, {theirs} {len(other.params)} (from parameter "
+                    f"{index} {longer.params[index].describe()} on, only {side} them)"
+                )
+        if self.block_size != other.block_size:
+            found.append(f"block size: {mine} {self.block_size}, {theirs} {other.block_size}")
+        return "; ".join(found) or None
 
     def flat_views(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Flat views of tensors aligned with ``params`` (each of the parameter's shape, or already flat).

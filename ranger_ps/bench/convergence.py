@@ -168,9 +168,13 @@ def run_grid(
         settings.fractions, settings.seeds,
     )  # fmt: skip
     for dataset, rule, workers, local_steps, push_dtype, fraction, seed in axes:
+        # The base's settings hold for its own rule; the other rules take their defaults, except the
+        # weight decay, pinned to 0: docs/convergence.md's tables were measured without weight decay
+        # for every rule, before adamw's default became torch.optim.AdamW's 0.01.
+        same = rule == base.rule
         config = base.replace(
-            dataset=dataset, rule=rule, lr=base.lr if rule == base.rule else None,
-            momentum=base.momentum if rule == base.rule else None, betas=None, eps=None, use_gc=None,
+            dataset=dataset, rule=rule, lr=base.lr if same else None, momentum=base.momentum if same else None,
+            weight_decay=base.weight_decay if same else 0.0, betas=None, eps=None, use_gc=None,
             push_fraction=fraction, local_steps=local_steps, seed=seed, num_workers=workers,
             push_dtype=None if push_dtype == "native" else push_dtype,
         )  # fmt: skip

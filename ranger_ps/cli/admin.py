@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ranger_ps.cli.common import EXIT_CLUSTER_ERROR, client_security
 from ranger_ps.cli.flags import add_settings
@@ -15,6 +16,9 @@ from ranger_ps.config.common import ClientSecuritySettings, CommonSettings
 from ranger_ps.errors import UserError
 from ranger_ps.wire.rpc import parse_servers
 from ranger_ps.wire.stats import ShardStats
+
+if TYPE_CHECKING:
+    import torch
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -29,11 +33,25 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="write plain weights a model loads with load_state_dict",
         description="Assemble every parameter from the newest complete generation (the files of one shard "
         "count, every shard present; the newest good file of each shard) and save them with torch.save as "
-        "{name: tensor} (load with torch.load(path, weights_only=True)). Refuses when no generation is complete.",
+        "{name: tensor} (load with torch.load(path, weights_only=True)). Refuses when no generation is complete. "
+        "Parameters are named as the workers' optimizer named them: with Ranger(model.named_parameters()) (and "
+        "every ranger-ps worker) as the model names them; with Ranger(model.parameters()) 0.0, 0.1, ... in order, "
+        "which --model turns into the model's names.",
         allow_abbrev=False,
     )
     c.add_argument("directory", type=Path, help="the --checkpoint-dir of the servers")
     c.add_argument("--out", type=Path, required=True, help="output file, e.g. model.pt")
+    c.add_argument(
+        "--model",
+        help="the model the weights are for, as the worker's --model (mlp, cnn, vgg, charlm, or "
+        "package.module:function returning an nn.Module): keys are its named_parameters() names (positional "
+        "keys 0.0, 0.1, ... are mapped in order), and the count, shapes and dtypes must match it",
+    )
+    c.add_argument(
+        "--dataset",
+        default="digits",
+        help="with a built-in --model, the worker's --dataset, which sizes the model (default: digits)",
+    )
     add_settings(c, CommonSettings)
     p.set_defaults(run=run_checkpoint)
 
@@ -86,6 +104,17 @@ def run_checkpoint(args: argparse.Namespace) -> int:
             weights = checkpoint.assemble_weights(chosen.checkpoints())
         except checkpoint.CheckpointError as exc:
             raise UserError(str(exc)) from None
+        if args.model is not None:
+            try:
+                weights = checkpoint.named_state_dict(weights, _export_model(args.model, args.dataset))
+            except ValueError as exc:
+                raise UserError(f"--model {args.model}: {exc}") from None
+        elif checkpoint.positional_names(weights):
+            _warn(
+                f"the parameters have no names (keys {', '.join(list(weights)[:2])}, ...: the workers' optimizer was "
+                "given model.parameters()), so model.load_state_dict refuses them; export again with --model NAME "
+                "to take the names from the model, or train with Ranger(model.named_parameters(), ...)"
+            )
         used = ", ".join(p.name for s in range(chosen.num_shards) if (p := chosen.path(s)) is not None)
         torch.save(weights, args.out)
         print(
@@ -112,6 +141,18 @@ def run_checkpoint(args: argparse.Namespace) -> int:
                 f"elements, versions {shard['version_sum']}, pushes applied {pushes}, files {', '.join(shard['files'])}"
             )
     return 0
+
+
+def _export_model(spec: str, dataset: str) -> torch.nn.Module:
+    """The model ``checkpoint export --model`` names the weights after (a built-in one sized by ``dataset``)."""
+    from ranger_ps.workloads.models import MODELS, build_model
+
+    if spec in MODELS:
+        from ranger_ps.workloads.data import load_dataset
+
+        data = load_dataset(dataset)
+        return build_model(spec, data.input_shape, data.num_classes)
+    return build_model(spec, (), 0)  # a bring-your-own model takes no shape
 
 
 def _warn(warning: str | None) -> None:

@@ -36,7 +36,7 @@ import logging
 import os
 import re
 import zlib
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,7 @@ import msgpack
 import torch
 
 from ranger_ps.algorithm.dtypes import bytes_to_tensor, dtype_named, dtype_of, tensor_bytes
-from ranger_ps.algorithm.layout import Layout, ParamInfo
+from ranger_ps.algorithm.layout import Layout, ParamInfo, is_positional_name
 
 log = logging.getLogger(__name__)
 
@@ -574,9 +574,14 @@ def assemble_weights(checkpoints: list[ShardCheckpoint]) -> dict[str, torch.Tens
     """
     if not checkpoints:
         raise CheckpointError("no checkpoints")
-    layout = checkpoints[0].layout
-    if any(c.layout.fingerprint != layout.fingerprint for c in checkpoints):
-        raise CheckpointError("the checkpoints hold different models (layout fingerprints differ)")
+    first = checkpoints[0]
+    layout = first.layout
+    for other in checkpoints[1:]:
+        if other.layout.fingerprint != layout.fingerprint:
+            difference = layout.difference(
+                other.layout, mine=f"shard {first.shard_id}'s file has", theirs=f"shard {other.shard_id}'s has"
+            )
+            raise CheckpointError(f"the checkpoints hold different models: {difference}")
     counts = sorted({c.num_shards for c in checkpoints})
     if len(counts) > 1:
         raise CheckpointError(
@@ -597,6 +602,40 @@ def assemble_weights(checkpoints: list[ShardCheckpoint]) -> dict[str, torch.Tens
     for block in layout.blocks:
         flats[block.param_index][block.offset : block.offset + block.numel].copy_(blocks[block.block_id].value)
     return {p.name: flat.view(p.shape) for p, flat in zip(layout.params, flats, strict=True)}
+
+
+def positional_names(weights: Mapping[str, torch.Tensor]) -> bool:
+    """Whether exported weights are keyed ``0.0, 0.1, ...``: the optimizer was given parameters without names
+    (``model.parameters()``), so ``model.load_state_dict`` refuses them until :func:`named_state_dict` names them."""
+    return bool(weights) and all(is_positional_name(name) for name in weights)
+
+
+def named_state_dict(weights: Mapping[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Exported weights keyed as ``model.named_parameters()`` names them, for ``model.load_state_dict``.
+
+    Positional keys (``0.0, 0.1, ...``: :func:`positional_names`) are given the model's names in
+    order, the order in which the optimizer received ``model.parameters()`` (with several param
+    groups, the groups' order); named keys must be the model's own names. Either way the count, and
+    each parameter's shape and dtype, must match the model's.
+
+    Args:
+        weights: ``{name: tensor}`` as :func:`assemble_weights` (or ``checkpoint export``) gives them.
+        model: the model the weights are for (its parameters' values are not used).
+
+    Returns:
+        The same tensors keyed by the model's parameter names, in the model's order.
+
+    Raises:
+        ValueError: the weights do not fit the model; the message names the first differing parameter.
+    """
+    saved = Layout.from_named_tensors(weights.items())
+    wanted = Layout.from_named_tensors(model.named_parameters())
+    positional = positional_names(weights)
+    difference = saved.difference(wanted, mine="the checkpoint has", theirs="the model has", names=not positional)
+    if difference is not None:
+        how = "in order, by position" if positional else "by name"
+        raise ValueError(f"the weights do not fit the model ({how}): {difference}")
+    return {p.name: weights[s.name] for s, p in zip(saved.params, wanted.params, strict=True)}
 
 
 def describe(checkpoints: list[ShardCheckpoint], files: dict[int, list[Path]]) -> dict[str, Any]:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ranger_ps.algorithm.layout import DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, Block, Layout, ParamInfo
+from ranger_ps.algorithm.layout import (
+    DEFAULT_BLOCK_SIZE,
+    MAX_BLOCK_SIZE,
+    Block,
+    Layout,
+    ParamInfo,
+    is_positional_name,
+)
 from ranger_ps.wire._proto import ranger_ps_pb2 as pb
 from ranger_ps.wire.messages import layout_from_proto, layout_to_proto
 
@@ -346,3 +353,91 @@ def test_block_views_concatenate_to_flat() -> None:
         mine = [v for v, b in zip(views, layout.blocks, strict=True) if b.param_index == index]
         joined = torch.cat(mine) if mine else flat.new_empty(0)
         assert torch.equal(joined, flat)
+
+
+# --- differences, in words ------------------------------------------------------------------------
+
+
+def _shard_vs_worker(shard: Layout, worker: Layout) -> str | None:
+    return shard.difference(worker, mine="the shard holds", theirs="this worker has")
+
+
+def _replace_param(layout: Layout, index: int, param: ParamInfo) -> Layout:
+    params = list(layout.params)
+    params[index] = param
+    return Layout(tuple(params), layout.block_size)
+
+
+def test_equal_layouts_have_no_difference() -> None:
+    assert _shard_vs_worker(_layout(), _layout()) is None
+    assert _layout().difference(_layout(), names=False) is None
+
+
+def test_a_differing_shape_names_the_parameter_and_both_shapes() -> None:
+    other = _replace_param(_layout(), 3, ParamInfo("w2", (2, 2, 4), "float16"))
+    assert _shard_vs_worker(_layout(), other) == (
+        "parameter 3 'w2': the shard holds shape (2, 2, 3) float16, this worker has (2, 2, 4) float16"
+    )
+
+
+def test_a_differing_dtype_names_the_parameter_and_both_dtypes() -> None:
+    other = _replace_param(_layout(), 5, ParamInfo("b2", (9,), "float32"))
+    assert _shard_vs_worker(_layout(), other) == (
+        "parameter 5 'b2': the shard holds shape (9,) bfloat16, this worker has (9,) float32"
+    )
+
+
+def test_the_first_difference_in_order_is_named() -> None:
+    other = _replace_param(_layout(), 1, ParamInfo("b1", (5,), "float32"))
+    other = _replace_param(other, 4, ParamInfo("scalar", (1,), "float64"))
+    assert (_shard_vs_worker(_layout(), other) or "").startswith("parameter 1 'b1':")
+
+
+def test_a_differing_name_shows_both_parameters() -> None:
+    other = _replace_param(_layout(), 1, ParamInfo("bias", (4,), "float32"))
+    assert _shard_vs_worker(_layout(), other) == (
+        "parameter 1: the shard holds 'b1' (4,) float32, this worker has 'bias' (4,) float32"
+    )
+
+
+def test_names_may_be_left_out_of_the_comparison() -> None:
+    positional = Layout(tuple(ParamInfo(f"0.{i}", p.shape, p.dtype) for i, p in enumerate(_layout().params)), 4)
+    assert positional.positional and not _layout().positional
+    assert _layout().difference(positional, names=False) is None
+    assert _layout().difference(_replace_param(positional, 3, ParamInfo("0.3", (12,), "float16")), names=False) == (
+        "parameter 3 'w2'/'0.3': this layout has shape (2, 2, 3) float16, the other has (12,) float16"
+    )
+
+
+def test_named_against_positional_says_which_optimizer_input_differs() -> None:
+    positional = Layout(tuple(ParamInfo(f"0.{i}", p.shape, p.dtype) for i, p in enumerate(_layout().params)), 4)
+    message = _shard_vs_worker(_layout(), positional)
+    assert message is not None
+    assert message.startswith("parameter 0: the shard holds 'w1' (3, 5) float32, this worker has '0.0' (3, 5) float32")
+    assert "model.named_parameters()" in message and "model.parameters()" in message
+
+
+@pytest.mark.parametrize("ours_longer", [True, False])
+def test_a_differing_count_names_the_first_parameter_one_side_lacks(ours_longer: bool) -> None:
+    short = Layout(_layout().params[:4], 4)
+    ours, theirs = (_layout(), short) if ours_longer else (short, _layout())
+    side = "the shard holds" if ours_longer else "this worker has"
+    count = "the shard holds 6, this worker has 4" if ours_longer else "the shard holds 4, this worker has 6"
+    assert _shard_vs_worker(ours, theirs) == (
+        f"parameter count: {count} (from parameter 4 'scalar' () float64 on, only {side} them)"
+    )
+
+
+def test_a_differing_block_size_is_named_alone_or_after_a_parameter() -> None:
+    assert _shard_vs_worker(_layout(4), _layout(65536)) == "block size: the shard holds 4, this worker has 65536"
+    other = _replace_param(_layout(8), 0, ParamInfo("w1", (3, 4), "float32"))
+    assert _shard_vs_worker(_layout(4), other) == (
+        "parameter 0 'w1': the shard holds shape (3, 5) float32, this worker has (3, 4) float32; "
+        "block size: the shard holds 4, this worker has 8"
+    )
+
+
+@pytest.mark.parametrize("name", ["0.0", "12.345"])
+def test_positional_names(name: str) -> None:
+    assert is_positional_name(name)
+    assert not any(is_positional_name(n) for n in ("0", "fc.0", "0.weight", "0.0.1", "layer.0.0"))

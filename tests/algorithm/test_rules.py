@@ -860,10 +860,32 @@ def test_differences_lists_exactly_the_differing_keys() -> None:
 
 def test_differences_between_rules_include_resolved_defaults() -> None:
     adam, rang = RuleConfig(rule="adamw", lr=0.01, outer="rule"), RuleConfig(rule="ranger", lr=0.01, outer="rule")
-    assert _keys(adam.differences(rang)) == ["rule", "betas", "eps"]
+    assert _keys(adam.differences(rang)) == ["rule", "weight_decay", "betas", "eps"]  # adamw's is 0.01
     assert RuleConfig(rule="adamw", betas=(0.95, 0.999), eps=1e-5, lr=0.01, outer="rule").differences(rang) == [
-        "rule: 'adamw' != 'ranger'"
+        "rule: 'adamw' != 'ranger'",
+        "weight_decay: 0.01 != 0.0",
     ]
+    assert RuleConfig(rule="adamw", betas=(0.95, 0.999), eps=1e-5, lr=0.01, weight_decay=0.0, outer="rule").differences(
+        rang
+    ) == ["rule: 'adamw' != 'ranger'"]
+
+
+def test_weight_decay_defaults_per_rule_as_torch_optim() -> None:
+    """adamw takes torch.optim.AdamW's 0.01, sgd and ranger 0; an explicit value (0 too) is kept, and the
+    handshake carries the resolved number, so a worker leaving it out and one giving 0.01 agree."""
+    assert [RuleConfig(rule=r).weight_decay for r in ("sgd", "adamw", "ranger")] == [0.0, 0.01, 0.0]
+    assert RuleConfig(rule="adamw", weight_decay=0.0).weight_decay == 0.0
+    assert RuleConfig(rule="sgd", weight_decay=0.5).weight_decay == 0.5
+    implicit, explicit = (
+        RuleConfig(rule="adamw", outer="rule"),
+        RuleConfig(rule="adamw", weight_decay=0.01, outer="rule"),
+    )
+    assert implicit.to_dict()["weight_decay"] == 0.01
+    assert implicit.differences(explicit) == [] and implicit.to_msgpack() == explicit.to_msgpack()
+    assert RuleConfig.from_msgpack(implicit.to_msgpack()) == implicit
+    zero = RuleConfig(rule="adamw", weight_decay=0.0, outer="rule")
+    assert RuleConfig.from_msgpack(zero.to_msgpack()).weight_decay == 0.0
+    assert implicit.differences(zero) == ["weight_decay: 0.01 != 0.0"]
 
 
 def test_differences_show_both_values() -> None:

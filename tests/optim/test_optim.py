@@ -757,3 +757,49 @@ def test_a_torch_sgd_state_dict_loads_and_training_continues_exactly(batches: li
 def test_betas_that_are_not_two_numbers_are_refused_clearly(betas: Any) -> None:
     with pytest.raises(ValueError, match=r"betas must be two numbers \(beta1, beta2\)"):
         Ranger(_mlp().parameters(), rule="adamw", betas=betas)
+
+
+# --- torch.optim defaults and the optimizer's lifecycle -----------------------------------------------
+
+
+def test_adamw_without_weight_decay_equals_torch_adamw_defaults(batches: list[Batch]) -> None:
+    """rule="adamw" with no weight_decay takes torch.optim.AdamW's default (0.01), step by step."""
+    assert torch.optim.AdamW([nn.Parameter(torch.zeros(1))]).defaults["weight_decay"] == 0.01
+    optimizers: list[Ranger] = []
+
+    def ours(params: Iterable[torch.Tensor]) -> Ranger:
+        optimizers.append(Ranger(params, lr=0.01, rule="adamw", block_size=BLOCK_SIZE))
+        return optimizers[-1]
+
+    _lockstep(ours, lambda params: torch.optim.AdamW(params, lr=0.01, foreach=False), batches)
+    assert optimizers[0].param_groups[0]["weight_decay"] == 0.01
+
+
+def test_an_explicit_zero_weight_decay_stays_zero_for_adamw(batches: list[Batch]) -> None:
+    optimizers: list[Ranger] = []
+
+    def ours(params: Iterable[torch.Tensor]) -> Ranger:
+        optimizers.append(Ranger(params, lr=0.01, rule="adamw", weight_decay=0.0, block_size=BLOCK_SIZE))
+        return optimizers[-1]
+
+    _lockstep(ours, lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.0, foreach=False), batches, 10)
+    assert optimizers[0].param_groups[0]["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("rule", ["sgd", "ranger"])
+def test_sgd_and_ranger_keep_no_weight_decay_by_default(rule: str) -> None:
+    assert Ranger(_mlp().parameters(), rule=rule).param_groups[0]["weight_decay"] == 0.0
+
+
+def test_step_after_close_in_process_keeps_training_as_torch(batches: list[Batch]) -> None:
+    """In process close() has no cluster to leave: later steps go on exactly as torch.optim.SGD's."""
+    model = _mlp()
+    twin = copy.deepcopy(model)
+    optimizer = Ranger(model.parameters(), lr=0.05, momentum=0.9, block_size=BLOCK_SIZE)
+    reference = torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9)
+    for step, batch in enumerate(batches[:6], start=1):
+        if step == 3:
+            optimizer.close()
+        _train_step(model, optimizer, batch)
+        _train_step(twin, reference, batch)
+        _assert_params_close(model, twin, step)

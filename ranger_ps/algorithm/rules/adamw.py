@@ -41,4 +41,7 @@ def _state_names(config: Hyperparameters) -> tuple[str, ...]:
     return ("exp_avg", "exp_avg_sq")
 
 
-RULE = Rule("adamw", adamw, _state_names, RuleDefaults(lr=0.006, momentum=0.0, betas=(0.9, 0.999), eps=1e-8))
+# weight_decay 0.01 as torch.optim.AdamW's default (sgd and ranger default to 0, as torch.optim.SGD does).
+RULE = Rule(
+    "adamw", adamw, _state_names, RuleDefaults(lr=0.006, momentum=0.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+)

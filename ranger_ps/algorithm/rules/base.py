@@ -67,6 +67,7 @@ class RuleDefaults:
     momentum: float
     betas: tuple[float, float]
     eps: float
+    weight_decay: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import msgpack
 
 from ranger_ps.algorithm.outer import WIRE_DEFAULT_OUTER, OuterSettings
-from ranger_ps.algorithm.rules.registry import RULE_NAMES, rule_named
+from ranger_ps.algorithm.rules.registry import RULE_NAMES, RULES, rule_named
 from ranger_ps.algorithm.truncation import TruncationSettings, check_finite
 from ranger_ps.settings import Settings, Spec, setting, specs
 
@@ -27,22 +27,33 @@ def _betas(text: str) -> tuple[float, float]:
     return first, second
 
 
+def _per_rule(name: str) -> str:
+    """``sgd 0.05, adamw 0.006, ranger 0.02``: each rule's default of one hyper-parameter, for help texts."""
+    return ", ".join(f"{rule} {getattr(RULES[rule].defaults, name):g}" for rule in RULE_NAMES)
+
+
 @dataclass(frozen=True)
 class RuleSettings(Settings):
     """The update rule and its hyper-parameters.
 
-    ``lr``, ``momentum``, ``betas`` and ``eps`` left at ``None`` take the rule's defaults
-    (:data:`ranger_ps.algorithm.rules.registry.RULES`); after construction they always hold numbers.
+    ``lr``, ``momentum``, ``weight_decay``, ``betas`` and ``eps`` left at ``None`` take the rule's
+    defaults (:data:`ranger_ps.algorithm.rules.registry.RULES`; ``weight_decay`` as in torch.optim:
+    0.01 for adamw, 0 otherwise); after construction they always hold numbers, so the handshake and
+    every comparison see the resolved values. An explicit 0 stays 0.
     """
 
     title: ClassVar[str] = "update rule"
 
     rule: str = setting("sgd", "the update rule: sgd, adamw or ranger (RAdam + Lookahead)", choices=RULE_NAMES)
-    lr: float = setting(None, "learning rate", default_text="per rule: sgd 0.05, adamw 0.003, ranger 0.01")
+    lr: float = setting(None, "learning rate", default_text=f"per rule: {_per_rule('lr')}")
     momentum: float = setting(None, "sgd momentum (adamw and ranger take --betas)", default_text="0.9 for sgd")
     dampening: float = setting(0.0, "sgd momentum dampening")
     nesterov: bool = setting(False, "sgd Nesterov momentum (needs momentum > 0 and dampening 0)")
-    weight_decay: float = setting(0.0, "L2 penalty (sgd) or decoupled weight decay (adamw, ranger)")
+    weight_decay: float = setting(
+        None,
+        "L2 penalty (sgd) or decoupled weight decay (adamw, ranger)",
+        default_text=f"per rule (adamw as torch.optim.AdamW): {_per_rule('weight_decay')}",
+    )
     betas: tuple[float, float] = setting(
         None,
         "B1,B2 moment decay rates of adamw and ranger",
@@ -59,7 +70,7 @@ class RuleSettings(Settings):
         if self.rule not in RULE_NAMES:
             raise ValueError(f"rule must be one of {', '.join(RULE_NAMES)}, got {self.rule!r}")
         defaults = rule_named(self.rule).defaults
-        for name in ("lr", "momentum", "betas", "eps"):
+        for name in ("lr", "momentum", "weight_decay", "betas", "eps"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, getattr(defaults, name))
         if not isinstance(self.betas, tuple | list) or len(self.betas) != 2:
