@@ -29,6 +29,10 @@ SOURCES = {"ranger_ps": ROOT / "ranger_ps", "ranger_ps.server": ROOT / "server",
 ENTRY = ("ranger_ps", "ranger_ps.__main__")
 """The package root (lazy re-exports) and ``python -m ranger_ps``: above every layer."""
 
+EXAMPLES = "ranger_ps.examples"
+"""Scripts written as a user writes them: above every layer (they import the package root, as users
+do); nothing imports them."""
+
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("ranger_ps.cli",),
     ("ranger_ps.server", "ranger_ps.worker"),
@@ -104,7 +108,8 @@ def check() -> list[str]:
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for name, path in modules.items():
         where = f"{path.relative_to(ROOT)}"
-        if name not in ENTRY and layer_of(name) is None:
+        user_code = name == EXAMPLES or name.startswith(EXAMPLES + ".")
+        if name not in ENTRY and not user_code and layer_of(name) is None:
             problems.append(f"{where}: {name} is in no layer of the contract")
         for target, line in imports(name, path, known):
             for package, banned in FORBIDDEN_EXTERNAL.items():
@@ -120,7 +125,11 @@ def check() -> list[str]:
                 continue
             if resolved != name:
                 graph[name].add(resolved)
-            if name in ENTRY:
+            if resolved == EXAMPLES or resolved.startswith(EXAMPLES + "."):
+                if not user_code:
+                    problems.append(f"{where}:{line}: imports the examples {resolved} (user code; nothing imports it)")
+                continue
+            if name in ENTRY or user_code:
                 continue
             if resolved in ENTRY:
                 problems.append(f"{where}:{line}: imports the package root {resolved} (import the module itself)")

@@ -1,7 +1,7 @@
 """The ``ranger-ps`` command line: the edge of the library, and the only code that starts the
 server and worker applications.
 
-One module per command (:mod:`.server`, :mod:`.worker` (also ``evaluate``), :mod:`.local`,
+One module per command (:mod:`.server`, :mod:`.worker` (also ``evaluate``), :mod:`.local`, :mod:`.launch`,
 :mod:`.admin` (``status``, ``health``, ``checkpoint``), :mod:`.bench`); their flags are generated
 from the settings dataclasses (:mod:`.flags`), and may also come from ``RANGER_PS_*`` variables or
 a ``--config`` file (:mod:`.environment`). User errors (bad flags, unreachable servers, mismatched
@@ -55,9 +55,9 @@ def build_parser(*, light: bool = False) -> argparse.ArgumentParser:
 
 
 def _command_modules() -> tuple[ModuleType, ...]:
-    from ranger_ps.cli import bench, local, server, worker
+    from ranger_ps.cli import bench, launch, local, server, worker
 
-    return (server, worker, local, admin, bench)
+    return (server, worker, local, launch, admin, bench)
 
 
 def _light(argv: Sequence[str]) -> bool:

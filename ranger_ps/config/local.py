@@ -7,27 +7,18 @@ from pathlib import Path
 from typing import ClassVar
 
 from ranger_ps.config.common import check_port
-from ranger_ps.config.server import MembershipSettings
+from ranger_ps.config.launch import ProcessSettings
 from ranger_ps.errors import UserError
 from ranger_ps.settings import message_with_flag, setting
 
 
 @dataclass(frozen=True)
-class LocalSettings(MembershipSettings):
+class LocalSettings(ProcessSettings):
     """The local cluster: processes, outputs, and the servers' consistency settings."""
 
     title: ClassVar[str] = "the local cluster"
 
-    workers: int = setting(2, "worker processes")
-    shards: int = setting(2, "server shards")
     report: Path | None = setting(None, "write a JSON report here at the end", metavar="FILE")
-    run_dir: Path | None = setting(
-        None, "keep the processes' logs here", metavar="DIR", default_text="a temporary folder"
-    )
-    startup_timeout: float = setting(60.0, "seconds for the servers to come up")
-    token_file: Path | None = setting(
-        None, "run the cluster with this token (servers require it, workers send it)", metavar="FILE"
-    )
     metrics_port: int | None = setting(
         None,
         "Prometheus endpoints: shard i on PORT+i, worker j on PORT+shards+j; 0: any free ports",
@@ -44,16 +35,9 @@ class LocalSettings(MembershipSettings):
         metavar="FILE.png",
         default_text="REPORT.png beside --report",
     )
-    host: str = setting("127.0.0.1", "loopback address the servers listen on", cli=False)
 
     def __post_init__(self) -> None:
         try:
-            if self.workers < 1:
-                raise ValueError(f"workers must be >= 1, got {self.workers}")
-            if self.shards < 1:
-                raise ValueError(f"shards must be >= 1, got {self.shards}")
-            if not self.startup_timeout > 0:
-                raise ValueError(f"startup_timeout must be > 0, got {self.startup_timeout}")
             check_port("metrics_port", self.metrics_port, top=65535 - self.shards - self.workers)
             super().__post_init__()
         except ValueError as exc:

@@ -37,6 +37,7 @@ from ranger_ps.algorithm.selection import centralize_, choose_block_ids, density
 from ranger_ps.algorithm.table import BlockTable
 from ranger_ps.client.backend import Backend, Run, Traffic
 from ranger_ps.client.sharded import ShardedClient
+from ranger_ps.config.launch import SERVERS_VARIABLE, LaunchedProcess
 from ranger_ps.config.optimizer import RangerConfig
 from ranger_ps.optim.flat import FlatState
 from ranger_ps.optim.local import LocalBackend
@@ -53,6 +54,26 @@ GROUP_KEYS: tuple[str, ...] = (*(s.key for s in specs(RuleConfig)), "use_gc")
 def rule_config_from_group(group: dict[str, Any]) -> RuleConfig:
     """The :class:`RuleConfig` a param group's hyper-parameters describe."""
     return RuleConfig(**{s.name: group[s.key] for s in specs(RuleConfig)})
+
+
+ENV_SERVERS = "env"
+"""``servers="env"``: the cluster ``ranger-ps launch`` started this process for (in process when none)."""
+
+
+def _from_launch(
+    settings: dict[str, Any], security: ClientSecurity | None
+) -> tuple[dict[str, Any], ClientSecurity | None]:
+    """Resolve ``servers="env"`` from the launcher's variables: the shards, the number of workers the
+    outer rule averages over (unless given), and the token (unless ``security`` is given)."""
+    place = LaunchedProcess.from_environ()
+    if place.servers is None:
+        log.info("servers='env' and no %s: training in this process", SERVERS_VARIABLE)
+        return {**settings, "servers": None}, security
+    resolved = {**settings, "servers": place.servers}
+    resolved.setdefault("num_workers", place.world_size)
+    if security is None and place.token is not None:
+        security = ClientSecurity(token=place.token)
+    return resolved, security
 
 
 def _keyword_docs() -> str:
@@ -98,6 +119,8 @@ class Ranger(torch.optim.Optimizer):
         unknown = sorted(set(settings) - set(by_key))
         if unknown:
             raise TypeError(f"Ranger() got unexpected keyword arguments: {', '.join(unknown)}")
+        if isinstance(settings.get("servers"), str) and settings["servers"].strip() == ENV_SERVERS:
+            settings, security = _from_launch(settings, security)
         config = RangerConfig(**{by_key[k].name: v for k, v in {"lr": lr, "momentum": momentum, **settings}.items()})
         self.config = config
         defaults = {key: getattr(config, by_key[key].name) for key in GROUP_KEYS}

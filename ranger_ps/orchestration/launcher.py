@@ -10,20 +10,25 @@ stops the whole cluster with a message naming it and the end of its log.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from types import FrameType
+from typing import IO, Any
 
+from ranger_ps.config.server import MembershipSettings, ServerConfig
 from ranger_ps.errors import ClusterError
 from ranger_ps.files import write_text_atomically
+from ranger_ps.settings import to_argv
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +85,7 @@ class Child:
     process: subprocess.Popen[bytes]
     log_path: Path
     _log_file: IO[bytes] = field(repr=False)
+    _echo: threading.Thread | None = field(default=None, repr=False)
 
     def log_tail(self, lines: int = 15) -> str:
         try:
@@ -88,8 +94,30 @@ class Child:
             return ""
         return "\n".join(text.rstrip().splitlines()[-lines:])
 
+    def start_echo(self, out: IO[str]) -> None:
+        """Copy the child's output (its stdout pipe) line by line to its log and to ``out``, prefixed."""
+        source = self.process.stdout
+        assert source is not None
+
+        def copy() -> None:
+            prefix = f"[{self.name}] "
+            for line in iter(source.readline, b""):
+                self._log_file.write(line)
+                self._log_file.flush()
+                text = line.decode(errors="replace")
+                with contextlib.suppress(OSError, ValueError):
+                    out.write(prefix + text if text.endswith("\n") else prefix + text + "\n")
+                    out.flush()
+
+        self._echo = threading.Thread(target=copy, name=f"echo-{self.name}", daemon=True)
+        self._echo.start()
+
     def close_log(self) -> None:
-        """Close the log file and, for a child started with a stdout pipe, the pipe."""
+        """Close the log file and, for a child started with a stdout pipe, the pipe (after the echo,
+        if any, has copied everything the child wrote)."""
+        if self._echo is not None:
+            self._echo.join(timeout=5.0)
+            self._echo = None
         for stream in (self._log_file, self.process.stdout):
             if stream is not None:
                 with contextlib.suppress(OSError):
@@ -132,24 +160,38 @@ class Cluster:
         """Start ``python -m ranger_ps ARGV`` with output to ``RUN_DIR/NAME.log``."""
         return self.spawn_command(name, [sys.executable, "-m", "ranger_ps", *argv])
 
-    def spawn_command(self, name: str, command: Sequence[str], *, stdout_pipe: bool = False) -> Child:
+    def spawn_command(
+        self,
+        name: str,
+        command: Sequence[str],
+        *,
+        stdout_pipe: bool = False,
+        echo: IO[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        append: bool = False,
+    ) -> Child:
         """Start any ``command`` (a whole argv: ``python -c ...``) as a child of the cluster.
 
-        Its output goes to ``RUN_DIR/NAME.log``; with ``stdout_pipe`` only its stderr does, and its
-        stdout is a pipe the caller reads (``child.process.stdout``, closed by :meth:`stop`).
+        Its output goes to ``RUN_DIR/NAME.log`` (a new file, or appended to with ``append``);
+        with ``stdout_pipe`` only its stderr does, and its stdout is a pipe the caller reads
+        (``child.process.stdout``, closed by :meth:`stop`); with ``echo`` every line also goes there,
+        prefixed with ``[NAME]``. ``env`` is added to the cluster's environment for this child.
         """
         log_path = self.run_dir / f"{name}.log"
-        log_file = open(log_path, "wb")
+        log_file = open(log_path, "ab" if append else "wb")
+        piped = stdout_pipe or echo is not None
         process = subprocess.Popen(
             list(command),
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE if stdout_pipe else log_file,
+            stdout=subprocess.PIPE if piped else log_file,
             stderr=log_file if stdout_pipe else subprocess.STDOUT,
-            env=self.env,
+            env={**self.env, **(env or {})},
             start_new_session=True,
             preexec_fn=die_with_parent,
         )
         child = Child(name, process, log_path, log_file)
+        if echo is not None:
+            child.start_echo(echo)
         self.children.append(child)
         self._write_process_table()
         log.debug("started %s (pid %d): %s", name, process.pid, " ".join(command))
@@ -216,3 +258,55 @@ def wait_all(
         if poll is not None:
             poll()
         time.sleep(interval)
+
+
+def terminate_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """A SIGTERM handler for a supervisor: stop the way Ctrl-C does (children are stopped in order)."""
+    raise KeyboardInterrupt
+
+
+def start_shards(
+    cluster: Cluster,
+    count: int,
+    membership: MembershipSettings,
+    *,
+    host: str,
+    timeout: float,
+    argv: Sequence[str] = (),
+    metrics: Callable[[int], Mapping[str, Any]] = lambda shard: {},
+    checkpoint_dir: Path | None = None,
+) -> tuple[list[Child], list[str]]:
+    """Start ``count`` shards on free ports of ``host`` and wait until each serves.
+
+    Args:
+        membership: the consistency and membership settings every shard gets.
+        argv: flags every shard gets besides its own (log level, event loop, token file).
+        metrics: each shard's metrics settings, by shard index.
+        checkpoint_dir: where the shards checkpoint (and resume from at start).
+
+    Returns:
+        The shard processes and their ``HOST:PORT`` addresses, in shard order.
+
+    Raises:
+        ClusterError: a shard exited, or was not serving within ``timeout`` seconds.
+    """
+    servers: list[Child] = []
+    for shard in range(count):
+        ready = cluster.run_dir / f"shard-{shard}.ready.json"
+        ready.unlink(missing_ok=True)
+        config = ServerConfig(
+            shard_id=shard,
+            num_shards=count,
+            host=host,
+            port=0,
+            ready_file=ready,
+            checkpoint_dir=checkpoint_dir,
+            **{f.name: getattr(membership, f.name) for f in dataclasses.fields(MembershipSettings)},
+            **metrics(shard),
+        )
+        servers.append(cluster.spawn(f"shard-{shard}", ["server", *to_argv(config), *argv]))
+    addresses = []
+    for shard, child in enumerate(servers):
+        found_host, port = cluster.wait_ready(child, cluster.run_dir / f"shard-{shard}.ready.json", timeout)
+        addresses.append(f"{found_host}:{port}")
+    return servers, addresses

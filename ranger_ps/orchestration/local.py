@@ -17,19 +17,18 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from ranger_ps.algorithm.consistency import staleness_summary
 from ranger_ps.client.admin import fetch_stats
 from ranger_ps.config.local import LocalSettings
-from ranger_ps.config.server import MembershipSettings, ServerConfig
+from ranger_ps.config.server import MembershipSettings
 from ranger_ps.config.train import TrainConfig
 from ranger_ps.config.worker import WorkerSettings
 from ranger_ps.observability.progress import Progress
 from ranger_ps.observability.report import read_report
-from ranger_ps.observability.steplog import read_last_step
-from ranger_ps.orchestration.launcher import Child, Cluster, child_environment, wait_all
+from ranger_ps.observability.steplog import eval_log_path, read_last_step
+from ranger_ps.orchestration.launcher import Cluster, child_environment, start_shards, terminate_on_sigterm, wait_all
 from ranger_ps.settings import to_argv
 from ranger_ps.wire.security import ClientSecurity, read_token
 
@@ -62,10 +61,6 @@ def _planned_steps(config: TrainConfig, workers: int) -> int:
     return sum(planned_steps(config, n, w) for w in range(workers))
 
 
-def _terminate_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def run_local(config: TrainConfig, options: LocalSettings, context: RunContext | None = None) -> dict[str, Any]:
     """Start the cluster, train, evaluate the final weights, stop everything; returns the report."""
     from ranger_ps.workloads.job import build
@@ -82,28 +77,19 @@ def run_local(config: TrainConfig, options: LocalSettings, context: RunContext |
     if options.token_file is not None:
         common += ["--token-file", str(options.token_file)]
     security = ClientSecurity(token=read_token(options.token_file) if options.token_file else context.token)
-    previous = signal.signal(signal.SIGTERM, _terminate_on_sigterm)
+    previous = signal.signal(signal.SIGTERM, terminate_on_sigterm)
     ok = False
     try:
         with Cluster(run_dir, env=child_environment(os.environ, keep=_INHERITED)) as cluster:
-            servers: list[Child] = []
-            for shard in range(options.shards):
-                ready = run_dir / f"shard-{shard}.ready.json"
-                ready.unlink(missing_ok=True)
-                shard_config = ServerConfig(
-                    shard_id=shard,
-                    num_shards=options.shards,
-                    host=options.host,
-                    port=0,
-                    ready_file=ready,
-                    **{f.name: getattr(options, f.name) for f in dataclasses.fields(MembershipSettings)},
-                    **_metrics(options, shard),
-                )
-                servers.append(cluster.spawn(f"shard-{shard}", ["server", *to_argv(shard_config), *common]))
-            addresses = []
-            for shard, child in enumerate(servers):
-                host, port = cluster.wait_ready(child, run_dir / f"shard-{shard}.ready.json", options.startup_timeout)
-                addresses.append(f"{host}:{port}")
+            servers, addresses = start_shards(
+                cluster,
+                options.shards,
+                MembershipSettings.from_settings(options),
+                host=options.host,
+                timeout=options.startup_timeout,
+                argv=common,
+                metrics=lambda shard: _metrics(options, shard),
+            )
             log.info("servers up: %s (logs in %s)", ",".join(addresses), run_dir)
             if options.metrics_port is not None:
                 for shard in range(options.shards):
@@ -113,6 +99,9 @@ def run_local(config: TrainConfig, options: LocalSettings, context: RunContext |
                     )
 
             step_logs = [step_log_dir / f"worker-{w}.csv" for w in range(options.workers)]
+            for path in step_logs:  # an earlier run's logs in the same folder must not be read as this one's
+                path.unlink(missing_ok=True)
+                eval_log_path(path).unlink(missing_ok=True)
             workers = [
                 cluster.spawn(
                     f"worker-{w}",
@@ -253,8 +242,10 @@ class _ProgressWatcher:
         reply = replies[0]
         if isinstance(reply, str):
             return
-        done = sum(w.clock for w in reply.workers if not w.observer)
+        # Each worker's own count of the steps it finished (a worker that joins late starts its clock at
+        # the cluster's, so the shards' clocks would overstate the steps taken).
         rows = [row for row in map(read_last_step, self.step_logs) if row is not None]
+        done = sum(row.step for row in rows)
         postfix: dict[str, object] = {"pushes": reply.pushes_applied}
         if rows:
             postfix["loss"] = f"{sum(r.loss for r in rows) / len(rows):.3f}"
