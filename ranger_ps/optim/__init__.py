@@ -132,6 +132,7 @@ class Ranger(torch.optim.Optimizer):
         self.pushes = 0  # pushes made so far (every step, or every local_steps steps, and flushes)
         self._chosen = torch.zeros(0, dtype=torch.int64)
         self._steps = 0
+        self._closed = False  # with servers, close() left the cluster
         self._build()
         self.backend: Backend
         if config.servers is not None:
@@ -380,6 +381,8 @@ class Ranger(torch.optim.Optimizer):
     def synchronize(self) -> None:
         """Land what the last push brought back (with ``overlap=True``, wait for it); raise a failure
         of an earlier overlapped push."""
+        if self._closed:
+            return  # close() landed everything; nothing is in flight any more
         self._land(self.backend.collect())
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -391,6 +394,7 @@ class Ranger(torch.optim.Optimizer):
         """With servers: land every block that moved since this worker last saw it."""
         if self.config.servers is None:
             raise RuntimeError("refresh() needs servers")
+        self._check_open("refresh()")
         self._land(self.backend.pull_all())
 
     @torch.no_grad()
@@ -412,12 +416,25 @@ class Ranger(torch.optim.Optimizer):
             self.synchronize()
 
     def close(self) -> None:
-        """Flush what this worker owes (inner rule), land what is in flight, close the connections."""
+        """Flush what this worker owes (inner rule), land what is in flight, close the connections.
+
+        Closing twice is harmless. In process the optimizer still trains afterwards (as a torch
+        optimizer would); with servers it has left the cluster, and ``step()`` says so.
+        """
+        if self._closed:
+            return
         try:
             if self.config.servers is not None:
                 self.flush()
         finally:
+            self._closed = self.config.servers is not None
             self.backend.close()
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise RuntimeError(
+                f"{what} after close(): this optimizer left the cluster; create a new Ranger to train on"
+            )
 
     def __enter__(self) -> Ranger:
         return self
@@ -487,6 +504,7 @@ class Ranger(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """One step: update (inner rule, or on the servers), push chosen blocks, land what changed."""
+        self._check_open("step()")
         if self.observer:
             raise RuntimeError("an observer Ranger only pulls; step() is not allowed")
         loss = None

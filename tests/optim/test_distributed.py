@@ -304,3 +304,23 @@ def test_second_optimizer_with_another_lr_is_refused(start_servers: ServerFactor
     with Ranger(_model().parameters(), lr=0.01, block_size=BLOCK_SIZE, servers=servers):
         with pytest.raises(LayoutMismatchError, match=r"lr: 0\.01 != 0\.02"):
             Ranger(_model().parameters(), lr=0.02, block_size=BLOCK_SIZE, servers=servers)
+
+
+def test_step_after_close_with_servers_is_a_clear_error_and_changes_nothing(start_servers: ServerFactory) -> None:
+    servers = start_servers(1)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 2)
+    optimizer = Ranger(model.parameters(), lr=0.1, servers=servers, local_steps=4)
+    x = torch.randn(16, 8)
+    optimizer.zero_grad()
+    model(x).square().mean().backward()  # type: ignore[no-untyped-call]
+    optimizer.step()
+    optimizer.close()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.zero_grad()  # nothing in flight: a no-op, as a training loop calls it first
+    model(x).square().mean().backward()  # type: ignore[no-untyped-call]
+    with pytest.raises(RuntimeError, match=r"step\(\) after close\(\): this optimizer left the cluster"):
+        optimizer.step()
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, b)
+    optimizer.close()  # closing twice is harmless
