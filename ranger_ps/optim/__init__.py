@@ -76,10 +76,57 @@ def _from_launch(
     return resolved, security
 
 
+def _synced_buffers(
+    buffers: Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | None, config: RangerConfig
+) -> list[tuple[str, torch.Tensor]]:
+    """The buffers to keep consistent through the shards, named: the floating ones, with servers.
+
+    In process there is one copy of every buffer and nothing to do. Integer buffers (BatchNorm's
+    ``num_batches_tracked``) stay each worker's own.
+
+    Raises:
+        ValueError: something that is not a tensor, a trainable tensor (a parameter belongs in
+            ``params``), a non-contiguous one, or servers whose settings cannot average buffers.
+    """
+    if buffers is None:
+        return []
+    named: list[tuple[str, torch.Tensor]] = []
+    for index, item in enumerate(buffers):
+        name, tensor = item if isinstance(item, tuple) else (f"buffers.{index}", item)
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(
+                "buffers must be tensors or (name, tensor) pairs (model.named_buffers()); "
+                f"item {index} is {type(tensor).__name__}"
+            )
+        if tensor.requires_grad:
+            raise ValueError(f"buffer {name!r} requires grad: a trainable tensor is a parameter (give it in params)")
+        if not tensor.is_contiguous():
+            raise ValueError(f"buffer {name!r} is not contiguous")
+        if tensor.is_floating_point():
+            named.append((str(name), tensor))
+    if config.servers is None or not named:
+        return []
+    if config.outer != "mean":
+        raise ValueError(
+            "buffers are averaged through the shards, which needs outer='mean' (the default); "
+            f"got outer={config.outer!r}"
+        )
+    if config.truncates:
+        raise ValueError(
+            "buffers are averaged through the shards, and the shards' truncation or clipping would change them "
+            "too: truncate_below, truncation_residual, clip_value and clip_norm must be off with buffers"
+        )
+    return named
+
+
 def _keyword_docs() -> str:
     lines = ["", "Keyword arguments (each one a setting of :class:`ranger_ps.config.optimizer.RangerConfig`):", ""]
     for spec in specs(RangerConfig):
         lines.append(f"- ``{spec.key}`` (default {spec.default_shown()}): {spec.info.help}.")
+    lines.append(
+        "- ``buffers``: with servers, buffers to keep consistent across workers (``model.named_buffers()``: "
+        "BatchNorm's running statistics), averaged through the shards like the workers' updates."
+    )
     lines.append(
         "- ``security``: with servers, the token and TLS settings (:class:`~ranger_ps.wire.security.ClientSecurity`)."
     )
@@ -99,6 +146,13 @@ class Ranger(torch.optim.Optimizer):
     view into them (as with DDP's buckets), so move the model (``model.to()``, ``.half()``) before
     creating the optimizer; a parameter given new storage later is refused at the next step.
 
+    **Buffers** (BatchNorm's running statistics) are not parameters: torch optimizers never see them.
+    With servers, pass ``buffers=model.named_buffers()`` and each worker's floating buffers are kept
+    consistent through the shards: what its forward passes changed is pushed with every push and
+    averaged like the updates (``outer="mean"``), and pulls bring the cluster's values back, so
+    workers, evaluators and checkpoints share one set of statistics. Without it each worker keeps its
+    own (and an evaluator its fresh ones). Integer buffers (``num_batches_tracked``) stay local.
+
     With ``overlap=True`` (and servers) ``step()`` returns as soon as the push is encoded; the push
     and the pull of the new weights run in the background and land at the next ``zero_grad()``
     (which a training loop calls right before its forward pass) or ``step()``, whichever comes
@@ -112,6 +166,7 @@ class Ranger(torch.optim.Optimizer):
         lr: float = 1e-3,
         momentum: float = 0.0,
         *,
+        buffers: Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | None = None,
         security: ClientSecurity | None = None,
         **settings: Any,
     ) -> None:
@@ -133,6 +188,7 @@ class Ranger(torch.optim.Optimizer):
         self._chosen = torch.zeros(0, dtype=torch.int64)
         self._steps = 0
         self._closed = False  # with servers, close() left the cluster
+        self._synced = _synced_buffers(buffers, config)
         self._build()
         self.backend: Backend
         if config.servers is not None:
@@ -150,7 +206,7 @@ class Ranger(torch.optim.Optimizer):
             remote = RemoteBackend(
                 config.servers,
                 self.layout,
-                self._params,
+                self._tensors,
                 self._cluster_rule,
                 config,
                 worker_id=config.worker_id,
@@ -162,6 +218,7 @@ class Ranger(torch.optim.Optimizer):
             self.backend = remote
             try:
                 self.flat.land(remote.first_pull)  # the cluster's weights, as they are now
+                self._buffers_seen()
             except BaseException:
                 remote.close()
                 raise
@@ -177,22 +234,22 @@ class Ranger(torch.optim.Optimizer):
             if not p.is_contiguous():
                 raise ValueError("Ranger needs contiguous parameters")
         # Named parameters (model.named_parameters()) keep their names in the layout, so checkpoints
-        # export as a state dict the model loads; plain tensors are named "group.index".
-        self.layout = Layout.from_named_tensors(
-            (
-                (g["param_names"][pi] if "param_names" in g else f"{gi}.{pi}", p)
-                for gi, g in enumerate(self.param_groups)
-                for pi, p in enumerate(g["params"])
-            ),
-            self.config.block_size,
-        )
+        # export as a state dict the model loads; plain tensors are named "group.index". Buffers kept
+        # consistent through the shards follow the parameters.
+        named = [
+            (g["param_names"][pi] if "param_names" in g else f"{gi}.{pi}", p)
+            for gi, g in enumerate(self.param_groups)
+            for pi, p in enumerate(g["params"])
+        ]
+        self._tensors: list[torch.Tensor] = [*self._params, *(t for _, t in self._synced)]
+        self.layout = Layout.from_named_tensors([*named, *self._synced], self.config.block_size)
         self._group_of = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
         names = {"ef_residual"}
         if self.inner:
             names.update(n for c in self._group_configs() for n in c.rule_state_names())
-        self.flat = FlatState(self.layout, self._params, sorted(names))
+        self.flat = FlatState(self.layout, self._tensors, sorted(names))
         self._scratch = self.flat.zeros()
-        self._param_blocks: list[tuple[int, int]] = [(0, 0)] * len(self._params)  # (first block id, count)
+        self._param_blocks: list[tuple[int, int]] = [(0, 0)] * len(self._tensors)  # (first block id, count)
         for block in self.layout.blocks:
             first, count = self._param_blocks[block.param_index]
             self._param_blocks[block.param_index] = (block.block_id if count == 0 else first, count + 1)
@@ -200,6 +257,13 @@ class Ranger(torch.optim.Optimizer):
         self._step_counters: list[torch.Tensor] = []  # each parameter's "step" state
         self._rule_states: list[BlockState] = []  # each parameter's inner rule state (views)
         self._linked: list[RuleConfig] | None = None  # the settings the state views were made for
+        first_buffer = len(self._params)
+        self._buffer_blocks = torch.tensor(
+            [b.block_id for b in self.layout.blocks if b.param_index >= first_buffer], dtype=torch.int64
+        )
+        self._buffer_values = self.flat.param_views(self.flat.params)[first_buffer:]
+        self._buffer_residuals = self.flat.param_views(self.flat.buffers["ef_residual"])[first_buffer:]
+        self._buffer_last = [v.clone() for v in self._buffer_values]  # their values as this worker last saw them
 
     def _local_backend(self) -> LocalBackend:
         """The in-process 'shard': one table per param group over the group's blocks."""
@@ -449,6 +513,7 @@ class Ranger(torch.optim.Optimizer):
         Under an inner ranger rule the Lookahead slow weights move with the view, so a sync pulls the
         view towards this worker's own slow trajectory, never back to weights the cluster moved past.
         """
+        self._fold_buffers()
         if not runs:
             return
         if not self.inner:
@@ -456,6 +521,18 @@ class Ranger(torch.optim.Optimizer):
             return
         buffers = self.flat.buffers
         self.flat.land(runs, residual=buffers["ef_residual"], slow=buffers.get("slow_buffer"))
+        self._buffers_seen()
+
+    def _fold_buffers(self) -> None:
+        """Add what the forward passes did to the synchronized buffers since this worker last saw them
+        (BatchNorm's running statistics) to what it owes the cluster, as a step's update is added."""
+        if self._synced:
+            torch._foreach_add_(self._buffer_residuals, torch._foreach_sub(self._buffer_values, self._buffer_last))
+            self._buffers_seen()
+
+    def _buffers_seen(self) -> None:
+        if self._synced:
+            torch._foreach_copy_(self._buffer_last, self._buffer_values)
 
     # -- the step ------------------------------------------------------------------------------------
 
@@ -492,6 +569,7 @@ class Ranger(torch.optim.Optimizer):
         return out
 
     def _choose(self, step: int, has_grad: Sequence[bool]) -> torch.Tensor:
+        """This push's blocks: random ones of the trained parameters, and every synchronized buffer's."""
         chosen = choose_block_ids(
             self.layout.num_blocks,
             density_at(step, self.selection),
@@ -499,7 +577,10 @@ class Ranger(torch.optim.Optimizer):
             worker_id=self.backend.worker_id,
             step=step,
         )
-        return self.backend.order(self.flat.trained_blocks(chosen, has_grad))
+        trained = self.flat.trained_blocks(chosen, [*has_grad, *(False for _ in self._synced)])
+        if len(self._buffer_blocks):
+            trained = torch.cat([trained, self._buffer_blocks])
+        return self.backend.order(trained)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -511,7 +592,7 @@ class Ranger(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.flat.check_bound(self._params)
+        self.flat.check_bound(self._tensors)
         configs = self._group_configs()
         if self.config.servers is not None:
             self._check_cluster_rule(configs)
@@ -610,6 +691,7 @@ def _signature() -> inspect.Signature:
     for key, spec in by_key.items():
         if key not in ("lr", "momentum"):
             parameters.append(inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=spec.default))
+    parameters.append(inspect.Parameter("buffers", inspect.Parameter.KEYWORD_ONLY, default=None))
     parameters.append(inspect.Parameter("security", inspect.Parameter.KEYWORD_ONLY, default=None))
     return inspect.Signature(parameters)
 

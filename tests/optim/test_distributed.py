@@ -313,12 +313,12 @@ def test_step_after_close_with_servers_is_a_clear_error_and_changes_nothing(star
     optimizer = Ranger(model.parameters(), lr=0.1, servers=servers, local_steps=4)
     x = torch.randn(16, 8)
     optimizer.zero_grad()
-    model(x).square().mean().backward()  # type: ignore[no-untyped-call]
+    model(x).square().mean().backward()
     optimizer.step()
     optimizer.close()
     before = [p.detach().clone() for p in model.parameters()]
     optimizer.zero_grad()  # nothing in flight: a no-op, as a training loop calls it first
-    model(x).square().mean().backward()  # type: ignore[no-untyped-call]
+    model(x).square().mean().backward()
     with pytest.raises(RuntimeError, match=r"step\(\) after close\(\): this optimizer left the cluster"):
         optimizer.step()
     for p, b in zip(model.parameters(), before, strict=True):
