@@ -24,6 +24,7 @@ from ranger_ps.wire.security import ClientSecurity
 from ranger_ps.workloads.data import shard_indices
 from ranger_ps.workloads.evaluation import EPOCH_EVAL_EXAMPLES, evaluate
 from ranger_ps.workloads.job import batch_loss, build, correct_predictions, planned_steps
+from ranger_ps.workloads.models import check_cluster_buffers
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,11 @@ def train(
     worker's current weights on (at most :data:`EPOCH_EVAL_EXAMPLES` of) the test split.
     """
     data, model, device = build(config)
+    check_cluster_buffers(model, config.outer, truncates=config.truncates)
     started = time.monotonic()
     optimizer = Ranger(
         model.named_parameters(),
+        buffers=model.named_buffers(),
         servers=servers,
         worker_id=worker_id,
         security=security,

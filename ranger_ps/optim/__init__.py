@@ -106,17 +106,22 @@ def _synced_buffers(
             named.append((str(name), tensor))
     if config.servers is None or not named:
         return []
-    if config.outer != "mean":
-        raise ValueError(
-            "buffers are averaged through the shards, which needs outer='mean' (the default); "
-            f"got outer={config.outer!r}"
-        )
-    if config.truncates:
-        raise ValueError(
+    refusal = buffers_refusal(config.outer, truncates=config.truncates)
+    if refusal is not None:
+        raise ValueError(refusal)
+    return named
+
+
+def buffers_refusal(outer: str, *, truncates: bool) -> str | None:
+    """Why buffers cannot be kept consistent through shards with these settings (None: they can)."""
+    if outer != "mean":
+        return f"buffers are averaged through the shards, which needs outer='mean' (the default); got outer={outer!r}"
+    if truncates:
+        return (
             "buffers are averaged through the shards, and the shards' truncation or clipping would change them "
             "too: truncate_below, truncation_residual, clip_value and clip_norm must be off with buffers"
         )
-    return named
+    return None
 
 
 def _keyword_docs() -> str:
@@ -699,4 +704,4 @@ def _signature() -> inspect.Signature:
 Ranger.__init__.__signature__ = _signature()  # type: ignore[attr-defined]
 Ranger.__doc__ = (Ranger.__doc__ or "") + _keyword_docs()
 
-__all__ = ["GROUP_KEYS", "Ranger", "rule_config_from_group"]
+__all__ = ["GROUP_KEYS", "Ranger", "buffers_refusal", "rule_config_from_group"]

@@ -64,9 +64,11 @@ def _planned_steps(config: TrainConfig, workers: int) -> int:
 def run_local(config: TrainConfig, options: LocalSettings, context: RunContext | None = None) -> dict[str, Any]:
     """Start the cluster, train, evaluate the final weights, stop everything; returns the report."""
     from ranger_ps.workloads.job import build
+    from ranger_ps.workloads.models import check_cluster_buffers
 
     context = context or RunContext()
-    build(config)  # fail fast on an unknown model, dataset or device, before any process starts
+    _, model, _ = build(config)  # fail fast on an unknown model, dataset or device, before any process starts
+    check_cluster_buffers(model, config.outer, truncates=config.truncates)
     started = time.monotonic()
     temporary = options.run_dir is None
     run_dir = Path(tempfile.mkdtemp(prefix="ranger-ps-")) if options.run_dir is None else options.run_dir

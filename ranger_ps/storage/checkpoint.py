@@ -611,31 +611,42 @@ def positional_names(weights: Mapping[str, torch.Tensor]) -> bool:
 
 
 def named_state_dict(weights: Mapping[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Exported weights keyed as ``model.named_parameters()`` names them, for ``model.load_state_dict``.
+    """Exported weights keyed as ``model.state_dict()`` names them, for ``model.load_state_dict``.
 
     Positional keys (``0.0, 0.1, ...``: :func:`positional_names`) are given the model's names in
     order, the order in which the optimizer received ``model.parameters()`` (with several param
-    groups, the groups' order); named keys must be the model's own names. Either way the count, and
-    each parameter's shape and dtype, must match the model's.
+    groups, the groups' order) and then ``model.buffers()``; named keys must be the model's own
+    names. Either way the count, and each tensor's shape and dtype, must match the model's. Weights
+    of a run that kept the floating buffers consistent (``Ranger(..., buffers=...)``: BatchNorm's
+    running statistics) hold them after the parameters; the model's other buffers, which no cluster
+    synchronizes (integer ones such as ``num_batches_tracked``), are taken from ``model`` as they
+    are, so ``load_state_dict`` can be strict.
 
     Args:
         weights: ``{name: tensor}`` as :func:`assemble_weights` (or ``checkpoint export``) gives them.
         model: the model the weights are for (its parameters' values are not used).
 
     Returns:
-        The same tensors keyed by the model's parameter names, in the model's order.
+        The same tensors keyed by the model's names, in the model's order, and its unsynchronized buffers.
 
     Raises:
-        ValueError: the weights do not fit the model; the message names the first differing parameter.
+        ValueError: the weights do not fit the model; the message names the first differing tensor.
     """
+    params = list(model.named_parameters())
+    floating = [(name, b) for name, b in model.named_buffers() if b.is_floating_point()]
+    synced = floating if floating and len(weights) == len(params) + len(floating) else []
     saved = Layout.from_named_tensors(weights.items())
-    wanted = Layout.from_named_tensors(model.named_parameters())
+    wanted = Layout.from_named_tensors([*params, *synced])
     positional = positional_names(weights)
     difference = saved.difference(wanted, mine="the checkpoint has", theirs="the model has", names=not positional)
     if difference is not None:
         how = "in order, by position" if positional else "by name"
         raise ValueError(f"the weights do not fit the model ({how}): {difference}")
-    return {p.name: weights[s.name] for s, p in zip(saved.params, wanted.params, strict=True)}
+    out = {p.name: weights[s.name] for s, p in zip(saved.params, wanted.params, strict=True)}
+    for name, buffer in model.named_buffers():
+        if not buffer.is_floating_point():
+            out[name] = buffer.detach().clone()
+    return out
 
 
 def describe(checkpoints: list[ShardCheckpoint], files: dict[int, list[Path]]) -> dict[str, Any]:

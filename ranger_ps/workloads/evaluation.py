@@ -11,6 +11,7 @@ from ranger_ps.optim import Ranger
 from ranger_ps.wire.security import ClientSecurity
 from ranger_ps.workloads.data import Dataset
 from ranger_ps.workloads.job import batch_loss, build, correct_predictions
+from ranger_ps.workloads.models import check_cluster_buffers
 
 EPOCH_EVAL_EXAMPLES = 2048
 """The per-epoch evaluation (for curves) uses at most this many test examples; the final one uses all."""
@@ -50,8 +51,10 @@ def evaluate_cluster(
         The evaluation and the bytes pulled.
     """
     data, model, device = build(config)
+    check_cluster_buffers(model, config.outer, truncates=config.truncates)
     with Ranger(
         model.named_parameters(),
+        buffers=model.named_buffers(),
         servers=servers,
         observer=True,
         security=security,

@@ -6,6 +6,7 @@ Built-in models (the ``--model`` flag):
 * ``cnn``: two conv3x3-ReLU(-maxpool) stages and a linear classifier, for images ``(C, H, W)``,
   ``(H, W)`` or a flat input whose size is a perfect square (digits: 64 features -> 1x8x8).
 * ``vgg``: the VGG-style network of the project's origin, for 32x32 images ``(C, 32, 32)``.
+* ``vgg-bn``: the same with BatchNorm after every convolution.
 * ``charlm``: a small causal Transformer over token ids ``(T,)``; logits ``(B, T, V)``.
 
 Anything else that looks like ``package.module:function`` is a bring-your-own model: the function
@@ -17,9 +18,10 @@ Every model is fully determined by the global RNG: ``torch.manual_seed(s)`` befo
 :func:`build_model` gives bit-identical parameters, which is how workers that build their models
 independently start from the same point.
 
-No model here uses BatchNorm or any other layer with buffers that change while training (running
-means and variances): the parameter server synchronizes ``named_parameters()`` only, so such
-buffers would silently drift apart between workers and differ from the servers' weights.
+Buffers that change while training (BatchNorm's running means and variances) are not parameters:
+the workers hand them to the optimizer (``Ranger(..., buffers=model.named_buffers())``), which keeps
+them consistent through the shards (averaged like the updates), so ``vgg-bn`` and a bring-your-own
+model with BatchNorm train, evaluate and checkpoint one set of statistics.
 """
 
 from __future__ import annotations
@@ -107,28 +109,37 @@ VGG_CHANNELS = (64, 128, 256, 256, 256)
 """Output channels of the five conv3x3-ReLU-maxpool2 stages of :func:`vgg`."""
 
 
-def vgg(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+def vgg(input_shape: tuple[int, ...], num_classes: int, *, batch_norm: bool = False) -> nn.Module:
     """The VGG-style network of the project's origin, for 32x32 images such as CIFAR-10's ``(3, 32, 32)``.
 
     Five stages of conv3x3 (padding 1), ReLU and 2x2 max-pool with 64, 128, 256, 256 and 256
     channels take 32x32 down to 1x1; a linear layer (256 -> ``num_classes``) classifies. Any channel
     count ``C`` is accepted as long as the images are 32x32 (``(C, 32, 32)``, or ``(32, 32)`` and a
-    flat 1,024 for one channel); other shapes are a :class:`UserError`. No BatchNorm (see the module
-    docstring): running statistics would not be synchronized by the parameter server.
+    flat 1,024 for one channel); other shapes are a :class:`UserError`. With ``batch_norm`` (the
+    ``vgg-bn`` model) every convolution is followed by BatchNorm (and has no bias of its own).
     """
-    c, h, w = _image_shape("vgg", input_shape)
+    name = "vgg-bn" if batch_norm else "vgg"
+    c, h, w = _image_shape(name, input_shape)
     if (h, w) != (32, 32):
         raise UserError(
-            f"--model vgg needs 32x32 images, (C, 32, 32) such as CIFAR-10's (3, 32, 32); "
+            f"--model {name} needs 32x32 images, (C, 32, 32) such as CIFAR-10's (3, 32, 32); "
             f"this dataset's input shape is {tuple(input_shape)}"
         )
     layers: list[nn.Module] = _as_image(input_shape, (c, h, w))
     channels = c
     for out in VGG_CHANNELS:
-        layers += [nn.Conv2d(channels, out, kernel_size=3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+        layers.append(nn.Conv2d(channels, out, kernel_size=3, padding=1, bias=not batch_norm))
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(out))
+        layers += [nn.ReLU(), nn.MaxPool2d(2)]
         channels = out
     layers += [nn.Flatten(), nn.Linear(channels, num_classes)]
     return nn.Sequential(*layers)
+
+
+def vgg_bn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """:func:`vgg` with BatchNorm after every convolution."""
+    return vgg(input_shape, num_classes, batch_norm=True)
 
 
 class CharLM(nn.Module):
@@ -202,7 +213,7 @@ def charlm(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     return CharLM(num_classes, input_shape[0])
 
 
-MODELS: dict[str, ModelFactory] = {"mlp": mlp, "cnn": cnn, "vgg": vgg, "charlm": charlm}
+MODELS: dict[str, ModelFactory] = {"mlp": mlp, "cnn": cnn, "vgg": vgg, "vgg-bn": vgg_bn, "charlm": charlm}
 """The built-in models by ``--model`` name."""
 
 
@@ -242,6 +253,22 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn
         f"unknown model {name!r}; choose from {', '.join(sorted(MODELS))}, or give your own as "
         "package.module:function (a function taking no arguments that returns a torch.nn.Module)"
     )
+
+
+def check_cluster_buffers(model: nn.Module, outer: str, *, truncates: bool) -> None:
+    """Refuse, before anything starts, a model whose buffers these settings cannot keep consistent
+    across workers (BatchNorm's statistics need ``--outer mean`` and no shard truncation).
+
+    Raises:
+        UserError: the model has floating buffers and the settings cannot average them.
+    """
+    if not any(b.is_floating_point() for b in model.buffers()):
+        return
+    from ranger_ps.optim import buffers_refusal
+
+    refusal = buffers_refusal(outer, truncates=truncates)
+    if refusal is not None:
+        raise UserError(f"the model has buffers (BatchNorm's running statistics): {refusal}")
 
 
 def describe_model(model: nn.Module) -> str:

@@ -111,6 +111,19 @@ def _write_mnist(directory: Path, train: int = 256, test: int = 64) -> None:
 
 
 @pytest.mark.timeout(180)
+def test_local_trains_vgg_with_batch_norm_and_evaluates_the_clusters_statistics(tmp_path: Path) -> None:
+    report_path = tmp_path / "report.json"
+    result = _run(
+        "local", "--model", "vgg-bn", "--dataset", "synthetic:features=1024,classes=4,train=96,test=32",
+        "--epochs", "1", "--batch-size", "16", "--block-size", "16384", "--report", str(report_path),
+    )  # fmt: skip
+    _succeeded(result)
+    report = _report(report_path)
+    assert report["config"]["model"] == "vgg-bn" and report["steps"] == 6
+    assert 0.0 <= report["test_accuracy"] <= 1.0
+
+
+@pytest.mark.timeout(180)
 def test_local_trains_a_bring_your_own_workload_with_step_logs_and_plot(tmp_path: Path) -> None:
     report_path = tmp_path / "report.json"
     result = _run(
@@ -196,6 +209,10 @@ def _bad_inputs() -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
     cases: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
         (("--model", "tests.byo_workload:nope"), ("--model", "tests.byo_workload:nope", "no attribute 'nope'")),
         (("--dataset", "mnist:/nonexistent"), ("mnist:/nonexistent", "is not a directory")),
+        (
+            ("--model", "vgg-bn", "--dataset", "synthetic:features=1024,train=64,test=16", "--outer", "sum"),
+            ("the model has buffers (BatchNorm's running statistics)", "outer='mean'"),
+        ),
     ]
     if not torch.cuda.is_available():  # on a CUDA machine --device cuda is valid
         cases.append((("--device", "cuda"), ("--device cuda", "CUDA is not available")))

@@ -61,6 +61,24 @@ def test_positional_weights_take_the_models_names_in_order() -> None:
         assert torch.equal(p, q)
 
 
+def test_batch_norm_statistics_kept_by_the_cluster_load_strictly_with_the_models_counters() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 2))
+    model.forward(torch.randn(8, 4) + 2.0)  # type: ignore[no-untyped-call]  # statistics move from their start
+    stats = dict(model.named_buffers())
+    tensors = [*model.parameters(), stats["1.running_mean"], stats["1.running_var"]]  # as Ranger lays them out
+    weights = {f"0.{i}": t.detach().clone() for i, t in enumerate(tensors)}
+    named = checkpoint.named_state_dict(weights, model)
+    assert list(named) == [*(n for n, _ in model.named_parameters()), "1.running_mean", "1.running_var"] + [
+        "1.num_batches_tracked"
+    ]
+    fresh = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 2))
+    fresh.load_state_dict(named)  # strict
+    assert torch.equal(dict(fresh.named_buffers())["1.running_mean"], stats["1.running_mean"])
+    parameters_only = dict(list(weights.items())[:6])  # a run that did not keep the buffers
+    assert "1.running_mean" not in checkpoint.named_state_dict(parameters_only, model)
+
+
 def test_named_weights_must_carry_the_models_names() -> None:
     model = _mlp()
     weights = {name: p.detach() for name, p in model.named_parameters()}

@@ -1,4 +1,4 @@
-"""The model zoo (mlp, cnn, vgg, charlm) and bring-your-own models given as package.module:function."""
+"""The model zoo (mlp, cnn, vgg, vgg-bn, charlm) and bring-your-own models given as package.module:function."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ SHAPES = [
     ("cnn", (1,), 3, (2, 3)),
     ("vgg", (3, 32, 32), 10, (2, 10)),
     ("vgg", (1, 32, 32), 100, (2, 100)),
+    ("vgg-bn", (3, 32, 32), 10, (2, 10)),
     ("charlm", (16,), 30, (2, 16, 30)),
     ("charlm", (64,), 65, (2, 64, 65)),
 ]
@@ -32,6 +33,7 @@ TYPICAL = {
     "mlp": ((64,), 10),
     "cnn": ((64,), 10),
     "vgg": ((3, 32, 32), 10),
+    "vgg-bn": ((3, 32, 32), 10),
     "charlm": ((32,), 40),
 }
 
@@ -62,7 +64,7 @@ def seeded(name: str, input_shape: tuple[int, ...], num_classes: int, seed: int 
 
 
 def test_registry_has_the_built_ins() -> None:
-    assert set(MODELS) == {"mlp", "cnn", "vgg", "charlm"}
+    assert set(MODELS) == {"mlp", "cnn", "vgg", "vgg-bn", "charlm"}
     assert set(TYPICAL) == set(MODELS)
 
 
@@ -104,9 +106,10 @@ def test_same_seed_same_parameters(name: str) -> None:
     assert any(not torch.equal(value, other[key]) for key, value in first.items())
 
 
-@pytest.mark.parametrize("name", sorted(TYPICAL))
+@pytest.mark.parametrize("name", sorted(set(TYPICAL) - {"vgg-bn"}))
 def test_no_buffers_only_parameters(name: str) -> None:
-    """Everything that defines the model is a parameter, so the parameter server synchronizes it all."""
+    """Everything that defines these models is a parameter (vgg-bn's statistics are buffers the workers
+    hand to the optimizer)."""
     input_shape, num_classes = TYPICAL[name]
     model = seeded(name, input_shape, num_classes)
     assert list(model.buffers()) == []
@@ -134,6 +137,17 @@ def test_vgg_structure() -> None:
     assert len(linears) == 1
     assert (linears[0].in_features, linears[0].out_features) == (256, 10)
     assert sum(p.numel() for p in model.parameters()) == 1_553_546
+
+
+def test_vgg_bn_is_vgg_with_batch_norm_after_every_convolution() -> None:
+    model = seeded("vgg-bn", (3, 32, 32), 10)
+    kinds = [type(m).__name__ for m in model.children()]
+    assert kinds[:4] == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"] and kinds.count("BatchNorm2d") == 5
+    assert all(m.bias is None for m in model.modules() if isinstance(m, nn.Conv2d))
+    floating = [name for name, b in model.named_buffers() if b.is_floating_point()]
+    assert floating == [f"{i}.{stat}" for i in (1, 5, 9, 13, 17) for stat in ("running_mean", "running_var")]
+    with pytest.raises(UserError, match=r"vgg-bn needs 32x32 images"):
+        build_model("vgg-bn", (3, 28, 28), 10)
 
 
 @pytest.mark.parametrize("input_shape", [(3, 28, 28), (64,), (3072,), (3, 32, 16)])
