@@ -2,10 +2,11 @@
 
 A plain PyTorch loop (a ``DataLoader`` with torch's ``DistributedSampler``, ``zero_grad``,
 ``backward``, ``step``). What makes it a cluster job is three lines: ``ranger_ps.init()`` tells
-this copy its rank and the world size, ``Ranger(..., servers="env")`` trains on the shards that
-``ranger-ps launch`` started, and ``optimizer.close()`` hands in what this worker still owes::
+this copy its rank and the world size, ``Ranger(..., servers="env", buffers=model.named_buffers())``
+trains on the shards that ``ranger-ps launch`` started (keeping BatchNorm's statistics consistent
+across workers), and ``optimizer.close()`` hands in what this worker still owes::
 
-    ranger-ps launch --workers 2 -m ranger_ps.examples.cifar_vgg --data DIR --epochs 5
+    ranger-ps launch --workers 2 -m ranger_ps.examples.cifar_vgg --data DIR --epochs 5 --batch-norm
 
 ``DIR`` holds the CIFAR-10 python batches (``data_batch_1..5``, ``test_batch``). Run without the
 launcher (``python -m ranger_ps.examples.cifar_vgg --data DIR``) it trains in this process alone.
@@ -71,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.manual_seed(args.seed)  # every copy builds the same initial weights
     data = load_dataset(f"cifar10:{args.data}")
     model = vgg(args.width, batch_norm=args.batch_norm)
-    optimizer = Ranger(model.named_parameters(), lr=args.lr, momentum=0.9, servers="env")
+    # named_buffers(): BatchNorm's running statistics stay consistent across the workers
+    optimizer = Ranger(model.named_parameters(), lr=args.lr, momentum=0.9, servers="env", buffers=model.named_buffers())
     train = TensorDataset(data.x_train, data.y_train)
     sampler: DistributedSampler[tuple[torch.Tensor, ...]] = DistributedSampler(
         train, num_replicas=place.world_size, rank=place.rank, seed=args.seed

@@ -130,11 +130,11 @@ def _write_cifar(folder: Path, per_batch: int = 16, test: int = 20) -> Path:
 
 @pytest.mark.e2e
 @pytest.mark.timeout(180)
-def test_the_vgg_example_trains_under_the_launcher_with_two_workers(tmp_path: Path) -> None:
+def test_the_vgg_example_with_batch_norm_trains_under_the_launcher_with_two_workers(tmp_path: Path) -> None:
     data = _write_cifar(tmp_path / "cifar")
     result = _launch(
         "--workers", "2", "--shards", "2", "--run-dir", str(tmp_path / "run"),
-        "-m", "ranger_ps.examples.cifar_vgg", "--data", str(data), "--epochs", "2", "--width", "8", "--batch-size", "8",
+        "-m", "ranger_ps.examples.cifar_vgg", "--data", str(data), "--epochs", "2", "--width", "8", "--batch-size", "8", "--batch-norm",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr + result.stdout
     for rank in (0, 1):
