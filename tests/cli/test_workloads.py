@@ -126,11 +126,20 @@ def test_local_trains_vgg_with_batch_norm_and_evaluates_the_clusters_statistics(
 @pytest.mark.timeout(180)
 def test_local_trains_a_bring_your_own_workload_with_step_logs_and_plot(tmp_path: Path) -> None:
     report_path = tmp_path / "report.json"
+    stale = tmp_path / "report-steps"  # an earlier run's step logs in the same place: never read as this run's
+    stale.mkdir()
+    (stale / "worker-0.csv").write_text(
+        "step,wall_seconds,loss,batch_accuracy,bytes_pushed,bytes_pulled,bytes_pushed_dense,steps_per_second\n"
+        + "".join(f"{i},1.0,123.456,0.5,1,1,1,1.0\n" for i in range(1, 5000))
+    )
+    (stale / "worker-0.eval.csv").write_text("step,bytes_pushed,test_loss,test_accuracy\n4999,1,123.456,0.5\n")
     result = _run(
         "local", "--model", MODEL, "--dataset", DATASET, "--epochs", "2", "--shards", "1",
         "--report", str(report_path),
     )  # fmt: skip
     _succeeded(result)
+    assert "123.456" not in result.stderr  # the progress never showed the stale loss
+    assert "123.456" not in (stale / "worker-0.eval.csv").read_text()
     report = _report(report_path)
     assert report["test_accuracy"] >= 0.9, report
     assert report["config"]["model"] == MODEL and report["config"]["dataset"] == DATASET
