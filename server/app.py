@@ -10,7 +10,12 @@ any number of servers on one event loop (:class:`BackgroundShards`).
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
+import socket
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -90,11 +95,10 @@ class ShardServer:
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"{config.host}:{config.port}"
         try:
-            self.port = self.security.add_port(server, address)
+            with _core_log_kept_back(address):
+                self.port = self.security.add_port(server, address)
         except RuntimeError as exc:
-            raise UserError(
-                f"cannot listen on {address}: the port is in use or the address is not local ({exc})"
-            ) from None
+            raise UserError(f"cannot listen on {address}: {_bind_problem(config.host, config.port, exc)}") from None
         await server.start()
         self._server = server
         for name in ("", SERVICE_NAME):
@@ -182,6 +186,57 @@ class ShardServer:
             if self.metrics is not None:
                 await asyncio.to_thread(self.metrics.close)  # last: a final scrape still sees the final state
         log.info("shard %d stopped: %d pushes applied", self.config.shard_id, self.shard.pushes_applied)
+
+
+@contextmanager
+def _core_log_kept_back(address: str) -> Iterator[None]:
+    """Keep gRPC core's log line about a failed bind of ``address`` off stderr; pass on anything else.
+
+    gRPC core logs a failed bind itself (``add_port.cc ... Failed to add port``) to file descriptor 2
+    before Python sees the error, which then becomes a one-line usage error: the core's line would
+    only repeat it. The descriptor is redirected to a temporary file for the synchronous bind, and
+    whatever was written meanwhile that is not about ``address`` is written to stderr afterwards.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as held:
+            os.dup2(held.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+                held.seek(0)
+                lines = held.read().decode(errors="replace").splitlines(keepends=True)
+                kept = "".join(line for line in lines if f"'{address}'" not in line and "add_port" not in line)
+                if kept:
+                    sys.stderr.write(kept)
+    finally:
+        os.close(saved)
+
+
+def _bind_problem(host: str, port: int, error: RuntimeError) -> str:
+    """Why gRPC could not listen on ``host:port``, in words (gRPC's own error only says it failed).
+
+    Binding a plain socket the same way gives the operating system's reason. This runs after gRPC's
+    bind failed and decides nothing but the message.
+    """
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        return f"the host cannot be resolved ({exc.strerror or exc})"
+    for family, kind, proto, _, where in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no conflict
+            try:
+                probe.bind(where)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return "the port is in use"
+                if exc.errno == errno.EADDRNOTAVAIL:
+                    return "the address is not one of this machine's"
+                return exc.strerror or str(exc)
+    return f"gRPC refused it ({error})"
 
 
 async def _expire_leases(shard: Shard, every: float) -> None:

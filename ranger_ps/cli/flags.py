@@ -77,6 +77,21 @@ def add_settings(
             )
 
 
+def compact_usage(parser: argparse.ArgumentParser) -> str:
+    """A one-line usage for a command with many flags: its required flags, then ``[FLAGS]``.
+
+    argparse prints the usage above every usage error it finds itself; the full synopsis of a
+    training command is forty lines, which buries the error line beneath it. ``--help`` still
+    lists every flag. Set it after the flags are added: ``parser.usage = compact_usage(parser)``.
+    """
+    required = [
+        f"{action.option_strings[-1]} {action.metavar or action.dest.upper()}"
+        for action in parser._actions
+        if action.required and action.option_strings
+    ]
+    return " ".join(["%(prog)s", *required, "[FLAGS] (--help lists them)"])
+
+
 def settings_from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
     """Build a settings object from parsed flags (settings without a flag keep their defaults)."""
     values = {s.name: getattr(args, s.name) for s in specs(cls) if hasattr(args, s.name)}

@@ -8,7 +8,7 @@ import json
 import os
 
 from ranger_ps.cli.common import client_security, ensure_folder, log_effective_config, megabytes
-from ranger_ps.cli.flags import add_settings, settings_from_args
+from ranger_ps.cli.flags import add_settings, compact_usage, settings_from_args
 from ranger_ps.config.client import ClusterSettings
 from ranger_ps.config.common import ClientSecuritySettings, CommonSettings
 from ranger_ps.config.train import TrainConfig
@@ -22,6 +22,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_settings(p, TrainConfig)
     add_settings(p, ClientSecuritySettings)
     add_settings(p, CommonSettings)
+    p.usage = compact_usage(p)
     p.set_defaults(run=run_worker)
 
     p = sub.add_parser("evaluate", help="evaluate the model currently held by running servers", allow_abbrev=False)
@@ -30,6 +31,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_settings(p, TrainConfig, exclude=("num_workers",))
     add_settings(p, ClientSecuritySettings)
     add_settings(p, CommonSettings)
+    p.usage = compact_usage(p)
     p.set_defaults(run=run_evaluate)
 
 
@@ -38,19 +40,21 @@ def run_worker(args: argparse.Namespace) -> int:
     from ranger_ps.observability.report import write_report
     from ranger_ps.observability.watch import RunWatcher
     from ranger_ps.worker.train import result_report, train
+    from ranger_ps.workloads.job import check_job
 
     config = settings_from_args(TrainConfig, args)
     worker = settings_from_args(WorkerSettings, args)
     assert worker.servers is not None  # a required flag
     if worker.report is not None:
         ensure_folder(worker.report.parent, "the folder of --report")
-    log_effective_config("worker", config.to_dict(), args.config_file)
+    check_job(config)
     try:
         watcher = RunWatcher(
             "worker", step_log=worker.metrics_csv, metrics_port=worker.metrics_port, metrics_host=worker.metrics_host
         )
     except OSError as exc:
         raise UserError(f"cannot open the metrics outputs: {exc}") from None
+    log_effective_config("worker", config.to_dict(), args.config_file)  # after every usage error
     if watcher.metrics_port is not None and worker.ready_file is not None:
         write_text_atomically(worker.ready_file, json.dumps({"metrics_port": watcher.metrics_port, "pid": os.getpid()}))
     with watcher:

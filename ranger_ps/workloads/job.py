@@ -1,4 +1,5 @@
-"""A training job: the data, the model built identically on every worker, the loss and the step plan.
+"""A training job: the data, the model built identically on every worker, the loss, the step plan
+and the learning rate over it.
 
 These pieces are shared by the training worker, the local cluster (which checks a job before it
 starts processes and counts its steps), and the benchmarks.
@@ -6,15 +7,18 @@ starts processes and counts its steps), and the benchmarks.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler, StepLR
 
-from ranger_ps.config.train import TrainConfig
+from ranger_ps.config.train import LrSchedule, TrainConfig
 from ranger_ps.errors import UserError
-from ranger_ps.workloads.data import Dataset, load_dataset, shard_indices
-from ranger_ps.workloads.models import build_model
+from ranger_ps.workloads.data import Dataset, load_dataset, parse_spec, shard_indices
+from ranger_ps.workloads.models import MODELS, build_model
+from ranger_ps.workloads.plugins import is_plugin_spec, load_plugin
 
 
 def resolve_device(name: str) -> torch.device:
@@ -33,6 +37,26 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def check_job(config: TrainConfig) -> None:
+    """The checks of a job that read no data and build no model: the device, the dataset's form, the
+    model's name (a bring-your-own model's module is imported, its function not called).
+
+    Cheap enough to run before a command announces its effective config, so a usage error is the
+    only line a user sees.
+
+    Raises:
+        UserError: an unknown device, dataset form or model (one line naming the flag).
+    """
+    resolve_device(config.device)
+    parse_spec(config.dataset)
+    if config.model in MODELS:
+        return
+    if is_plugin_spec(config.model):
+        load_plugin(config.model, "--model")
+    else:
+        build_model(config.model, (), 0)  # not a built-in nor a plugin: raises its "unknown model" error
+
+
 def build(config: TrainConfig) -> tuple[Dataset, nn.Module, torch.device]:
     """Load the data and build the model, identically initialized on every worker."""
     device = resolve_device(config.device)
@@ -46,6 +70,47 @@ def planned_steps(config: TrainConfig, num_examples: int, worker_index: int) -> 
     """Steps one worker takes over all epochs."""
     mine = len(shard_indices(num_examples, worker_index, config.num_workers))
     return math.ceil(mine / config.batch_size) * config.epochs
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, planned: int) -> LRScheduler | None:
+    """The torch scheduler ``--lr-schedule`` asks for over ``planned`` steps (None for ``constant``).
+
+    Step it once after every ``optimizer.step()``; it scales each param group's lr as it is when
+    the scheduler is made (``--lr``). ``cosine`` is a :class:`~torch.optim.lr_scheduler.LambdaLR`
+    of the closed form that :class:`~torch.optim.lr_scheduler.LinearLR` (from ``lr / (warmup + 1)``)
+    followed by :class:`~torch.optim.lr_scheduler.CosineAnnealingLR` (``T_max`` the steps after the
+    warm-up, ``eta_min`` the ``min`` fraction of each group's own lr) give; ``step`` is
+    :class:`~torch.optim.lr_scheduler.StepLR` whose period is ``every`` epochs of this worker's steps.
+
+    Args:
+        optimizer: the optimizer whose param groups' lr the schedule sets.
+        config: the job (its ``lr_schedule`` and ``epochs``).
+        planned: the steps this worker takes (:func:`planned_steps`), a whole number of epochs.
+
+    Raises:
+        UserError: a warm-up that does not end before the last planned step.
+    """
+    schedule = LrSchedule.parse(config.lr_schedule)
+    if schedule.kind == "step":
+        steps_per_epoch = max(1, planned // config.epochs)
+        return StepLR(optimizer, step_size=schedule.every * steps_per_epoch, gamma=schedule.gamma)
+    if schedule.kind != "cosine":
+        return None
+    if schedule.warmup >= planned:
+        raise UserError(
+            f"--lr-schedule {config.lr_schedule}: the warm-up of {schedule.warmup} steps does not end before the "
+            f"last of the {planned} steps this worker plans"
+        )
+    return LambdaLR(optimizer, functools.partial(_cosine_factor, schedule, planned - schedule.warmup))
+
+
+def _cosine_factor(schedule: LrSchedule, cosine_steps: int, step: int) -> float:
+    """The fraction of lr in use for the step after ``step`` steps: linear warm-up, then half a cosine."""
+    if step < schedule.warmup:
+        return (step + 1) / (schedule.warmup + 1)
+    progress = min(step - schedule.warmup, cosine_steps) / cosine_steps
+    lowest = schedule.min_factor
+    return lowest + (1 - lowest) * (1 + math.cos(math.pi * progress)) / 2
 
 
 def batch_loss(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

@@ -141,6 +141,14 @@ def test_booleans_and_store_true_flags(tmp_path: Path) -> None:
     assert (args.overlap, args.use_gc) == (True, False)
 
 
+def test_the_lr_schedule_from_a_file_and_the_environment(tmp_path: Path) -> None:
+    path = _toml(tmp_path, 'lr-schedule = "cosine:warmup=5,min=0.1"\n')
+    args, _ = _parse(["worker", "--servers", "h:1", "--config", str(path)])
+    assert train_config_from_args(args).lr_schedule == "cosine:warmup=5,min=0.1"
+    args, _ = _parse(["worker", "--servers", "h:1", "--config", str(path)], {"RANGER_PS_LR_SCHEDULE": "step:every=2"})
+    assert train_config_from_args(args).lr_schedule == "step:every=2"
+
+
 @pytest.mark.parametrize(
     ("text", "needles"),
     [
