@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import signal
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,14 +28,20 @@ from ranger_ps.client.admin import fetch_stats
 from ranger_ps.config.launch import LaunchedProcess, LaunchSettings
 from ranger_ps.config.server import MembershipSettings
 from ranger_ps.errors import ClusterError, UserError
-from ranger_ps.orchestration.launcher import Child, Cluster, child_environment, start_shards, terminate_on_sigterm
+from ranger_ps.orchestration.launcher import (
+    INHERITED_VARIABLES,
+    Child,
+    Cluster,
+    child_environment,
+    common_argv,
+    metrics_settings,
+    run_folder,
+    start_shards,
+)
 from ranger_ps.storage.checkpoint import list_checkpoints
 from ranger_ps.wire.security import ClientSecurity, read_token
 
 log = logging.getLogger(__name__)
-
-INHERITED = ("RANGER_PS_TOKEN", "RANGER_PS_TUNE_MALLOC")
-"""``RANGER_PS_*`` variables the processes keep (the token, never in argv; the allocator switch)."""
 
 
 @dataclass(frozen=True)
@@ -155,63 +158,40 @@ def run_launch(
     token = read_token(settings.token_file) if settings.token_file is not None else env_token
     check_fresh_run(settings, ClientSecurity(token=token), use_uvloop=use_uvloop)
     started = time.monotonic()
-    temporary = settings.run_dir is None
-    run_dir = Path(tempfile.mkdtemp(prefix="ranger-ps-launch-")) if settings.run_dir is None else settings.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    common = ["--log-level", log_level, "--uvloop" if use_uvloop else "--no-uvloop"]
-    if settings.token_file is not None:
-        common += ["--token-file", str(settings.token_file)]
-    env = child_environment(os.environ, keep=INHERITED)
+    common = common_argv(log_level, use_uvloop=use_uvloop, token_file=settings.token_file)
+    env = child_environment(os.environ, keep=INHERITED_VARIABLES)
     if token is not None:
         env["RANGER_PS_TOKEN"] = token  # the workers' Ranger(servers="env") reads it
-    previous = signal.signal(signal.SIGTERM, terminate_on_sigterm)
-    ok = False
-    try:
-        with Cluster(run_dir, env=env) as cluster:
-            servers: list[Child] = []
-            if settings.servers is None:
-                servers, addresses = start_shards(
-                    cluster,
-                    settings.shards,
-                    MembershipSettings.from_settings(settings),
-                    host=settings.host,
-                    timeout=settings.startup_timeout,
-                    argv=common,
-                    metrics=lambda shard: _metrics(settings, shard),
-                    checkpoint_dir=settings.checkpoint_dir,
-                )
-                log.info("servers up: %s (logs in %s)", ",".join(addresses), run_dir)
-            else:
-                addresses = list(settings.servers)
-            result = LaunchResult(addresses)
-            supervisor = _Supervisor(cluster, settings, target, addresses, echo or sys.stdout)
-            supervisor.run(servers, result)
-            for child in servers:  # a clean stop: each shard writes its final checkpoint
-                code = cluster.stop(child, timeout=30.0)
-                if code not in (0, None):
-                    raise cluster.failure(child, f"exited with code {code} on shutdown")
+    with run_folder(settings.run_dir, "ranger-ps-launch-") as run_dir, Cluster(run_dir, env=env) as cluster:
+        servers: list[Child] = []
+        if settings.servers is None:
+            servers, addresses = start_shards(
+                cluster,
+                settings.shards,
+                MembershipSettings.from_settings(settings),
+                host=settings.host,
+                timeout=settings.startup_timeout,
+                argv=common,
+                metrics=lambda shard: metrics_settings(settings.metrics_port, settings.metrics_host, shard),
+                checkpoint_dir=settings.checkpoint_dir,
+            )
+            log.info("servers up: %s (logs in %s)", ",".join(addresses), run_dir)
+        else:
+            addresses = list(settings.servers)
+        result = LaunchResult(addresses)
+        _Supervisor(cluster, settings, target, addresses, echo or sys.stdout).run(servers, result)
+        for child in servers:  # a clean stop: each shard writes its final checkpoint
+            code = cluster.stop(child, timeout=30.0)
+            if code not in (0, None):
+                raise cluster.failure(child, f"exited with code {code} on shutdown")
         result.wall_seconds = time.monotonic() - started
-        ok = not result.failed
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if temporary and ok:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        elif not ok:
-            log.error("process logs kept in %s", run_dir)
-    if result.failed:
-        failed = ", ".join(f"rank {rank} (exit code {code})" for rank, code in sorted(result.failed.items()))
-        raise ClusterError(
-            f"{len(result.failed)} of {settings.workers} workers failed: {failed}; "
-            f"{len(result.finished)} finished (logs in {run_dir})"
-        )
+        if result.failed:
+            failed = ", ".join(f"rank {rank} (exit code {code})" for rank, code in sorted(result.failed.items()))
+            raise ClusterError(
+                f"{len(result.failed)} of {settings.workers} workers failed: {failed}; "
+                f"{len(result.finished)} finished (logs in {run_dir})"
+            )
     return result
-
-
-def _metrics(settings: LaunchSettings, shard: int) -> dict[str, object]:
-    if settings.metrics_port is None:
-        return {}
-    port = settings.metrics_port + shard if settings.metrics_port else 0
-    return {"metrics_port": port, "metrics_host": settings.metrics_host}
 
 
 class _Supervisor:

@@ -14,12 +14,14 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -310,3 +312,46 @@ def start_shards(
         found_host, port = cluster.wait_ready(child, cluster.run_dir / f"shard-{shard}.ready.json", timeout)
         addresses.append(f"{found_host}:{port}")
     return servers, addresses
+
+
+INHERITED_VARIABLES = ("RANGER_PS_TOKEN", "RANGER_PS_TUNE_MALLOC")
+"""``RANGER_PS_*`` variables a cluster's processes keep: the token (never put in argv) and the
+allocator switch (not a flag). Every other setting reaches them as explicit flags."""
+
+
+def common_argv(log_level: str, *, use_uvloop: bool, token_file: Path | None) -> list[str]:
+    """The flags every ``ranger-ps`` process of a cluster gets: log level, event loop, token file."""
+    argv = ["--log-level", log_level, "--uvloop" if use_uvloop else "--no-uvloop"]
+    if token_file is not None:
+        argv += ["--token-file", str(token_file)]
+    return argv
+
+
+def metrics_settings(port: int | None, host: str, index: int) -> dict[str, Any]:
+    """The metrics settings of a cluster's ``index``-th process: port ``port + index`` (any free
+    port when ``port`` is 0), none when ``port`` is None."""
+    if port is None:
+        return {}
+    return {"metrics_port": port + index if port else 0, "metrics_host": host}
+
+
+@contextlib.contextmanager
+def run_folder(run_dir: Path | None, prefix: str) -> Iterator[Path]:
+    """The folder a run's processes log to, with SIGTERM handled as Ctrl-C while the run lasts.
+
+    ``run_dir`` is created if needed; None makes a temporary folder, removed when the run ends
+    well. When the block raises, the folder is kept and named in an error log line.
+    """
+    folder = Path(tempfile.mkdtemp(prefix=prefix)) if run_dir is None else run_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    previous = signal.signal(signal.SIGTERM, terminate_on_sigterm)
+    ok = False
+    try:
+        yield folder
+        ok = True
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if not ok:
+            log.error("process logs kept in %s", folder)
+        elif run_dir is None:
+            shutil.rmtree(folder, ignore_errors=True)

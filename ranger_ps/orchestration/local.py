@@ -11,9 +11,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
-import signal
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +25,16 @@ from ranger_ps.config.worker import WorkerSettings
 from ranger_ps.observability.progress import Progress
 from ranger_ps.observability.report import read_report
 from ranger_ps.observability.steplog import eval_log_path, read_last_step
-from ranger_ps.orchestration.launcher import Cluster, child_environment, start_shards, terminate_on_sigterm, wait_all
+from ranger_ps.orchestration.launcher import (
+    INHERITED_VARIABLES,
+    Cluster,
+    child_environment,
+    common_argv,
+    metrics_settings,
+    run_folder,
+    start_shards,
+    wait_all,
+)
 from ranger_ps.settings import to_argv
 from ranger_ps.wire.security import ClientSecurity, read_token
 
@@ -70,19 +76,12 @@ def run_local(config: TrainConfig, options: LocalSettings, context: RunContext |
     _, model, _ = build(config)  # fail fast on an unknown model, dataset or device, before any process starts
     check_cluster_buffers(model, config.outer, truncates=config.truncates)
     started = time.monotonic()
-    temporary = options.run_dir is None
-    run_dir = Path(tempfile.mkdtemp(prefix="ranger-ps-")) if options.run_dir is None else options.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    step_log_dir = options.step_log_dir or run_dir
-    step_log_dir.mkdir(parents=True, exist_ok=True)
-    common = ["--log-level", context.log_level, "--uvloop" if context.use_uvloop else "--no-uvloop"]
-    if options.token_file is not None:
-        common += ["--token-file", str(options.token_file)]
+    common = common_argv(context.log_level, use_uvloop=context.use_uvloop, token_file=options.token_file)
     security = ClientSecurity(token=read_token(options.token_file) if options.token_file else context.token)
-    previous = signal.signal(signal.SIGTERM, terminate_on_sigterm)
-    ok = False
-    try:
-        with Cluster(run_dir, env=child_environment(os.environ, keep=_INHERITED)) as cluster:
+    with run_folder(options.run_dir, "ranger-ps-") as run_dir:
+        step_log_dir = options.step_log_dir or run_dir
+        step_log_dir.mkdir(parents=True, exist_ok=True)
+        with Cluster(run_dir, env=child_environment(os.environ, keep=INHERITED_VARIABLES)) as cluster:
             servers, addresses = start_shards(
                 cluster,
                 options.shards,
@@ -90,7 +89,7 @@ def run_local(config: TrainConfig, options: LocalSettings, context: RunContext |
                 host=options.host,
                 timeout=options.startup_timeout,
                 argv=common,
-                metrics=lambda shard: _metrics(options, shard),
+                metrics=lambda shard: metrics_settings(options.metrics_port, options.metrics_host, shard),
             )
             log.info("servers up: %s (logs in %s)", ",".join(addresses), run_dir)
             if options.metrics_port is not None:
@@ -138,13 +137,6 @@ def run_local(config: TrainConfig, options: LocalSettings, context: RunContext |
                     log.warning("%s exited with code %s on shutdown (see %s)", child.name, code, child.log_path)
         per_worker = [read_report(run_dir / f"worker-{w}.json") for w in range(options.workers)]
         plot = _plot(step_logs, options.plot_path, config) if options.plot_path is not None else None
-        ok = True
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if temporary and ok:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        elif not ok:
-            log.error("process logs kept in %s", run_dir)
 
     return {
         "test_accuracy": evaluation.test_accuracy,
@@ -176,12 +168,6 @@ def run_local(config: TrainConfig, options: LocalSettings, context: RunContext |
     }
 
 
-# Variables the children still read from the environment: the token (never put in argv) and the
-# allocator switch (not a flag). Every other RANGER_PS_ setting reached this process's own flags,
-# which are handed to each child explicitly.
-_INHERITED = ("RANGER_PS_TOKEN", "RANGER_PS_TUNE_MALLOC")
-
-
 def _worker_settings(
     options: LocalSettings, index: int, addresses: list[str], run_dir: Path, step_log: Path
 ) -> WorkerSettings:
@@ -192,16 +178,8 @@ def _worker_settings(
         report=run_dir / f"worker-{index}.json",
         metrics_csv=step_log,
         ready_file=run_dir / f"worker-{index}.ready.json" if options.metrics_port is not None else None,
-        **_metrics(options, options.shards + index),
+        **metrics_settings(options.metrics_port, options.metrics_host, options.shards + index),
     )
-
-
-def _metrics(options: LocalSettings, index: int) -> dict[str, Any]:
-    """The metrics settings of the ``index``-th process (shards first, then workers)."""
-    if options.metrics_port is None:
-        return {}
-    port = options.metrics_port + index if options.metrics_port else 0
-    return {"metrics_port": port, "metrics_host": options.metrics_host}
 
 
 def _plot(step_logs: list[Path], out: Path, config: TrainConfig) -> Path | None:
