@@ -23,7 +23,7 @@ from ranger_ps.optim import Ranger
 from ranger_ps.wire.security import ClientSecurity
 from ranger_ps.workloads.data import shard_indices
 from ranger_ps.workloads.evaluation import EPOCH_EVAL_EXAMPLES, evaluate
-from ranger_ps.workloads.job import batch_loss, build, correct_predictions, planned_steps
+from ranger_ps.workloads.job import batch_loss, build, correct_predictions, lr_scheduler, planned_steps
 from ranger_ps.workloads.models import check_cluster_buffers
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ def train(
         )  # fmt: skip
         mine = shard_indices(len(data.y_train), worker_id, config.num_workers)
         total = planned_steps(config, len(data.y_train), worker_id)
+        scheduler = lr_scheduler(optimizer, config, total)  # --lr-schedule (None: constant)
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + worker_id)
         step = 0
         for _epoch in range(config.epochs):
@@ -101,6 +102,8 @@ def train(
                 loss = batch_loss(logits, y)
                 loss.backward()  # type: ignore[no-untyped-call]
                 optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
                 step += 1
                 if on_step is not None:
                     traffic = optimizer.traffic

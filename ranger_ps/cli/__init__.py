@@ -26,6 +26,7 @@ from ranger_ps.cli.environment import (
     apply_config_file,
     apply_environment,
     env_var,
+    selected_parsers,
     unknown_variables,
 )
 from ranger_ps.cli.flags import settings_from_args
@@ -92,7 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"ranger-ps: warning: {name} is not a setting of any command; it is ignored", file=sys.stderr)
     config_file = apply_config_file(parser, argv, os.environ)
     apply_environment(parser, os.environ, argv)  # the one place the environment is read (after the file: it wins)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command's own parser: "ranger-ps local: error: unrecognized arguments: ..."
+        selected_parsers(parser, argv)[-1].error(f"unrecognized arguments: {' '.join(unknown)}")
     args.config_file = config_file
     args.env_token = os.environ.get(TOKEN_VARIABLE)
     _configure_logging(args.log_level)

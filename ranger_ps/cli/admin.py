@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ranger_ps.cli.common import EXIT_CLUSTER_ERROR, client_security
-from ranger_ps.cli.flags import add_settings
+from ranger_ps.cli.flags import add_settings, compact_usage
 from ranger_ps.config.client import ClusterSettings
 from ranger_ps.config.common import ClientSecuritySettings, CommonSettings
 from ranger_ps.errors import UserError
@@ -28,6 +28,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     c.add_argument("directory", type=Path, help="the --checkpoint-dir of the servers")
     c.add_argument("--json", action="store_true", help="print JSON")
     add_settings(c, CommonSettings)
+    c.usage = compact_usage(c)
     c = actions.add_parser(
         "export",
         help="write plain weights a model loads with load_state_dict",
@@ -43,7 +44,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     c.add_argument("--out", type=Path, required=True, help="output file, e.g. model.pt")
     c.add_argument(
         "--model",
-        help="the model the weights are for, as the worker's --model (mlp, cnn, vgg, charlm, or "
+        help="the model the weights are for, as the worker's --model (mlp, cnn, vgg, vgg-bn, charlm, or "
         "package.module:function returning an nn.Module): keys are its named_parameters() names (positional "
         "keys 0.0, 0.1, ... are mapped in order), and the count, shapes and dtypes must match it",
     )
@@ -53,6 +54,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="with a built-in --model, the worker's --dataset, which sizes the model (default: digits)",
     )
     add_settings(c, CommonSettings)
+    c.usage = compact_usage(c)
     p.set_defaults(run=run_checkpoint)
 
     p = sub.add_parser(
@@ -65,6 +67,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default: 3)")
     add_settings(p, ClientSecuritySettings)
     add_settings(p, CommonSettings)
+    p.usage = compact_usage(p)
     p.set_defaults(run=run_health)
 
     p = sub.add_parser("status", help="show what running servers hold", allow_abbrev=False)
@@ -73,6 +76,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each server (default: 5)")
     add_settings(p, ClientSecuritySettings)
     add_settings(p, CommonSettings)
+    p.usage = compact_usage(p)
     p.set_defaults(run=run_status)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ranger_ps.bench.settings import ApplySettings, ConvergenceSettings, LinkSettings, TrainSettings, WireSettings
-from ranger_ps.cli.flags import add_settings, settings_from_args
+from ranger_ps.cli.flags import add_settings, compact_usage, settings_from_args
 from ranger_ps.config.common import CommonSettings
 from ranger_ps.config.train import TrainConfig
 from ranger_ps.errors import UserError
@@ -57,6 +57,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         b, TrainConfig, exclude=("num_workers", "local_steps", "push_dtype", "seed"), defaults={"block_size": 64}
     )
     add_settings(b, CommonSettings)
+    b.usage = compact_usage(b)
     b.set_defaults(run=run_convergence)
     add_bench_parsers(bench)
 
@@ -215,11 +216,12 @@ def add_bench_parsers(bench: argparse._SubParsersAction[argparse.ArgumentParser]
     parsed arguments and returning the exit code), so the command line dispatches with ``args.run(args)``.
     """
     for name, settings, run, help_text, description in _BENCHMARKS:
-        parser = bench.add_parser(name, help=help_text, description=description)
+        parser = bench.add_parser(name, help=help_text, description=description, allow_abbrev=False)
         add_settings(parser, settings)
         parser.add_argument("--json", action="store_true", help="print one JSON object instead of a Markdown table")
         parser.add_argument("--out", type=Path, help="also write the JSON object to this file")
         if name in _PLOTTED:
             parser.add_argument("--plot", type=Path, help="draw a PNG bar chart here (needs matplotlib)")
         add_settings(parser, CommonSettings, exclude=("config",))
+        parser.usage = compact_usage(parser)
         parser.set_defaults(run=run)

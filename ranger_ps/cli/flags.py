@@ -78,7 +78,7 @@ def add_settings(
 
 
 def compact_usage(parser: argparse.ArgumentParser) -> str:
-    """A one-line usage for a command with many flags: its required flags, then ``[FLAGS]``.
+    """A one-line usage for a command with many flags: its required flags, ``[FLAGS]``, its positionals.
 
     argparse prints the usage above every usage error it finds itself; the full synopsis of a
     training command is forty lines, which buries the error line beneath it. ``--help`` still
@@ -89,7 +89,13 @@ def compact_usage(parser: argparse.ArgumentParser) -> str:
         for action in parser._actions
         if action.required and action.option_strings
     ]
-    return " ".join(["%(prog)s", *required, "[FLAGS] (--help lists them)"])
+    positionals = []
+    for action in parser._actions:
+        if action.option_strings or isinstance(action, argparse._SubParsersAction):
+            continue
+        name = str(action.metavar or action.dest.upper())
+        positionals.append(f"[{name} ...]" if action.nargs in (argparse.REMAINDER, "?", "*") else name)
+    return " ".join(["%(prog)s", *required, "[FLAGS]", *positionals, "(--help lists them)"])
 
 
 def settings_from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:

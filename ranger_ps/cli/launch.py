@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 
 from ranger_ps.cli.common import ensure_folder, token
-from ranger_ps.cli.flags import add_settings, settings_from_args
+from ranger_ps.cli.flags import add_settings, compact_usage, settings_from_args
 from ranger_ps.config.common import CommonSettings
 from ranger_ps.config.launch import LaunchSettings
+from ranger_ps.errors import UserError
 
 EPILOG = """\
 Each copy of the script gets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE and RANGER_PS_SERVERS.
@@ -32,16 +33,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         allow_abbrev=False,
     )
     p.add_argument("-m", "--module", action="store_true", help="TARGET is a module to run as python -m TARGET")
-    p.add_argument("target", metavar="SCRIPT|MODULE", help="the training script (or, with -m, the module)")
+    p.add_argument("target", nargs="?", metavar="SCRIPT|MODULE", help="the training script (or, with -m, the module)")
     p.add_argument("target_args", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments for the script")
     add_settings(p, LaunchSettings)
     add_settings(p, CommonSettings)
+    p.usage = compact_usage(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ranger_ps.orchestration.launch import LaunchTarget, run_launch
 
+    if args.target is None:
+        raise UserError("give the training script to run (ranger-ps launch [FLAGS] SCRIPT [ARGS]), or -m MODULE")
     settings = settings_from_args(LaunchSettings, args)
     if settings.run_dir is not None:
         ensure_folder(settings.run_dir, "--run-dir")

@@ -59,22 +59,37 @@ class RunContext:
     token: str | None = field(default=None, repr=False)
 
 
-def _planned_steps(config: TrainConfig, workers: int) -> int:
-    from ranger_ps.workloads.data import load_dataset
-    from ranger_ps.workloads.job import planned_steps
+def plan_local(config: TrainConfig, options: LocalSettings) -> list[int]:
+    """Check the job as the workers will run it, before any process starts; returns each worker's
+    planned steps.
 
-    n = len(load_dataset(config.dataset).y_train)
-    return sum(planned_steps(config, n, w) for w in range(workers))
-
-
-def run_local(config: TrainConfig, options: LocalSettings, context: RunContext | None = None) -> dict[str, Any]:
-    """Start the cluster, train, evaluate the final weights, stop everything; returns the report."""
-    from ranger_ps.workloads.job import build
+    Raises:
+        UserError: an unknown model, dataset or device, a model whose buffers the settings cannot
+            keep consistent, or a schedule longer than a worker's run.
+    """
+    from ranger_ps.workloads.job import build, check_schedule, planned_steps
     from ranger_ps.workloads.models import check_cluster_buffers
 
-    context = context or RunContext()
-    _, model, _ = build(config)  # fail fast on an unknown model, dataset or device, before any process starts
+    data, model, _ = build(config)
     check_cluster_buffers(model, config.outer, truncates=config.truncates)
+    planned = [planned_steps(config, len(data.y_train), w) for w in range(options.workers)]
+    check_schedule(config, min(planned))
+    return planned
+
+
+def run_local(
+    config: TrainConfig,
+    options: LocalSettings,
+    context: RunContext | None = None,
+    *,
+    planned: list[int] | None = None,
+) -> dict[str, Any]:
+    """Start the cluster, train, evaluate the final weights, stop everything; returns the report.
+
+    ``planned``: what :func:`plan_local` returned, when the caller already checked the job.
+    """
+    context = context or RunContext()
+    planned = plan_local(config, options) if planned is None else planned
     started = time.monotonic()
     common = common_argv(context.log_level, use_uvloop=context.use_uvloop, token_file=options.token_file)
     security = ClientSecurity(token=read_token(options.token_file) if options.token_file else context.token)
@@ -115,7 +130,7 @@ def run_local(config: TrainConfig, options: LocalSettings, context: RunContext |
                 )
                 for w in range(options.workers)
             ]
-            bar = Progress(_planned_steps(config, options.workers), "training", enabled=context.progress)
+            bar = Progress(sum(planned), "training", enabled=context.progress)
             watcher = _ProgressWatcher(addresses, bar, context.use_uvloop, security, step_logs)
             try:
                 wait_all(cluster, workers, servers, poll=watcher.poll)

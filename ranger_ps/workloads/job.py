@@ -96,12 +96,22 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, planned:
         return StepLR(optimizer, step_size=schedule.every * steps_per_epoch, gamma=schedule.gamma)
     if schedule.kind != "cosine":
         return None
-    if schedule.warmup >= planned:
+    check_schedule(config, planned)
+    return LambdaLR(optimizer, functools.partial(_cosine_factor, schedule, planned - schedule.warmup))
+
+
+def check_schedule(config: TrainConfig, planned: int) -> None:
+    """Refuse a schedule that cannot run over ``planned`` steps (a worker's, or the fewest of any worker's).
+
+    Raises:
+        UserError: a warm-up that does not end before the last planned step.
+    """
+    schedule = LrSchedule.parse(config.lr_schedule)
+    if schedule.kind == "cosine" and schedule.warmup >= planned:
         raise UserError(
             f"--lr-schedule {config.lr_schedule}: the warm-up of {schedule.warmup} steps does not end before the "
             f"last of the {planned} steps this worker plans"
         )
-    return LambdaLR(optimizer, functools.partial(_cosine_factor, schedule, planned - schedule.warmup))
 
 
 def _cosine_factor(schedule: LrSchedule, cosine_steps: int, step: int) -> float:

@@ -49,22 +49,6 @@ def test_local_trains_digits_and_writes_the_report(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(
-    ("args", "needle"),
-    [
-        (("local", "--model", "nope"), "unknown model 'nope'"),
-        (("local", "--dataset", "nope"), "unknown dataset 'nope'"),
-        (("local", "--device", "cuda:7"), "cuda"),
-        (("status", "--servers", ""), "at least one"),
-    ],
-)
-def test_bad_input_gives_one_line_and_exit_code_2(args: tuple[str, ...], needle: str) -> None:
-    """The rest of the usage errors, stricter, are in test_usage_errors.py."""
-    line = one_line_error(_run(*args))
-    assert needle in line
-
-
-@pytest.mark.timeout(60)
 def test_worker_fails_clearly_when_no_server_comes_up() -> None:
     result = _run("worker", "--servers", "127.0.0.1:9", "--connect-timeout", "1.5")
     line = one_line_error(result)

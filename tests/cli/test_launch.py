@@ -134,7 +134,8 @@ def test_the_vgg_example_with_batch_norm_trains_under_the_launcher_with_two_work
     data = _write_cifar(tmp_path / "cifar")
     result = _launch(
         "--workers", "2", "--shards", "2", "--run-dir", str(tmp_path / "run"),
-        "-m", "ranger_ps.examples.cifar_vgg", "--data", str(data), "--epochs", "2", "--width", "8", "--batch-size", "8", "--batch-norm",
+        "-m", "ranger_ps.examples.cifar_vgg", "--data", str(data),
+        "--epochs", "2", "--width", "8", "--batch-size", "8", "--batch-norm",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr + result.stdout
     for rank in (0, 1):

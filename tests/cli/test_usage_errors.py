@@ -79,6 +79,11 @@ def _one_line(result: subprocess.CompletedProcess[str], tmp_path: Path) -> str:
             "ranger-ps worker: error: the folder of --report /proc/x cannot be created",
         ),
         (("local", "--epochs", "0"), "ranger-ps local: error: --epochs must be >= 1"),
+        (("launch",), "ranger-ps launch: error: give the training script to run"),
+        (("launch", "--resume", "x.py"), "ranger-ps launch: error: --resume needs --checkpoint-dir"),
+        (("local", "--model", "nope"), "ranger-ps local: error: unknown model 'nope'"),
+        (("local", "--dataset", "nope"), "ranger-ps local: error: unknown dataset 'nope'"),
+        (("local", "--device", "cuda:7"), "ranger-ps local: error: --device cuda:7"),
         (("worker", "--servers", SERVERS, "--model", "nope"), "ranger-ps worker: error: unknown model 'nope'"),
         (("worker", "--servers", SERVERS, "--dataset", "nope"), "ranger-ps worker: error: unknown dataset 'nope'"),
         (("worker", "--servers", SERVERS, "--device", "cuda:7"), "ranger-ps worker: error: --device cuda:7"),
@@ -147,7 +152,10 @@ def test_an_unknown_variable_is_a_warning_line_not_an_error(tmp_path: Path) -> N
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (("local", "--worker", "3"), "unrecognized arguments: --worker 3"),  # no abbreviation of --workers
+        (("local", "--worker", "3"), "ranger-ps local: error: unrecognized arguments: --worker 3"),  # no abbreviation
+        (("bench", "wire", "--nope", "1"), "ranger-ps bench wire: error: unrecognized arguments: --nope 1"),
+        (("status", "--servers", ""), "ranger-ps status: error: argument --servers: --servers needs at least one"),
+        (("checkpoint", "export", "d"), "ranger-ps checkpoint export: error: the following arguments are required"),
         (("worker", "--servers", "no-port-here"), "error: argument --servers: server address 'no-port-here' is not"),
         (("worker", "--servers", "localhost:99999"), "error: argument --servers: "),
         (("worker", "--lr", "x"), "error: argument --lr: expected a number, got 'x'"),

@@ -12,6 +12,7 @@ from ranger_ps.config.train import LrSchedule, TrainConfig
 from ranger_ps.errors import UserError
 from ranger_ps.optim import Ranger
 from ranger_ps.workloads.job import lr_scheduler
+from tests.conftest import ServerFactory
 
 FORMS = "(constant, cosine[:warmup=STEPS][,min=FACTOR] or step:every=EPOCHS[,gamma=G])"
 
@@ -142,3 +143,25 @@ def test_a_schedule_under_the_rule_outer_mode_is_refused() -> None:
     with pytest.raises(UserError, match=r"^--lr-schedule 'cosine' needs an inner rule \(--outer mean, sum or sgd\)"):
         TrainConfig(lr_schedule="cosine", outer="rule")
     assert TrainConfig(outer="rule").lr_schedule == "constant"  # the default stays allowed
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_a_worker_trains_under_its_schedule(start_servers: ServerFactory) -> None:
+    """A worker applies ``--lr-schedule``: with the lr decayed to almost nothing after the first epoch,
+    its weights after the second epoch are those after the first (a constant lr moves them on)."""
+    from ranger_ps.worker.train import train
+
+    def per_epoch_losses(schedule: str) -> list[float]:
+        losses: list[float] = []
+        config = TrainConfig(
+            epochs=2, lr=0.05, momentum=0.0, lr_schedule=schedule, overlap=False, block_size=4096, connect_timeout=5.0
+        )
+        train(config, start_servers(1), on_eval=lambda step, pushed, evaluation: losses.append(evaluation.test_loss))
+        return losses
+
+    decayed = per_epoch_losses("step:every=1,gamma=1e-12")
+    constant = per_epoch_losses("constant")
+    assert decayed[0] == pytest.approx(constant[0], abs=1e-6)  # the same first epoch
+    assert decayed[1] == pytest.approx(decayed[0], abs=1e-5)  # then (almost) no lr: (almost) no change
+    assert abs(constant[1] - constant[0]) > 1e-3
