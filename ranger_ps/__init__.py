@@ -18,9 +18,9 @@ from ranger_ps.version import __version__
 
 if TYPE_CHECKING:
     from ranger_ps.config.launch import LaunchedProcess
-    from ranger_ps.optim import Ranger
+    from ranger_ps.optim import Ranger, running_statistics
 
-__all__ = ["Ranger", "__version__", "init", "local_rank", "rank", "world_size"]
+__all__ = ["Ranger", "__version__", "init", "local_rank", "rank", "running_statistics", "world_size"]
 
 
 def init() -> LaunchedProcess:
@@ -55,4 +55,8 @@ def __getattr__(name: str) -> Any:
         from ranger_ps.optim import Ranger
 
         return Ranger
+    if name == "running_statistics":
+        from ranger_ps.optim import running_statistics
+
+        return running_statistics
     raise AttributeError(f"module 'ranger_ps' has no attribute {name!r}")

@@ -3,12 +3,14 @@ fixed dataset with ``Ranger(servers="env")`` and prints what it saw.
 
 Behaviour for the fault tests comes from its arguments: ``--fail-rank R`` (repeatable) makes rank
 R exit with code 3 at every start, ``--fail-once R --markers DIR`` only at its first start (a
-marker file in DIR remembers it), and ``--hold S`` keeps the ranks that train busy for S more seconds.
+marker file in DIR remembers it), ``--hold S`` keeps the ranks that train busy for S more seconds,
+and ``--grandchild FILE`` starts a process of the script's own and writes its pid to FILE.RANK.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,8 +29,15 @@ def main() -> int:
     parser.add_argument("--fail-once", type=int, action="append", default=[])
     parser.add_argument("--markers", type=Path, default=None)
     parser.add_argument("--hold", type=float, default=0.0)
+    parser.add_argument("--config", type=Path, default=None, help="the script's own config file (read, not used)")
+    parser.add_argument("--grandchild", type=Path, default=None, help="start a process of its own; its pid here")
     args = parser.parse_args()
+    if args.config is not None:
+        print(f"script config {args.config.read_text().strip()!r}")
     place = ranger_ps.init()
+    if args.grandchild is not None:  # a process of the script's own (a data loader worker, say)
+        helper = subprocess.Popen(["sleep", "300"])
+        args.grandchild.with_suffix(f".{place.rank}").write_text(str(helper.pid))
     print(f"rank {ranger_ps.rank()} of {ranger_ps.world_size()} local {ranger_ps.local_rank()} servers {place.servers}")
     once = place.rank in args.fail_once and args.markers is not None
     if once:

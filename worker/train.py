@@ -19,11 +19,18 @@ from ranger_ps.algorithm.consistency import staleness_summary
 from ranger_ps.algorithm.selection import subsample_indices
 from ranger_ps.config.train import TrainConfig
 from ranger_ps.observability.records import Evaluation, StepFn, StepInfo
-from ranger_ps.optim import Ranger
+from ranger_ps.optim import Ranger, running_statistics
 from ranger_ps.wire.security import ClientSecurity
 from ranger_ps.workloads.data import shard_indices
 from ranger_ps.workloads.evaluation import EPOCH_EVAL_EXAMPLES, evaluate
-from ranger_ps.workloads.job import batch_loss, build, correct_predictions, lr_scheduler, planned_steps
+from ranger_ps.workloads.job import (
+    batch_loss,
+    build,
+    check_schedule,
+    correct_predictions,
+    lr_scheduler,
+    planned_steps,
+)
 from ranger_ps.workloads.models import check_cluster_buffers
 
 log = logging.getLogger(__name__)
@@ -65,10 +72,11 @@ def train(
     """
     data, model, device = build(config)
     check_cluster_buffers(model, config.outer, truncates=config.truncates)
+    check_schedule(config, planned_steps(config, len(data.y_train), worker_id or 0))  # before registering
     started = time.monotonic()
     optimizer = Ranger(
         model.named_parameters(),
-        buffers=model.named_buffers(),
+        buffers=running_statistics(model),
         servers=servers,
         worker_id=worker_id,
         security=security,

@@ -217,3 +217,21 @@ class Layout:
     def block_views(self, flats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Slice flat per-parameter tensors into per-block views (no copies)."""
         return [flats[b.param_index][b.offset : b.offset + b.numel] for b in self.blocks]
+
+
+def running_statistics(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The buffers of ``model`` that change while it trains and that workers should share: the running
+    mean and variance of its normalization layers (BatchNorm, SyncBatchNorm, InstanceNorm with
+    ``track_running_stats``), named as ``model.named_buffers()`` names them.
+
+    ``Ranger(..., buffers=running_statistics(model))`` keeps just those consistent; constant buffers
+    (masks, position tables) stay each worker's own and cost no traffic.
+    """
+    out = []
+    for prefix, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.batchnorm._NormBase) and module.track_running_stats:
+            for name in ("running_mean", "running_var"):
+                buffer = getattr(module, name, None)
+                if isinstance(buffer, torch.Tensor) and buffer.is_floating_point():
+                    out.append((f"{prefix}.{name}" if prefix else name, buffer))
+    return out

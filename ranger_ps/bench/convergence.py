@@ -32,7 +32,7 @@ from ranger_ps.optim import Ranger
 from ranger_ps.orchestration.local import RunContext, run_local
 from ranger_ps.wire.pushes import push_wire_bytes
 from ranger_ps.workloads.evaluation import evaluate
-from ranger_ps.workloads.job import batch_loss, build
+from ranger_ps.workloads.job import batch_loss, build, lr_scheduler, planned_steps
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,8 @@ def run_in_process(config: TrainConfig, *, shards: int = 2, max_bytes: int | Non
     optimizer = Ranger(model.named_parameters(), **config.optimizer_kwargs())
     placement = Placement.compute(optimizer.layout, shards)
     generator = torch.Generator().manual_seed(config.seed * 1_000_003)
+    # --lr-schedule, as a one-worker cluster's worker applies it (its planned steps: the whole split)
+    scheduler = lr_scheduler(optimizer, config, planned_steps(config, len(data.y_train), 0))
     started = time.monotonic()
     step = bytes_pushed = bytes_dense = 0
     pushes = 0
@@ -102,6 +104,8 @@ def run_in_process(config: TrainConfig, *, shards: int = 2, max_bytes: int | Non
             loss = batch_loss(model(data.prepare(data.x_train[batch].to(device))), data.y_train[batch].to(device))
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             step += 1
             count_pushes()
             bytes_dense += push_wire_bytes(optimizer.layout, placement, None, worker_id=0, clock=step)

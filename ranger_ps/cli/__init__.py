@@ -26,6 +26,7 @@ from ranger_ps.cli.environment import (
     apply_config_file,
     apply_environment,
     env_var,
+    own_arguments,
     selected_parsers,
     unknown_variables,
 )
@@ -91,8 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not light:
         for name in unknown_variables(parser, os.environ):
             print(f"ranger-ps: warning: {name} is not a setting of any command; it is ignored", file=sys.stderr)
-    config_file = apply_config_file(parser, argv, os.environ)
-    apply_environment(parser, os.environ, argv)  # the one place the environment is read (after the file: it wins)
+    own = own_arguments(parser, argv)  # not the arguments of a script that launch runs
+    config_file = apply_config_file(parser, own, os.environ)
+    apply_environment(parser, os.environ, own)  # the one place the environment is read (after the file: it wins)
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # said by the command's own parser: "ranger-ps local: error: unrecognized arguments: ..."
         selected_parsers(parser, argv)[-1].error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -114,3 +116,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ranger-ps {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # whoever read the output went away (``| head``): nothing left to say to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_CLUSTER_ERROR

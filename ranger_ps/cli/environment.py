@@ -42,6 +42,32 @@ def selected_parsers(parser: argparse.ArgumentParser, argv: Sequence[str]) -> li
         chain.append(actions[0].choices[choice])
 
 
+def own_arguments(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """The part of ``argv`` that is ranger-ps's: all of it, but for a command that runs a program
+    with its own arguments (``launch SCRIPT ARGS``), only what comes before the program.
+
+    A ``--config`` (or any other flag) among the script's arguments is the script's, never ours.
+    """
+    chain = selected_parsers(parser, argv)
+    command = chain[-1]
+    if not any(a.nargs == argparse.REMAINDER for a in command._actions if not a.option_strings):
+        return list(argv)
+    options = {o: a for a in command._actions for o in a.option_strings}
+    tokens = list(argv)
+    start = 0
+    for name in (p.prog.split()[-1] for p in chain[1:]):  # past the command's own name
+        start = tokens.index(name, start) + 1
+    index = start
+    while index < len(tokens):
+        token = tokens[index]
+        if token == "--" or not token.startswith("-"):
+            return tokens[:index]
+        action = options.get(token.partition("=")[0])
+        takes_value = action is not None and action.nargs != 0 and "=" not in token
+        index += 2 if takes_value else 1
+    return tokens
+
+
 #: Variables that are read but are not a flag of a command.
 OTHER_VARIABLES = frozenset({TOKEN_VARIABLE, CONFIG_VARIABLE, ENV_PREFIX + "TUNE_MALLOC"})
 

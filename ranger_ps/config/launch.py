@@ -84,7 +84,9 @@ class LaunchSettings(ProcessSettings):
         "continue from the checkpoints in --checkpoint-dir, or from the weights the --servers hold (without it a "
         "run starts from fresh weights, and shards that hold weights are refused)",
     )
-    max_restarts: int = setting(0, "start a failed worker again up to this many times (same rank)")
+    max_restarts: int = setting(
+        0, "start a failed worker again up to this many times (same rank; not after exit code 2, a usage error)"
+    )
     fail_fast: bool = setting(
         False, "end the whole run when a worker fails for good (off: the others train on, and the exit code is 1)"
     )
@@ -167,7 +169,7 @@ class LaunchedProcess:
         if not 0 <= rank < world:
             raise ValueError(f"RANK must be in [0, WORLD_SIZE={world}), got {rank}")
         local_world = numbers.get("LOCAL_WORLD_SIZE", world)
-        local_rank = numbers.get("LOCAL_RANK", rank)
+        local_rank = numbers.get("LOCAL_RANK", rank % local_world)
         if local_world < 1 or not 0 <= local_rank < local_world:
             raise ValueError(f"LOCAL_RANK must be in [0, LOCAL_WORLD_SIZE={local_world}), got {local_rank}")
         text = environ.get(SERVERS_VARIABLE, "").strip()

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from ranger_ps.algorithm.blocks import BlockSpace
-from ranger_ps.algorithm.layout import Layout
+from ranger_ps.algorithm.layout import Layout, running_statistics
 from ranger_ps.algorithm.rules import BlockState, RuleConfig, apply_update
 from ranger_ps.algorithm.selection import centralize_, choose_block_ids, density_at
 from ranger_ps.algorithm.table import BlockTable
@@ -92,7 +92,7 @@ def _synced_buffers(
         return []
     named: list[tuple[str, torch.Tensor]] = []
     for index, item in enumerate(buffers):
-        name, tensor = item if isinstance(item, tuple) else (f"buffers.{index}", item)
+        name, tensor = item if isinstance(item, tuple) else (f"buffers.{len(named)}", item)  # the kept ones, in order
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(
                 "buffers must be tensors or (name, tensor) pairs (model.named_buffers()); "
@@ -103,6 +103,11 @@ def _synced_buffers(
         if not tensor.is_contiguous():
             raise ValueError(f"buffer {name!r} is not contiguous")
         if tensor.is_floating_point():
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueError(
+                    f"buffer {name!r} holds non-finite values (a mask?): only statistics can be averaged; pass "
+                    "ranger_ps.running_statistics(model) to keep just the normalization layers' ones"
+                )
             named.append((str(name), tensor))
     if config.servers is None or not named:
         return []
@@ -152,11 +157,12 @@ class Ranger(torch.optim.Optimizer):
     creating the optimizer; a parameter given new storage later is refused at the next step.
 
     **Buffers** (BatchNorm's running statistics) are not parameters: torch optimizers never see them.
-    With servers, pass ``buffers=model.named_buffers()`` and each worker's floating buffers are kept
-    consistent through the shards: what its forward passes changed is pushed with every push and
-    averaged like the updates (``outer="mean"``), and pulls bring the cluster's values back, so
-    workers, evaluators and checkpoints share one set of statistics. Without it each worker keeps its
-    own (and an evaluator its fresh ones). Integer buffers (``num_batches_tracked``) stay local.
+    With servers, pass ``buffers=ranger_ps.running_statistics(model)`` (or ``model.named_buffers()``
+    when every floating buffer is a statistic) and those buffers are kept consistent through the
+    shards: what this worker's forward passes changed is pushed with its next push and averaged like
+    the updates (``outer="mean"``), and pulls bring the cluster's values back, so workers, evaluators
+    and checkpoints share one set of statistics. Without it each worker keeps its own (and an
+    evaluator its fresh ones). Integer buffers (``num_batches_tracked``) stay local.
 
     With ``overlap=True`` (and servers) ``step()`` returns as soon as the push is encoded; the push
     and the pull of the new weights run in the background and land at the next ``zero_grad()``
@@ -263,9 +269,10 @@ class Ranger(torch.optim.Optimizer):
         self._rule_states: list[BlockState] = []  # each parameter's inner rule state (views)
         self._linked: list[RuleConfig] | None = None  # the settings the state views were made for
         first_buffer = len(self._params)
-        self._buffer_blocks = torch.tensor(
-            [b.block_id for b in self.layout.blocks if b.param_index >= first_buffer], dtype=torch.int64
-        )
+        self._buffer_blocks = [
+            torch.tensor([b.block_id for b in self.layout.blocks if b.param_index == index], dtype=torch.int64)
+            for index in range(first_buffer, len(self._tensors))
+        ]
         self._buffer_values = self.flat.param_views(self.flat.params)[first_buffer:]
         self._buffer_residuals = self.flat.param_views(self.flat.buffers["ef_residual"])[first_buffer:]
         self._buffer_last = [v.clone() for v in self._buffer_values]  # their values as this worker last saw them
@@ -352,6 +359,8 @@ class Ranger(torch.optim.Optimizer):
             key = tuple(_hashable(group[k]) for k in RULE_KEYS)
             config = self._configs.get(key)
             if config is None:
+                if len(self._configs) >= _CONFIG_CACHE:  # a schedule makes new settings every step
+                    self._configs.clear()
                 config = self._configs[key] = rule_config_from_group(group)
             out.append(config)
         return out
@@ -574,7 +583,8 @@ class Ranger(torch.optim.Optimizer):
         return out
 
     def _choose(self, step: int, has_grad: Sequence[bool]) -> torch.Tensor:
-        """This push's blocks: random ones of the trained parameters, and every synchronized buffer's."""
+        """This push's blocks: random ones of the trained parameters, and those of every synchronized
+        buffer that changed since its last push (a buffer no forward pass moves costs nothing)."""
         chosen = choose_block_ids(
             self.layout.num_blocks,
             density_at(step, self.selection),
@@ -583,8 +593,9 @@ class Ranger(torch.optim.Optimizer):
             step=step,
         )
         trained = self.flat.trained_blocks(chosen, [*has_grad, *(False for _ in self._synced)])
-        if len(self._buffer_blocks):
-            trained = torch.cat([trained, self._buffer_blocks])
+        moved = [ids for ids, owed in zip(self._buffer_blocks, self._buffer_residuals, strict=True) if bool(owed.any())]
+        if moved:
+            trained = torch.cat([trained, *moved])
         return self.backend.order(trained)
 
     @torch.no_grad()
@@ -601,10 +612,13 @@ class Ranger(torch.optim.Optimizer):
         configs = self._group_configs()
         if self.config.servers is not None:
             self._check_cluster_rule(configs)
-        if configs != self._linked:  # the first step, or settings changed (an lr schedule, in process)
+        if configs != self._linked:  # the first step, or settings changed (an lr schedule)
             if isinstance(self.backend, LocalBackend):
                 self.backend.configure(configs)
-            self._link()
+            if self._linked is None or _state_shapes(configs) != _state_shapes(self._linked):
+                self._link()  # the state each parameter shows depends on the rules, not on their lr
+            else:
+                self._linked = configs
         self.synchronize()  # overlap: the previous push's pull lands before this step reads the weights
         self._steps = step = self._steps + 1
         if self._step_counters:
@@ -679,6 +693,15 @@ class Ranger(torch.optim.Optimizer):
 
 RULE_KEYS: tuple[str, ...] = tuple(s.key for s in specs(RuleConfig))
 
+_CONFIG_CACHE = 256
+"""Rule settings kept by value; past this many the cache starts again (an lr schedule's every step is new)."""
+
+
+def _state_shapes(configs: Sequence[RuleConfig]) -> list[tuple[tuple[str, ...], tuple[str, ...], bool]]:
+    """What shapes each group's state: its rule's state names, the outer state's and whether a
+    truncation residual is kept (not its lr or other numbers)."""
+    return [(tuple(c.rule_state_names()), tuple(c.state_names()), bool(c.truncation_residual)) for c in configs]
+
 
 def _hashable(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
@@ -704,4 +727,4 @@ def _signature() -> inspect.Signature:
 Ranger.__init__.__signature__ = _signature()  # type: ignore[attr-defined]
 Ranger.__doc__ = (Ranger.__doc__ or "") + _keyword_docs()
 
-__all__ = ["GROUP_KEYS", "Ranger", "buffers_refusal", "rule_config_from_group"]
+__all__ = ["GROUP_KEYS", "Ranger", "buffers_refusal", "rule_config_from_group", "running_statistics"]

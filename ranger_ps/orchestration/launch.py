@@ -44,6 +44,10 @@ from ranger_ps.wire.security import ClientSecurity, read_token
 log = logging.getLogger(__name__)
 
 
+NOT_RETRIED = (2, 130)
+"""Exit codes a restart cannot help: a usage error (the same settings fail the same way) and an interrupt."""
+
+
 @dataclass(frozen=True)
 class LaunchTarget:
     """What every worker runs: a script file or a module (``-m``), with its arguments."""
@@ -209,8 +213,20 @@ class _Supervisor:
     def _spawn(self, rank: int, *, again: bool = False) -> Child:
         place = LaunchedProcess(rank, self.settings.workers, rank, self.settings.workers, self.servers)
         return self.cluster.spawn_command(
-            f"worker-{rank}", self.target.command(), echo=self.echo, env=place.environ(), append=again
+            f"worker-{rank}",
+            self.target.command(),
+            echo=self.echo,
+            env={**place.environ(), **self.process_env},
+            append=again,
         )
+
+    @property
+    def process_env(self) -> dict[str, str]:
+        """What a user's script gets besides its place: its share of the cores for torch's threads (as
+        torchrun does, unless the user set ``OMP_NUM_THREADS``) and unbuffered output, so its lines
+        show as they are printed and none are lost when it is killed."""
+        threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // self.settings.workers))
+        return {"OMP_NUM_THREADS": threads, "PYTHONUNBUFFERED": os.environ.get("PYTHONUNBUFFERED", "1")}
 
     def run(self, servers: Sequence[Child], result: LaunchResult, *, interval: float = 0.1) -> None:
         running = {rank: _Worker(rank, self._spawn(rank)) for rank in range(self.settings.workers)}
@@ -226,7 +242,7 @@ class _Supervisor:
                 if code == 0:
                     result.finished.append(rank)
                     del running[rank]
-                elif worker.restarts < self.settings.max_restarts:
+                elif worker.restarts < self.settings.max_restarts and code not in NOT_RETRIED:
                     worker.restarts += 1
                     result.restarts[rank] = worker.restarts
                     log.warning(

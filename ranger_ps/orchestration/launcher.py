@@ -44,18 +44,33 @@ def die_with_parent() -> None:  # pragma: no cover - runs in the child between f
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def stop_process(process: subprocess.Popen[bytes], timeout: float = 15.0, *, name: str = "process") -> int | None:
-    """SIGTERM ``process``, SIGKILL it if it has not exited after ``timeout``; returns its exit code."""
+def stop_process(
+    process: subprocess.Popen[bytes], timeout: float = 15.0, *, name: str = "process", group: bool = False
+) -> int | None:
+    """SIGTERM ``process``, SIGKILL it if it has not exited after ``timeout``; returns its exit code.
+
+    With ``group`` (a child started in its own session, whose process group it leads) the signals go
+    to the whole group, and whatever the group still holds once the process is gone (a script's data
+    loader workers, anything it started) is killed: no orphans.
+    """
+
+    def send(sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if group:
+                os.killpg(process.pid, sig)
+            else:
+                process.send_signal(sig)
+
     if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGTERM)
+        send(signal.SIGTERM)
         try:
             process.wait(timeout)
         except subprocess.TimeoutExpired:
             log.warning("%s did not stop within %gs; killing it", name, timeout)
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
+            send(signal.SIGKILL)
             process.wait()
+    if group:
+        send(signal.SIGKILL)  # what outlived the process in its group
     return process.returncode
 
 
@@ -103,23 +118,32 @@ class Child:
 
         def copy() -> None:
             prefix = f"[{self.name}] "
-            for line in iter(source.readline, b""):
-                self._log_file.write(line)
-                self._log_file.flush()
-                text = line.decode(errors="replace")
-                with contextlib.suppress(OSError, ValueError):
-                    out.write(prefix + text if text.endswith("\n") else prefix + text + "\n")
-                    out.flush()
+            try:
+                for line in iter(source.readline, b""):
+                    with contextlib.suppress(OSError, ValueError):
+                        self._log_file.write(line)
+                        self._log_file.flush()
+                    text = line.decode(errors="replace")
+                    with contextlib.suppress(OSError, ValueError):
+                        out.write(prefix + text if text.endswith("\n") else prefix + text + "\n")
+                        out.flush()
+            finally:  # the echo owns the pipe and the log: it closes them once the child's output ends
+                for stream in (source, self._log_file):
+                    with contextlib.suppress(OSError):
+                        stream.close()
 
         self._echo = threading.Thread(target=copy, name=f"echo-{self.name}", daemon=True)
         self._echo.start()
 
     def close_log(self) -> None:
-        """Close the log file and, for a child started with a stdout pipe, the pipe (after the echo,
-        if any, has copied everything the child wrote)."""
+        """Close the log file and, for a child started with a stdout pipe, the pipe. With an echo, wait
+        until it has copied everything the child wrote (it closes both itself; a pipe that something
+        still holds open is never closed under its reader)."""
         if self._echo is not None:
             self._echo.join(timeout=5.0)
-            self._echo = None
+            if self._echo.is_alive():
+                log.warning("the output of %s is still open after it stopped; its log may miss lines", self.name)
+            return
         for stream in (self._log_file, self.process.stdout):
             if stream is not None:
                 with contextlib.suppress(OSError):
@@ -227,7 +251,7 @@ class Cluster:
 
     def stop(self, child: Child, timeout: float = 15.0) -> int | None:
         """SIGTERM a child, SIGKILL it if it has not exited after ``timeout``; returns its exit code."""
-        code = stop_process(child.process, timeout, name=child.name)
+        code = stop_process(child.process, timeout, name=child.name, group=True)
         child.close_log()
         return code
 

@@ -212,8 +212,8 @@ def _plot(step_logs: list[Path], out: Path, config: TrainConfig) -> Path | None:
 
 
 class _ProgressWatcher:
-    """Progress of the whole run: steps the servers applied, and loss, rate and push ratio from the
-    workers' step logs (their last rows)."""
+    """Progress of the whole run from the workers' step logs (their last rows): the steps each finished,
+    loss, rate and push ratio; the pushes the first shard applied from its stats."""
 
     def __init__(
         self, addresses: list[str], bar: Progress, use_uvloop: bool, security: ClientSecurity, step_logs: list[Path]

@@ -45,7 +45,7 @@ import msgpack
 import torch
 
 from ranger_ps.algorithm.dtypes import bytes_to_tensor, dtype_named, dtype_of, tensor_bytes
-from ranger_ps.algorithm.layout import Layout, ParamInfo, is_positional_name
+from ranger_ps.algorithm.layout import Layout, ParamInfo, is_positional_name, running_statistics
 
 log = logging.getLogger(__name__)
 
@@ -606,46 +606,66 @@ def assemble_weights(checkpoints: list[ShardCheckpoint]) -> dict[str, torch.Tens
 
 def positional_names(weights: Mapping[str, torch.Tensor]) -> bool:
     """Whether exported weights are keyed ``0.0, 0.1, ...``: the optimizer was given parameters without names
-    (``model.parameters()``), so ``model.load_state_dict`` refuses them until :func:`named_state_dict` names them."""
-    return bool(weights) and all(is_positional_name(name) for name in weights)
+    (``model.parameters()``), so ``model.load_state_dict`` refuses them until :func:`named_state_dict` names them
+    (buffers kept consistent beside them may still carry their own names)."""
+    return any(is_positional_name(name) for name in weights)
 
 
 def named_state_dict(weights: Mapping[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Exported weights keyed as ``model.state_dict()`` names them, for ``model.load_state_dict``.
+    """Exported weights keyed as ``model.state_dict()`` names them, for a strict ``model.load_state_dict``.
 
-    Positional keys (``0.0, 0.1, ...``: :func:`positional_names`) are given the model's names in
-    order, the order in which the optimizer received ``model.parameters()`` (with several param
-    groups, the groups' order) and then ``model.buffers()``; named keys must be the model's own
-    names. Either way the count, and each tensor's shape and dtype, must match the model's. Weights
-    of a run that kept the floating buffers consistent (``Ranger(..., buffers=...)``: BatchNorm's
-    running statistics) hold them after the parameters; the model's other buffers, which no cluster
-    synchronizes (integer ones such as ``num_batches_tracked``), are taken from ``model`` as they
-    are, so ``load_state_dict`` can be strict.
+    The first entries are the parameters: positional keys (``0.0, 0.1, ...``: :func:`positional_names`)
+    are given the model's names in order, the order in which the optimizer received
+    ``model.parameters()`` (with several param groups, the groups' order); named keys must be the
+    model's own names. Either way the count, and each parameter's shape and dtype, must match the
+    model's. Entries after them are the running statistics a cluster kept consistent
+    (``Ranger(..., buffers=...)``), by name, or as ``buffers.0, buffers.1, ...`` in the order of
+    :func:`~ranger_ps.algorithm.layout.running_statistics`. The model's other buffers in its state
+    dict, which no cluster holds (``num_batches_tracked``, constant tables), are taken from ``model``
+    as they are; running statistics the weights lack are left out, so a strict load says so.
 
     Args:
         weights: ``{name: tensor}`` as :func:`assemble_weights` (or ``checkpoint export``) gives them.
         model: the model the weights are for (its parameters' values are not used).
 
     Returns:
-        The same tensors keyed by the model's names, in the model's order, and its unsynchronized buffers.
+        The tensors keyed by the model's names, parameters first, then its buffers.
 
     Raises:
         ValueError: the weights do not fit the model; the message names the first differing tensor.
     """
     params = list(model.named_parameters())
-    floating = [(name, b) for name, b in model.named_buffers() if b.is_floating_point()]
-    synced = floating if floating and len(weights) == len(params) + len(floating) else []
-    saved = Layout.from_named_tensors(weights.items())
-    wanted = Layout.from_named_tensors([*params, *synced])
-    positional = positional_names(weights)
+    items = list(weights.items())
+    held, extra = items[: len(params)], items[len(params) :]
+    saved = Layout.from_named_tensors(held)
+    wanted = Layout.from_named_tensors(params)
+    positional = positional_names(dict(held))
     difference = saved.difference(wanted, mine="the checkpoint has", theirs="the model has", names=not positional)
+    if difference is None and len(extra) and len(held) < len(params):
+        difference = f"{len(items)} tensors, the model has {len(params)} parameters"
     if difference is not None:
         how = "in order, by position" if positional else "by name"
         raise ValueError(f"the weights do not fit the model ({how}): {difference}")
     out = {p.name: weights[s.name] for s, p in zip(saved.params, wanted.params, strict=True)}
-    for name, buffer in model.named_buffers():
-        if not buffer.is_floating_point():
-            out[name] = buffer.detach().clone()
+    statistics = running_statistics(model)
+    by_name = dict(statistics)
+    for index, (key, value) in enumerate(extra):
+        name = statistics[index][0] if key == f"buffers.{index}" and index < len(statistics) else key
+        target = by_name.get(name)
+        if target is None:
+            raise ValueError(
+                f"the weights do not fit the model: the checkpoint has {key!r}, no running statistic of the model"
+            )
+        if tuple(target.shape) != tuple(value.shape) or target.dtype != value.dtype:
+            raise ValueError(
+                f"the weights do not fit the model: {name!r}: the checkpoint has {tuple(value.shape)} {value.dtype}, "
+                f"the model has {tuple(target.shape)} {target.dtype}"
+            )
+        out[name] = value
+    buffers = dict(model.named_buffers())
+    for name, value in model.state_dict().items():
+        if name in buffers and name not in out and name not in by_name:
+            out[name] = value.detach().clone()
     return out
 
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from ranger_ps.config.train import TrainConfig
 from ranger_ps.observability.records import Evaluation
-from ranger_ps.optim import Ranger
+from ranger_ps.optim import Ranger, running_statistics
 from ranger_ps.wire.security import ClientSecurity
 from ranger_ps.workloads.data import Dataset
 from ranger_ps.workloads.job import batch_loss, build, correct_predictions
@@ -54,7 +54,7 @@ def evaluate_cluster(
     check_cluster_buffers(model, config.outer, truncates=config.truncates)
     with Ranger(
         model.named_parameters(),
-        buffers=model.named_buffers(),
+        buffers=running_statistics(model),
         servers=servers,
         observer=True,
         security=security,

@@ -18,10 +18,11 @@ Every model is fully determined by the global RNG: ``torch.manual_seed(s)`` befo
 :func:`build_model` gives bit-identical parameters, which is how workers that build their models
 independently start from the same point.
 
-Buffers that change while training (BatchNorm's running means and variances) are not parameters:
-the workers hand them to the optimizer (``Ranger(..., buffers=model.named_buffers())``), which keeps
-them consistent through the shards (averaged like the updates), so ``vgg-bn`` and a bring-your-own
-model with BatchNorm train, evaluate and checkpoint one set of statistics.
+Buffers that change while training (the running means and variances of BatchNorm and other
+normalization layers) are not parameters: the workers hand them to the optimizer
+(``Ranger(..., buffers=running_statistics(model))``), which keeps them consistent through the
+shards (averaged like the updates), so ``vgg-bn`` and a bring-your-own model with BatchNorm train,
+evaluate and checkpoint one set of statistics. Other buffers (masks, tables) stay each worker's own.
 """
 
 from __future__ import annotations
@@ -256,15 +257,16 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn
 
 
 def check_cluster_buffers(model: nn.Module, outer: str, *, truncates: bool) -> None:
-    """Refuse, before anything starts, a model whose buffers these settings cannot keep consistent
-    across workers (BatchNorm's statistics need ``--outer mean`` and no shard truncation).
+    """Refuse, before anything starts, a model whose running statistics these settings cannot keep
+    consistent across workers (they need ``--outer mean`` and no shard truncation).
 
     Raises:
-        UserError: the model has floating buffers and the settings cannot average them.
+        UserError: the model has normalization statistics and the settings cannot average them.
     """
-    if not any(b.is_floating_point() for b in model.buffers()):
+    from ranger_ps.optim import buffers_refusal, running_statistics
+
+    if not running_statistics(model):
         return
-    from ranger_ps.optim import buffers_refusal
 
     refusal = buffers_refusal(outer, truncates=truncates)
     if refusal is not None:

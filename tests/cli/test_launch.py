@@ -22,6 +22,8 @@ import torch
 
 import ranger_ps
 from ranger_ps import Ranger
+from ranger_ps.cli import build_parser
+from ranger_ps.cli.environment import own_arguments
 from ranger_ps.config.launch import LaunchedProcess, LaunchSettings
 from ranger_ps.errors import UserError
 from tests.conftest import ROOT, ServerFactory, one_line_error, pid_alive, ranger_ps_cmd
@@ -99,6 +101,19 @@ def test_servers_env_with_a_malformed_variable_is_a_value_error(monkeypatch: pyt
 
 
 @pytest.mark.parametrize(
+    ("argv", "own"),
+    [
+        (["launch", "--workers", "2", "t.py", "--config", "x.yaml"], ["launch", "--workers", "2"]),
+        (["launch", "--config", "c.toml", "-m", "pkg.mod", "--config", "y"], ["launch", "--config", "c.toml", "-m"]),
+        (["launch", "--workers=3", "--no-tee", "t.py", "--workers", "9"], ["launch", "--workers=3", "--no-tee"]),
+        (["local", "--config", "a.toml"], ["local", "--config", "a.toml"]),
+    ],
+)
+def test_the_arguments_of_a_launched_script_are_not_ranger_ps_flags(argv: list[str], own: list[str]) -> None:
+    assert own_arguments(build_parser(), argv) == own
+
+
+@pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"resume": True}, "--resume needs --checkpoint-dir"),
@@ -152,11 +167,14 @@ def test_the_vgg_example_with_batch_norm_trains_under_the_launcher_with_two_work
 @pytest.mark.e2e
 @pytest.mark.timeout(150)
 def test_failed_workers_are_restarted_and_a_lost_one_does_not_end_the_run(tmp_path: Path) -> None:
+    script_config = tmp_path / "script.yaml"  # the script's --config: not ranger-ps's (it is no TOML)
+    script_config.write_text("schedule: [warm, cosine")
     result = _launch(
         "--workers", "3", "--shards", "1", "--max-restarts", "1",
-        SCRIPT, "--fail-once", "1", "--fail-rank", "2", "--markers", str(tmp_path),
+        SCRIPT, "--fail-once", "1", "--fail-rank", "2", "--markers", str(tmp_path), "--config", str(script_config),
     )  # fmt: skip
     assert result.returncode == 1, result.stderr
+    assert "script config 'schedule: [warm, cosine'" in result.stdout
     assert "rank 0 done after 20 steps" in result.stdout
     restarted = _lines(result.stdout, "[worker-1]")
     assert sum(line.startswith("rank 1 of 3 local 1 servers") for line in restarted) == 2  # started twice, same rank
@@ -177,7 +195,7 @@ def test_fail_fast_stops_everything_at_the_first_failure(tmp_path: Path) -> None
     run_dir = tmp_path / "run"
     result = _launch(
         "--workers", "2", "--shards", "1", "--fail-fast", "--run-dir", str(run_dir),
-        SCRIPT, "--fail-rank", "1", "--hold", "120",
+        SCRIPT, "--fail-rank", "1", "--hold", "120", "--grandchild", str(tmp_path / "helper"),
     )  # fmt: skip
     assert result.returncode == 1, result.stderr
     failed = [line for line in result.stderr.splitlines() if line.startswith("ranger-ps launch: failed:")]
@@ -185,6 +203,9 @@ def test_fail_fast_stops_everything_at_the_first_failure(tmp_path: Path) -> None
     assert "rank 0 done" not in result.stdout  # rank 0 was holding for two minutes: it was stopped
     for name, pid in _processes(run_dir).items():
         assert not pid_alive(pid), f"{name} (pid {pid}) outlived the launcher"
+    for rank in (0, 1):  # the processes the script itself started went with it
+        pid = int((tmp_path / f"helper.{rank}").read_text())
+        assert not pid_alive(pid), f"the process rank {rank} started (pid {pid}) outlived the launcher"
 
 
 @pytest.mark.e2e

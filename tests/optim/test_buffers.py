@@ -15,8 +15,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ranger_ps import Ranger
-from ranger_ps.errors import LayoutMismatchError
+from ranger_ps import Ranger, running_statistics
+from ranger_ps.errors import LayoutMismatchError, UserError
+from ranger_ps.workloads.models import check_cluster_buffers
 from tests.conftest import ServerFactory
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -146,3 +147,45 @@ def test_a_worker_without_the_buffers_is_refused_naming_the_first_one(start_serv
         other = _model()
         with pytest.raises(LayoutMismatchError, match="1.running_mean"):
             Ranger(other.named_parameters(), servers=servers, connect_timeout=5.0)
+
+
+class _Masked(nn.Module):
+    """A model with a constant mask buffer beside BatchNorm's statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _model()
+        self.register_buffer("mask", torch.full((3,), float("-inf")))
+
+
+@pytest.mark.unit
+def test_running_statistics_are_the_normalization_layers_and_nothing_else() -> None:
+    model = _Masked()
+    assert [name for name, _ in running_statistics(model)] == ["net.1.running_mean", "net.1.running_var"]
+    with pytest.raises(ValueError, match="buffer 'mask' holds non-finite values"):
+        Ranger(model.parameters(), servers=["127.0.0.1:1"], buffers=model.named_buffers())
+    check_cluster_buffers(nn.Sequential(_Constant()), "sgd", truncates=True)  # no statistics: nothing to refuse
+    with pytest.raises(UserError, match="the model has buffers"):
+        check_cluster_buffers(model, "sgd", truncates=False)
+
+
+class _Constant(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(2))
+        self.register_buffer("table", torch.arange(4.0))
+
+
+def test_only_statistics_that_moved_are_pushed(start_servers: ServerFactory) -> None:
+    model = _model()
+    optimizer = Ranger(
+        model.parameters(), lr=0.1, servers=start_servers(1), block_size=4, buffers=running_statistics(model)
+    )
+    buffer_blocks = {b.block_id for b in optimizer.layout.blocks if b.param_index >= len(list(model.parameters()))}
+    assert len(buffer_blocks) == 4  # running mean and variance of 8 features, in blocks of 4
+    _train(model, optimizer, _batch(0))
+    assert buffer_blocks <= set(optimizer.last_chosen)  # a training forward pass moved them
+    model.eval()  # statistics frozen: the next push carries parameters only
+    _train(model, optimizer, _batch(1))
+    assert not buffer_blocks & set(optimizer.last_chosen) and optimizer.last_chosen
+    optimizer.close()

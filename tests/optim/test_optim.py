@@ -803,3 +803,23 @@ def test_step_after_close_in_process_keeps_training_as_torch(batches: list[Batch
         _train_step(model, optimizer, batch)
         _train_step(twin, reference, batch)
         _assert_params_close(model, twin, step)
+
+
+def test_an_lr_that_changes_every_step_keeps_the_settings_cache_bounded_and_equals_torch() -> None:
+    torch.manual_seed(0)
+    ours, theirs = nn.Linear(4, 2), nn.Linear(4, 2)
+    theirs.load_state_dict(ours.state_dict())
+    optimizer = Ranger(ours.parameters(), lr=0.1, momentum=0.9)
+    reference = torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=0.9)
+    schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1.0 / (1 + step)) for o in (optimizer, reference)]
+    x = torch.randn(8, 4)
+    for _ in range(600):
+        for model, opt in ((ours, optimizer), (theirs, reference)):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        for schedule in schedules:
+            schedule.step()
+    assert len(optimizer._configs) <= 256  # two entries (group, inner) per lr seen: started again, not grown
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ranger_ps import Ranger
-from ranger_ps.algorithm.layout import Layout
+from ranger_ps.algorithm.layout import Layout, running_statistics
 from ranger_ps.cli import build_parser
 from ranger_ps.cli.flags import settings_from_args
 from ranger_ps.config.server import ServerConfig
@@ -61,22 +61,38 @@ def test_positional_weights_take_the_models_names_in_order() -> None:
         assert torch.equal(p, q)
 
 
-def test_batch_norm_statistics_kept_by_the_cluster_load_strictly_with_the_models_counters() -> None:
+class _NormedAndMasked(nn.Module):
+    """BatchNorm's statistics beside a constant buffer and a non-persistent one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 2))
+        self.register_buffer("table", torch.arange(3.0))
+        self.register_buffer("scratch", torch.zeros(2), persistent=False)
+
+
+def test_statistics_a_cluster_kept_load_strictly_with_the_models_other_buffers() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 2))
-    model.forward(torch.randn(8, 4) + 2.0)  # type: ignore[no-untyped-call]  # statistics move from their start
-    stats = dict(model.named_buffers())
-    tensors = [*model.parameters(), stats["1.running_mean"], stats["1.running_var"]]  # as Ranger lays them out
-    weights = {f"0.{i}": t.detach().clone() for i, t in enumerate(tensors)}
+    model = _NormedAndMasked()
+    model.net.forward(torch.randn(8, 4) + 2.0)  # type: ignore[no-untyped-call]  # statistics move from their start
+    # what the shards hold after Ranger(model.parameters(), buffers=running_statistics(model)): the
+    # parameters positionally, then the statistics by name
+    tensors = [(f"0.{i}", p) for i, p in enumerate(model.parameters())] + running_statistics(model)
+    weights = {name: t.detach().clone() for name, t in tensors}
+    assert checkpoint.positional_names(weights)
     named = checkpoint.named_state_dict(weights, model)
-    assert list(named) == [*(n for n, _ in model.named_parameters()), "1.running_mean", "1.running_var"] + [
-        "1.num_batches_tracked"
-    ]
-    fresh = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 2))
-    fresh.load_state_dict(named)  # strict
-    assert torch.equal(dict(fresh.named_buffers())["1.running_mean"], stats["1.running_mean"])
-    parameters_only = dict(list(weights.items())[:6])  # a run that did not keep the buffers
-    assert "1.running_mean" not in checkpoint.named_state_dict(parameters_only, model)
+    fresh = _NormedAndMasked()
+    fresh.load_state_dict(named)  # strict: parameters, statistics, counters and the constant table
+    stats = dict(model.named_buffers())
+    assert torch.equal(dict(fresh.named_buffers())["net.1.running_mean"], stats["net.1.running_mean"])
+    assert "scratch" not in named and "table" in named and "net.1.num_batches_tracked" in named
+    as_tensors = {**{k: v for k, v in weights.items() if "running" not in k}}
+    as_tensors.update({f"buffers.{i}": t.detach().clone() for i, (_, t) in enumerate(running_statistics(model))})
+    assert list(checkpoint.named_state_dict(as_tensors, model)) == list(named)  # bare tensors: in order
+    without = dict(list(weights.items())[:6])  # a run that did not keep the statistics: a strict load says so
+    assert "net.1.running_mean" not in checkpoint.named_state_dict(without, model)
+    with pytest.raises(ValueError, match="'0.6'.*no running statistic"):
+        checkpoint.named_state_dict({**without, "0.6": torch.zeros(6)}, model)
 
 
 def test_named_weights_must_carry_the_models_names() -> None:
