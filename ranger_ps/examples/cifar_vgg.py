@@ -2,7 +2,7 @@
 
 A plain PyTorch loop (a ``DataLoader`` with torch's ``DistributedSampler``, ``zero_grad``,
 ``backward``, ``step``). What makes it a cluster job is three lines: ``ranger_ps.init()`` tells
-this copy its rank and the world size, ``Ranger(..., servers="env", buffers=model.named_buffers())``
+this copy its rank and the world size, ``Ranger(..., servers="env", buffers=ranger_ps.running_statistics(model))``
 trains on the shards that ``ranger-ps launch`` started (keeping BatchNorm's statistics consistent
 across workers), and ``optimizer.close()`` hands in what this worker still owes::
 
@@ -72,8 +72,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.manual_seed(args.seed)  # every copy builds the same initial weights
     data = load_dataset(f"cifar10:{args.data}")
     model = vgg(args.width, batch_norm=args.batch_norm)
-    # named_buffers(): BatchNorm's running statistics stay consistent across the workers
-    optimizer = Ranger(model.named_parameters(), lr=args.lr, momentum=0.9, servers="env", buffers=model.named_buffers())
+    # BatchNorm's running statistics stay consistent across the workers
+    optimizer = Ranger(
+        model.named_parameters(),
+        lr=args.lr,
+        momentum=0.9,
+        servers="env",
+        buffers=ranger_ps.running_statistics(model),
+    )
     train = TensorDataset(data.x_train, data.y_train)
     sampler: DistributedSampler[tuple[torch.Tensor, ...]] = DistributedSampler(
         train, num_replicas=place.world_size, rank=place.rank, seed=args.seed

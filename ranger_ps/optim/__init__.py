@@ -134,7 +134,8 @@ def _keyword_docs() -> str:
     for spec in specs(RangerConfig):
         lines.append(f"- ``{spec.key}`` (default {spec.default_shown()}): {spec.info.help}.")
     lines.append(
-        "- ``buffers``: with servers, buffers to keep consistent across workers (``model.named_buffers()``: "
+        "- ``buffers``: with servers, buffers to keep consistent across workers "
+        "(``ranger_ps.running_statistics(model)``: "
         "BatchNorm's running statistics), averaged through the shards like the workers' updates."
     )
     lines.append(
