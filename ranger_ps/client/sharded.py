@@ -563,11 +563,15 @@ class ShardedClient:
         return list(chunk_frames(part.wire, chunk_bytes=self.chunk_bytes, first_header=header, always_one=True))
 
     def _step_clock(self, clock: int | None) -> int | None:
-        """The clock a push goes with: as given, else (None) each shard's next; under bsp one clock on
-        every shard, the next after the highest any shard gave this worker (a shard that admitted it
-        again at a later clock would otherwise leave its clocks apart, and two workers could wait for
-        each other across shards; a shard it skips clocks on counts it as past them)."""
-        if clock is None and self.consistency == "bsp" and self._shards:
+        """The clock a push goes with: as given, else (None) each shard's next; under the barrier modes
+        (ssp and bsp) one clock on every shard, the next after the highest any shard gave this worker.
+
+        Shards may admit a worker at different clocks: one that admitted it again at a later clock,
+        or one where another worker had already rejoined at its old clock when this one joined (a
+        joiner starts at the clock of the live workers a shard has, and another shard may have none
+        yet). Left apart, two workers could wait for each other across shards; a shard it skips
+        clocks on counts it as past them."""
+        if clock is None and self.consistency.partition(":")[0] in ("ssp", "bsp") and self._shards:
             return max(shard.clock for shard in self._shards) + 1
         return clock
 

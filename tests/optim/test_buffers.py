@@ -7,7 +7,6 @@ evaluator and the checkpoints share one set of statistics.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,15 +19,7 @@ from ranger_ps.errors import LayoutMismatchError, UserError
 from ranger_ps.workloads.models import check_cluster_buffers
 from tests.conftest import ServerFactory
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120), pytest.mark.usefixtures("one_thread")]
 
 
 def _model() -> nn.Module:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,7 @@ from ranger_ps.errors import LayoutMismatchError
 from ranger_ps.optim import Ranger
 from tests.conftest import ServerFactory
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120), pytest.mark.usefixtures("one_thread")]
 
 STEPS = 50
 BATCH = 32
@@ -34,15 +34,6 @@ NUM_BLOCKS = 21  # 64*48 + 48 + 48*10 + 10 elements -> 16 + 1 + 3 + 1 blocks of 
 SEED = 7
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Single-threaded torch: intra-op threads on a small, busy machine make tiny steps 30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @functools.cache

@@ -455,3 +455,18 @@ def test_status_json_shows_a_killed_worker_not_live_next_to_a_live_one(
         assert (workers[0]["live"], workers[0]["clock"]) == (True, 0)
         assert (workers[2]["live"], workers[2]["clock"]) == (False, 3)
         assert shard["staleness_counts"] == {"1": 1, "2": 1}
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("mode", "one_clock"), [("ssp:2", True), ("bsp", True), ("async", False)])
+def test_under_a_barrier_a_worker_pushes_one_clock_to_every_shard(mode: str, one_clock: bool) -> None:
+    """A joiner can be admitted at different clocks by different shards (one already had a worker
+    rejoin at its old clock 9, the other had no live worker yet: clock 0). Pushing each shard's own
+    next clock then left it 10 clocks apart across shards, and under ssp the rejoined worker and the
+    joiner waited for each other forever (seen in this file's kill-and-join test, about 1 run in 7).
+    Under a barrier every push carries one clock, the next after the highest; async keeps each shard's."""
+    with ShardedClient(["127.0.0.1:1", "127.0.0.1:2"]) as client:  # never contacted
+        client.consistency = mode
+        client._shards[0].clock, client._shards[1].clock = 9, 0
+        assert client._step_clock(None) == (10 if one_clock else None)
+        assert client._step_clock(4) == 4  # an explicit clock is kept
