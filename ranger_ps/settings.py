@@ -34,6 +34,9 @@ S = TypeVar("S", bound="Settings")
 ENV_PREFIX = "RANGER_PS_"
 """Every setting of a command can come from ``RANGER_PS_<FLAG>`` (dashes as underscores, upper case)."""
 
+TOKEN_VARIABLE = ENV_PREFIX + "TOKEN"
+"""The cluster's token. It never travels in argv (process listings): only as a file or this variable."""
+
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 NONE_WORDS = frozenset({"", "none", "null", "off"})

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING
 from ranger_ps.cli import admin
 from ranger_ps.cli.common import EXIT_CLUSTER_ERROR, EXIT_INTERRUPTED, EXIT_USER_ERROR
 from ranger_ps.cli.environment import (
-    TOKEN_VARIABLE,
     apply_config_file,
     apply_environment,
     env_var,
@@ -32,6 +31,7 @@ from ranger_ps.cli.environment import (
 )
 from ranger_ps.cli.flags import settings_from_args
 from ranger_ps.errors import ClusterError, UserError
+from ranger_ps.settings import TOKEN_VARIABLE
 from ranger_ps.version import __version__
 
 if TYPE_CHECKING:

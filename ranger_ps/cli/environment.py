@@ -14,10 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ranger_ps.settings import ENV_PREFIX, FALSE_WORDS, TRUE_WORDS, toml_text
-
-TOKEN_VARIABLE = ENV_PREFIX + "TOKEN"
-"""The token never travels in argv (process listings): only as a file or this variable."""
+from ranger_ps.settings import ENV_PREFIX, FALSE_WORDS, TOKEN_VARIABLE, TRUE_WORDS, toml_text
 
 CONFIG_VARIABLE = ENV_PREFIX + "CONFIG"
 

@@ -10,7 +10,6 @@ shards' addresses. :class:`LaunchedProcess` reads them back in the script:
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,16 +19,11 @@ from typing import ClassVar
 from ranger_ps.config.common import check_port
 from ranger_ps.config.server import MembershipSettings
 from ranger_ps.errors import UserError
-from ranger_ps.settings import message_with_flag, setting
+from ranger_ps.settings import TOKEN_VARIABLE, message_with_flag, setting
 from ranger_ps.wire.rpc import parse_servers
-
-log = logging.getLogger(__name__)
 
 SERVERS_VARIABLE = "RANGER_PS_SERVERS"
 """The shards' addresses, ``HOST:PORT,...`` in shard order (also ``ranger-ps worker``'s ``--servers``)."""
-
-TOKEN_VARIABLE = "RANGER_PS_TOKEN"
-"""The cluster's token, for processes that are not given a ``--token-file``."""
 
 RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 """What the launcher tells each copy of the script about its place, named as torchrun names them."""

@@ -270,10 +270,7 @@ class Ranger(torch.optim.Optimizer):
         self._rule_states: list[BlockState] = []  # each parameter's inner rule state (views)
         self._linked: list[RuleConfig] | None = None  # the settings the state views were made for
         first_buffer = len(self._params)
-        self._buffer_blocks = [
-            torch.tensor([b.block_id for b in self.layout.blocks if b.param_index == index], dtype=torch.int64)
-            for index in range(first_buffer, len(self._tensors))
-        ]
+        self._buffer_blocks = [torch.arange(first, first + count) for first, count in self._param_blocks[first_buffer:]]
         self._buffer_values = self.flat.param_views(self.flat.params)[first_buffer:]
         self._buffer_residuals = self.flat.param_views(self.flat.buffers["ef_residual"])[first_buffer:]
         self._buffer_last = [v.clone() for v in self._buffer_values]  # their values as this worker last saw them
@@ -594,7 +591,8 @@ class Ranger(torch.optim.Optimizer):
             step=step,
         )
         trained = self.flat.trained_blocks(chosen, [*has_grad, *(False for _ in self._synced)])
-        moved = [ids for ids, owed in zip(self._buffer_blocks, self._buffer_residuals, strict=True) if bool(owed.any())]
+        owing = torch.stack([owed.any() for owed in self._buffer_residuals]).tolist() if self._synced else []
+        moved = [ids for ids, owes in zip(self._buffer_blocks, owing, strict=True) if owes]  # one device sync
         if moved:
             trained = torch.cat([trained, *moved])
         return self.backend.order(trained)

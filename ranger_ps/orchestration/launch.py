@@ -38,6 +38,7 @@ from ranger_ps.orchestration.launcher import (
     run_folder,
     start_shards,
 )
+from ranger_ps.settings import TOKEN_VARIABLE
 from ranger_ps.storage.checkpoint import list_checkpoints
 from ranger_ps.wire.security import ClientSecurity, read_token
 
@@ -97,7 +98,6 @@ class LaunchResult:
 
 @dataclass
 class _Worker:
-    rank: int
     child: Child
     restarts: int = 0
 
@@ -165,7 +165,7 @@ def run_launch(
     common = common_argv(log_level, use_uvloop=use_uvloop, token_file=settings.token_file)
     env = child_environment(os.environ, keep=INHERITED_VARIABLES)
     if token is not None:
-        env["RANGER_PS_TOKEN"] = token  # the workers' Ranger(servers="env") reads it
+        env[TOKEN_VARIABLE] = token  # the workers' Ranger(servers="env") reads it
     with run_folder(settings.run_dir, "ranger-ps-launch-") as run_dir, Cluster(run_dir, env=env) as cluster:
         servers: list[Child] = []
         if settings.servers is None:
@@ -229,7 +229,7 @@ class _Supervisor:
         return {"OMP_NUM_THREADS": threads, "PYTHONUNBUFFERED": os.environ.get("PYTHONUNBUFFERED", "1")}
 
     def run(self, servers: Sequence[Child], result: LaunchResult, *, interval: float = 0.1) -> None:
-        running = {rank: _Worker(rank, self._spawn(rank)) for rank in range(self.settings.workers)}
+        running = {rank: _Worker(self._spawn(rank)) for rank in range(self.settings.workers)}
         while running:
             for server in servers:
                 if server.process.poll() is not None:

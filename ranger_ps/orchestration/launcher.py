@@ -30,7 +30,7 @@ from typing import IO, Any
 from ranger_ps.config.server import MembershipSettings, ServerConfig
 from ranger_ps.errors import ClusterError
 from ranger_ps.files import write_text_atomically
-from ranger_ps.settings import to_argv
+from ranger_ps.settings import TOKEN_VARIABLE, to_argv
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +338,7 @@ def start_shards(
     return servers, addresses
 
 
-INHERITED_VARIABLES = ("RANGER_PS_TOKEN", "RANGER_PS_TUNE_MALLOC")
+INHERITED_VARIABLES = (TOKEN_VARIABLE, "RANGER_PS_TUNE_MALLOC")
 """``RANGER_PS_*`` variables a cluster's processes keep: the token (never put in argv) and the
 allocator switch (not a flag). Every other setting reaches them as explicit flags."""
 
