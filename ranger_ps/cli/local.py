@@ -25,15 +25,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def run(args: argparse.Namespace) -> int:
     from ranger_ps.observability.report import write_report
     from ranger_ps.orchestration.local import RunContext, plan_local, run_local
-    from ranger_ps.workloads.job import check_job
 
     local = settings_from_args(LocalSettings, args)
     config = settings_from_args(TrainConfig, args, num_workers=local.workers)
     for path, flag in ((local.run_dir, "--run-dir"), (local.report.parent if local.report else None, "--report")):
         if path is not None:
             ensure_folder(path, flag if flag != "--report" else "the folder of --report")
-    check_job(config)  # an unknown model, dataset form or device is the only line printed
-    planned = plan_local(config, local)  # so is a model or schedule the cluster cannot run
+    # an unknown model, dataset or device, or a model or schedule the cluster cannot run, is the only line printed
+    planned = plan_local(config, local)
     log_effective_config("local", config.to_dict(), args.config_file)
     context = RunContext(use_uvloop=args.uvloop, log_level=args.log_level, token=token(args))
     report = run_local(config, local, context, planned=planned)
